@@ -1,0 +1,218 @@
+"""Building blocks shared by the flexible DiT models.
+
+The only parts FlexiDiT changes in a pre-trained DiT are the tokenizer and the de-tokenizer: each
+extra (larger) patch size gets weights derived from the native kernel by PI-resize (FlexiViT,
+Beyer et al. 2023), plus a small residual in the directions the resize cannot reach.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@lru_cache(maxsize=None)
+def resize_matrix(p_from: int, p_to: int) -> torch.Tensor:
+    """Matrix B (p_to^2 x p_from^2) of a bilinear resize of a p_from x p_from patch to p_to x p_to.
+
+    Half-pixel centres (align_corners=False), as jax.image.resize upsamples in FlexiViT.
+    """
+    eye = torch.eye(p_from * p_from, dtype=torch.float64).reshape(-1, 1, p_from, p_from)
+    cols = F.interpolate(eye, size=(p_to, p_to), mode="bilinear", align_corners=False)
+    return cols.reshape(p_from * p_from, p_to * p_to).T.contiguous()
+
+
+@lru_cache(maxsize=None)
+def pi_resize_matrix(p_from: int, p_to: int) -> torch.Tensor:
+    """PI-resize map P (p_to^2 x p_from^2) for an embedding kernel: w_to = P @ w_from.
+
+    P = pinv(B^T), so <B x, P w> = <x, w> for every patch x: a token embedded from an upsampled
+    patch with the resized kernel equals the token of the original patch.
+    """
+    return torch.linalg.pinv(resize_matrix(p_from, p_to).T)
+
+
+def null_space_basis(m: torch.Tensor) -> torch.Tensor:
+    """Orthonormal basis (n x k) of the null space of m (r x n), float64."""
+    _, s, vh = torch.linalg.svd(m, full_matrices=True)
+    rank = int((s > 1e-10 * s.max()).sum())
+    return vh[rank:].T.contiguous()
+
+
+def sincos_1d(dim: int, pos: torch.Tensor) -> torch.Tensor:
+    """1-D sin-cos embedding (len(pos) x dim) of (possibly fractional) positions, as in MAE/DiT."""
+    omega = torch.arange(dim // 2, dtype=torch.float64) / (dim / 2.0)
+    omega = 1.0 / 10000**omega
+    out = pos.to(torch.float64).reshape(-1)[:, None] * omega[None]
+    return torch.cat([torch.sin(out), torch.cos(out)], dim=1)
+
+
+def sincos_2d(dim: int, grid_h: int, grid_w: int, stride: float = 1.0) -> torch.Tensor:
+    """2-D sin-cos positions ((grid_h*grid_w) x dim) of tokens laid out in the native token frame.
+
+    A token of a patch `stride` times the native one sits at the centre of the native tokens it
+    covers: coordinate (i + 0.5) * stride - 0.5, which is i at the native size.
+    """
+    ys = (torch.arange(grid_h, dtype=torch.float64) + 0.5) * stride - 0.5
+    xs = (torch.arange(grid_w, dtype=torch.float64) + 0.5) * stride - 0.5
+    gy, gx = torch.meshgrid(ys, xs, indexing="ij")
+    # DiT's layout: the first half of the channels encodes x (width), the second half y (height).
+    return torch.cat([sincos_1d(dim // 2, gx), sincos_1d(dim // 2, gy)], dim=1).float()
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, freq_shift: float = 0.0, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal timestep features [cos, sin] (DiT); freq_shift=1 reproduces diffusers' DiT variant."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / (half - freq_shift))
+    args = t.float()[:, None] * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+class TimestepEmbedder(nn.Module):
+    """Scalar timesteps -> vector: sinusoidal features then a two-layer SiLU MLP."""
+
+    def __init__(self, hidden_size: int, freq_dim: int = 256, freq_shift: float = 0.0):
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.freq_shift = freq_shift
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size))
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        freq = timestep_embedding(t, self.freq_dim, self.freq_shift)
+        return self.mlp(freq.to(self.mlp[0].weight.dtype))
+
+
+class LoRALinear(nn.Linear):
+    """nn.Linear with optional low-rank adapters, one per key; the base path is untouched."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True):
+        super().__init__(in_features, out_features, bias=bias)
+        self.lora_a = nn.ParameterDict()
+        self.lora_b = nn.ParameterDict()
+        self.lora_scale: dict[str, float] = {}
+
+    def add_adapter(self, key: str, rank: int, alpha: float) -> None:
+        a = torch.empty(rank, self.in_features, device=self.weight.device)
+        nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+        self.lora_a[key] = nn.Parameter(a)
+        self.lora_b[key] = nn.Parameter(torch.zeros(self.out_features, rank, device=self.weight.device))
+        self.lora_scale[key] = alpha / rank
+
+    def forward(self, x: torch.Tensor, adapter: str | None = None) -> torch.Tensor:
+        y = F.linear(x, self.weight, self.bias)
+        if adapter is not None and adapter in self.lora_a:
+            y = y + F.linear(F.linear(x, self.lora_a[adapter]), self.lora_b[adapter]) * self.lora_scale[adapter]
+        return y
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with a fused qkv projection (timm/DiT layout), via SDPA."""
+
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = LoRALinear(dim, 3 * dim)
+        self.proj = LoRALinear(dim, dim)
+
+    def forward(self, x: torch.Tensor, adapter: str | None = None) -> torch.Tensor:
+        b, n, d = x.shape
+        qkv = self.qkv(x, adapter).reshape(b, n, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
+        x = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])
+        return self.proj(x.transpose(1, 2).reshape(b, n, d), adapter)
+
+
+class Mlp(nn.Module):
+    """Transformer MLP with tanh-approximated GELU (DiT)."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = LoRALinear(dim, hidden)
+        self.fc2 = LoRALinear(hidden, dim)
+
+    def forward(self, x: torch.Tensor, adapter: str | None = None) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x, adapter), approximate="tanh"), adapter)
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+class FlexiPatchEmbed(nn.Module):
+    """Patchify + linear embedding at any supported patch size, from one native kernel.
+
+    weight(p) = PI-resize(p) applied to the native kernel + residual(p), where residual(p) lives in
+    the null space of B(p)^T: it never changes the token of an upsampled native patch, so the
+    initialisation is exact, but it lets the weak path see detail the resized kernel cannot.
+    """
+
+    def __init__(self, in_channels: int, hidden: int, native: int, extra: tuple[int, ...] = ()):
+        super().__init__()
+        self.in_channels, self.hidden, self.native = in_channels, hidden, native
+        self.proj = nn.Conv2d(in_channels, hidden, kernel_size=native, stride=native)
+        self.residual = nn.ParameterDict()
+        for p in extra:
+            self.add_patch_size(p)
+
+    @property
+    def patch_sizes(self) -> tuple[int, ...]:
+        return (self.native, *sorted(int(k) for k in self.residual))
+
+    def add_patch_size(self, p: int, init_std: float = 0.0) -> None:
+        """Register patch size p; init_std > 0 fills the residual with small null-space noise."""
+        k = null_space_basis(resize_matrix(self.native, p).T)  # (p^2, r)
+        coeff = torch.randn(self.hidden, self.in_channels, k.shape[1], dtype=torch.float64) * init_std
+        res = (coeff @ k.T).reshape(self.hidden, self.in_channels, p, p)
+        self.residual[str(p)] = nn.Parameter(res.to(self.proj.weight))
+
+    def weight(self, p: int) -> torch.Tensor:
+        if p == self.native:
+            return self.proj.weight
+        w0 = self.proj.weight.flatten(2)  # (hidden, C, native^2)
+        m = pi_resize_matrix(self.native, p).to(w0)
+        return (w0 @ m.T).reshape(self.hidden, self.in_channels, p, p) + self.residual[str(p)]
+
+    def forward(self, x: torch.Tensor, p: int) -> torch.Tensor:
+        x = F.conv2d(x, self.weight(p), self.proj.bias, stride=p)
+        return x.flatten(2).transpose(1, 2)
+
+
+class FlexiDeEmbed(nn.Module):
+    """Final linear tokens -> patches at any supported patch size, from one native map.
+
+    weight(p) = B(p) applied to the native map (a weak token predicts the upsampled native patch)
+    + residual(p) orthogonal to range(B(p)): downsampling the output still gives the native map.
+    """
+
+    def __init__(self, hidden: int, out_channels: int, native: int, extra: tuple[int, ...] = ()):
+        super().__init__()
+        self.hidden, self.out_channels, self.native = hidden, out_channels, native
+        self.linear = nn.Linear(hidden, native * native * out_channels)
+        self.residual = nn.ParameterDict()
+        for p in extra:
+            self.add_patch_size(p)
+
+    def add_patch_size(self, p: int, init_std: float = 0.0) -> None:
+        k = null_space_basis(resize_matrix(self.native, p).T)  # orthogonal complement of range(B)
+        coeff = torch.randn(k.shape[1], self.out_channels * self.hidden, dtype=torch.float64) * init_std
+        res = (k @ coeff).reshape(p * p, self.out_channels, self.hidden).reshape(p * p * self.out_channels, self.hidden)
+        self.residual[str(p)] = nn.Parameter(res.to(self.linear.weight))
+
+    def weight_bias(self, p: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if p == self.native:
+            return self.linear.weight, self.linear.bias
+        b = resize_matrix(self.native, p).to(self.linear.weight)  # (p^2, native^2)
+        c, n0 = self.out_channels, self.native * self.native
+        w = (b @ self.linear.weight.reshape(n0, c * self.hidden)).reshape(p * p * c, self.hidden)
+        bias = (b @ self.linear.bias.reshape(n0, c)).reshape(-1)
+        return w + self.residual[str(p)], bias
+
+    def forward(self, x: torch.Tensor, p: int, grid_h: int, grid_w: int) -> torch.Tensor:
+        w, bias = self.weight_bias(p)
+        x = F.linear(x, w, bias)
+        n, c = x.shape[0], self.out_channels
+        x = x.reshape(n, grid_h, grid_w, p, p, c)
+        return torch.einsum("nhwpqc->nchpwq", x).reshape(n, c, grid_h * p, grid_w * p)

@@ -1,0 +1,290 @@
+"""FlexiDiT: a class-conditional DiT whose every forward can run at one of several patch sizes.
+
+Architecture follows facebookresearch/DiT (adaLN-Zero blocks, sin-cos positions, a null class for
+classifier-free guidance, optional learned sigma). What is flexible: the patch embedding and the
+final de-embedding (layers.FlexiPatchEmbed / FlexiDeEmbed), a learned patch-size embedding (zero
+at init) and optional per-size LoRA adapters on attention and MLP projections.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .errors import UserError, atomic_write_json, read_json
+from .layers import (
+    Attention,
+    FlexiDeEmbed,
+    FlexiPatchEmbed,
+    Mlp,
+    TimestepEmbedder,
+    modulate,
+    sincos_2d,
+)
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+
+
+@dataclass(frozen=True)
+class FlexiDiTConfig:
+    """Everything needed to rebuild a FlexiDiT; stored as config.json beside the weights."""
+
+    input_size: int = 32
+    in_channels: int = 4
+    hidden_size: int = 1152
+    depth: int = 28
+    num_heads: int = 16
+    mlp_ratio: float = 4.0
+    patch_size: int = 2
+    extra_patch_sizes: tuple[int, ...] = ()
+    num_classes: int = 1000
+    learn_sigma: bool = True
+    prediction: str = "epsilon"  # "epsilon" (DDPM-trained DiT) or "flow" (rectified flow velocity)
+    timestep_freq_shift: float = 0.0  # 0: original DiT, 1: diffusers' DiTTransformer2DModel
+    mlp_norm_eps: float = 1e-6
+    lora_rank: int = 0  # > 0: one LoRA adapter per extra patch size on attention and MLP
+    lora_alpha: float = 0.0
+
+    @property
+    def out_channels(self) -> int:
+        return self.in_channels * 2 if self.learn_sigma else self.in_channels
+
+    @property
+    def patch_sizes(self) -> tuple[int, ...]:
+        return (self.patch_size, *self.extra_patch_sizes)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict, source: str = "config") -> FlexiDiTConfig:
+        """Validate a config dict; every problem is a one-line UserError naming the field."""
+        if not isinstance(d, dict):
+            raise UserError(f"{source}: expected a JSON object")
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        extra = sorted(set(d) - set(known))
+        if extra:
+            raise UserError(f"{source}: unknown field '{extra[0]}'")
+        kw = {}
+        for name, value in d.items():
+            default = known[name].default
+            if isinstance(default, bool):
+                ok = isinstance(value, bool)
+            elif isinstance(default, int):
+                ok = isinstance(value, int) and not isinstance(value, bool) and value >= 0
+            elif isinstance(default, float):
+                ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+            elif isinstance(default, str):
+                ok = isinstance(value, str)
+            else:  # tuple of patch sizes
+                ok = isinstance(value, (list, tuple)) and all(isinstance(v, int) and v > 0 for v in value)
+                value = tuple(value) if ok else value
+            if not ok:
+                raise UserError(f"{source}: field '{name}' has {value!r}, expected {type(default).__name__}")
+            kw[name] = value
+        cfg = cls(**kw)
+        cfg.check(source)
+        return cfg
+
+    def check(self, source: str = "config") -> None:
+        if self.prediction not in ("epsilon", "flow"):
+            raise UserError(f"{source}: field 'prediction' is {self.prediction!r}, expected 'epsilon' or 'flow'")
+        if self.hidden_size % self.num_heads:
+            raise UserError(f"{source}: field 'hidden_size' must be divisible by num_heads={self.num_heads}")
+        for p in self.patch_sizes:
+            if p <= 0 or self.input_size % p:
+                raise UserError(f"{source}: patch size {p} does not divide input_size={self.input_size}")
+        for p in self.extra_patch_sizes:
+            if p <= self.patch_size:
+                raise UserError(f"{source}: field 'extra_patch_sizes' has {p}, expected sizes > patch_size={self.patch_size}")
+
+
+def _preset(hidden: int, depth: int, heads: int, p: int) -> FlexiDiTConfig:
+    return FlexiDiTConfig(hidden_size=hidden, depth=depth, num_heads=heads, patch_size=p)
+
+
+# The DiT family of Peebles & Xie (2023), at 256 px (32x32x4 latents), 1000 classes, learned sigma.
+PRESETS: dict[str, FlexiDiTConfig] = {
+    f"DiT-{name}/{p}": _preset(h, d, nh, p)
+    for name, (h, d, nh) in {"S": (384, 12, 6), "B": (768, 12, 12), "L": (1024, 24, 16), "XL": (1152, 28, 16)}.items()
+    for p in (2, 4, 8)
+}
+
+
+class DiTBlock(nn.Module):
+    """adaLN-Zero transformer block."""
+
+    def __init__(self, hidden: int, heads: int, mlp_ratio: float, mlp_norm_eps: float):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(hidden, heads)
+        self.norm2 = nn.LayerNorm(hidden, elementwise_affine=False, eps=mlp_norm_eps)
+        self.mlp = Mlp(hidden, int(hidden * mlp_ratio))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 6 * hidden))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor, adapter: str | None) -> torch.Tensor:
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
+        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), adapter)
+        return x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp), adapter)
+
+
+class FinalLayer(nn.Module):
+    """adaLN modulation, then the flexible de-embedding back to pixels (or latents)."""
+
+    def __init__(self, cfg: FlexiDiTConfig):
+        super().__init__()
+        hidden = cfg.hidden_size
+        self.norm_final = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 2 * hidden))
+        self.deembed = FlexiDeEmbed(hidden, cfg.out_channels, cfg.patch_size, cfg.extra_patch_sizes)
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor, p: int, grid: int) -> torch.Tensor:
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+        return self.deembed(modulate(self.norm_final(x), shift, scale), p, grid, grid)
+
+
+class FlexiDiT(nn.Module):
+    """Class-conditional DiT; forward(x, t, y, patch_size) runs at any size in config.patch_sizes."""
+
+    def __init__(self, config: FlexiDiTConfig):
+        super().__init__()
+        config.check()
+        self.config = config
+        hidden = config.hidden_size
+        self.x_embedder = FlexiPatchEmbed(config.in_channels, hidden, config.patch_size, config.extra_patch_sizes)
+        self.t_embedder = TimestepEmbedder(hidden, freq_shift=config.timestep_freq_shift)
+        # Row num_classes is the null class used for classifier-free guidance.
+        self.y_embedder = nn.Embedding(config.num_classes + 1, hidden)
+        self.patch_size_embed = nn.ParameterDict(
+            {str(p): nn.Parameter(torch.zeros(hidden)) for p in config.extra_patch_sizes}
+        )
+        self.blocks = nn.ModuleList(
+            DiTBlock(hidden, config.num_heads, config.mlp_ratio, config.mlp_norm_eps) for _ in range(config.depth)
+        )
+        self.final_layer = FinalLayer(config)
+        for p in config.patch_sizes:
+            g = config.input_size // p
+            self.register_buffer(f"pos_embed_{p}", sincos_2d(hidden, g, g, p / config.patch_size), persistent=False)
+        self.initialize_weights()
+        if config.lora_rank:
+            for p in config.extra_patch_sizes:
+                self._add_lora(str(p))
+
+    def initialize_weights(self) -> None:
+        """DiT's init: xavier linears, zeroed adaLN modulation and output layer."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        w = self.x_embedder.proj.weight
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(self.x_embedder.proj.bias)
+        nn.init.normal_(self.y_embedder.weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        for block in self.blocks:
+            nn.init.zeros_(block.adaLN_modulation[-1].weight)
+            nn.init.zeros_(block.adaLN_modulation[-1].bias)
+        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].weight)
+        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
+        nn.init.zeros_(self.final_layer.deembed.linear.weight)
+        nn.init.zeros_(self.final_layer.deembed.linear.bias)
+
+    @property
+    def null_class(self) -> int:
+        return self.config.num_classes
+
+    def _add_lora(self, key: str) -> None:
+        for block in self.blocks:
+            for lin in (block.attn.qkv, block.attn.proj, block.mlp.fc1, block.mlp.fc2):
+                lin.add_adapter(key, self.config.lora_rank, self.config.lora_alpha or self.config.lora_rank)
+
+    def with_patch_sizes(self, extra: tuple[int, ...], init_std: float = 0.0, lora_rank: int = 0,
+                         lora_alpha: float = 0.0) -> FlexiDiT:
+        """A copy that also supports the given larger patch sizes (and LoRA for them if lora_rank).
+
+        At init the native path is identical to this model, and a token of an upsampled patch at a
+        new size equals the native token of the original patch (PI-resize); init_std adds small
+        random weights in the directions the resize cannot reach.
+        """
+        cfg = dataclasses.replace(self.config, extra_patch_sizes=tuple(sorted(set(self.config.extra_patch_sizes) | set(extra))),
+                                  lora_rank=lora_rank, lora_alpha=lora_alpha)
+        new = FlexiDiT(cfg)
+        missing, unexpected = new.load_state_dict(self.state_dict(), strict=False)
+        if unexpected:
+            raise ValueError(f"unexpected weights when adding patch sizes: {unexpected[:3]}")
+        with torch.no_grad():
+            for p in extra:
+                if p in self.config.extra_patch_sizes:
+                    continue
+                new.x_embedder.add_patch_size(p, init_std)
+                new.final_layer.deembed.add_patch_size(p, init_std)
+        return new.to(next(self.parameters()).device)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, patch_size: int | None = None) -> torch.Tensor:
+        """x: (N, C, H, W), t: (N,) timesteps, y: (N,) labels (num_classes = null) -> (N, out_channels, H, W)."""
+        p = self.config.patch_size if patch_size is None else int(patch_size)
+        if p not in self.config.patch_sizes:
+            raise ValueError(f"patch size {p} not supported; model has {self.config.patch_sizes}")
+        h = self.x_embedder(x, p) + getattr(self, f"pos_embed_{p}")
+        adapter = None
+        if p != self.config.patch_size:
+            h = h + self.patch_size_embed[str(p)]
+            adapter = str(p) if self.config.lora_rank else None
+        c = self.t_embedder(t) + self.y_embedder(y)
+        for block in self.blocks:
+            h = block(h, c, adapter)
+        return self.final_layer(h, c, p, self.config.input_size // p)
+
+    # ---- weights in and out -------------------------------------------------------------
+    def fingerprint(self) -> str:
+        """Short content hash of config and weights: schedules record the model they were made for."""
+        hsh = hashlib.sha256(json.dumps(self.config.to_dict(), sort_keys=True).encode())
+        for name, tensor in sorted(self.state_dict().items()):
+            hsh.update(name.encode())
+            hsh.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+        return hsh.hexdigest()[:16]
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        tmp = directory / f".{WEIGHTS_NAME}.tmp"
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
+        tmp.replace(directory / WEIGHTS_NAME)
+        atomic_write_json(directory / CONFIG_NAME, self.config.to_dict())
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu") -> FlexiDiT:
+        directory = Path(directory)
+        if not directory.is_dir():
+            raise UserError(f"{directory}: model directory not found")
+        cfg = FlexiDiTConfig.from_dict(read_json(directory / CONFIG_NAME, "config.json"), str(directory / CONFIG_NAME))
+        weights = directory / WEIGHTS_NAME
+        if not weights.is_file():
+            raise UserError(f"{weights}: weights file not found")
+        model = cls(cfg)
+        try:
+            state = load_file(str(weights))
+        except Exception as e:  # safetensors raises its own error types for corrupt files
+            raise UserError(f"{weights}: not a valid safetensors file ({e})") from None
+        expected = model.state_dict()
+        for key in sorted(set(expected) ^ set(state)):
+            where = "missing from" if key in expected else "unexpected in"
+            raise UserError(f"{weights}: weight '{key}' {where} the checkpoint for this config")
+        for key, value in state.items():
+            if value.shape != expected[key].shape:
+                raise UserError(f"{weights}: weight '{key}' has shape {tuple(value.shape)}, config expects {tuple(expected[key].shape)}")
+        model.load_state_dict(state)
+        return model.to(device).eval()
+
+
+__all__ = ["FlexiDiT", "FlexiDiTConfig", "PRESETS"]
