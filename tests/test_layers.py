@@ -1,0 +1,162 @@
+"""Identities the flexible tokenizer, de-tokenizer and positions must satisfy (layers.py)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from diffusers.models.embeddings import get_timestep_embedding
+
+from flexisearch.layers import (
+    FlexiDeEmbed,
+    FlexiPatchEmbed,
+    pi_resize_matrix,
+    resize_matrix,
+    sincos_2d,
+    timestep_embedding,
+)
+from flexisearch.model import FlexiDiT, FlexiDiTConfig
+
+NATIVE, WEAK = 2, 4
+
+
+def upsample_patch(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Bilinear resize of one (..., p, p) patch on its own (half-pixel centres, no antialiasing)."""
+    lead = x.shape[:-2]
+    out = F.interpolate(x.reshape(-1, 1, *x.shape[-2:]), size=(size, size), mode="bilinear", align_corners=False)
+    return out.reshape(*lead, size, size)
+
+
+def upsample_patchwise(z: torch.Tensor, p_from: int, p_to: int) -> torch.Tensor:
+    """Image whose every p_to x p_to patch is the resized matching p_from x p_from patch of z."""
+    n, c, h, w = z.shape
+    gh, gw = h // p_from, w // p_from
+    patches = z.reshape(n, c, gh, p_from, gw, p_from).permute(0, 1, 2, 4, 3, 5)  # (n, c, gh, gw, p, p)
+    big = upsample_patch(patches, p_to)
+    return big.permute(0, 1, 2, 4, 3, 5).reshape(n, c, gh * p_to, gw * p_to)
+
+
+def test_resize_matrix_is_bilinear_resize() -> None:
+    x = torch.randn(5, NATIVE, NATIVE, dtype=torch.float64)
+    b = resize_matrix(NATIVE, WEAK)
+    assert torch.allclose(upsample_patch(x, WEAK).reshape(5, -1), x.reshape(5, -1) @ b.T, atol=1e-12)
+
+
+def test_pi_resize_preserves_inner_products() -> None:
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(50, NATIVE, NATIVE, generator=gen, dtype=torch.float64)
+    w = torch.randn(50, NATIVE, NATIVE, generator=gen, dtype=torch.float64)
+    w_big = (w.reshape(50, -1) @ pi_resize_matrix(NATIVE, WEAK).T).reshape(50, WEAK, WEAK)
+    lhs = (upsample_patch(x, WEAK) * w_big).sum(dim=(1, 2))
+    assert torch.allclose(lhs, (x * w).sum(dim=(1, 2)), atol=1e-12)
+
+
+@pytest.mark.parametrize("init_std", [0.0, 0.5])
+def test_patch_embed_of_upsampled_image_equals_native_tokens(init_std: float) -> None:
+    """embed(p=4) of a 16x16 image made of upsampled 2x2 patches == embed(p=2) of the 8x8 image."""
+    torch.manual_seed(1)
+    embed = FlexiPatchEmbed(in_channels=3, hidden=12, native=NATIVE).double()
+    embed.add_patch_size(WEAK, init_std=init_std)
+    with torch.no_grad():
+        embed.proj.bias.normal_()
+    assert (embed.residual[str(WEAK)].abs().max() > 0) == (init_std > 0)
+    z = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    image = upsample_patchwise(z, NATIVE, WEAK)
+    assert image.shape == (2, 3, 16, 16)
+    with torch.no_grad():
+        weak, native = embed(image, WEAK), embed(z, NATIVE)
+    assert weak.shape == native.shape == (2, 16, 12)
+    assert torch.allclose(weak, native, atol=1e-10)
+
+
+@pytest.mark.parametrize("init_std", [0.0, 0.5])
+def test_deembed_downsamples_to_native(init_std: float) -> None:
+    """pinv(B) @ weight(p) == native weight: a weak token's patch, projected back, is the native one."""
+    torch.manual_seed(2)
+    de = FlexiDeEmbed(hidden=12, out_channels=3, native=NATIVE).double()
+    with torch.no_grad():
+        de.linear.weight.normal_()
+        de.linear.bias.normal_()
+    de.add_patch_size(WEAK, init_std=init_std)
+    down = torch.linalg.pinv(resize_matrix(NATIVE, WEAK))  # (native^2, p^2)
+    w, bias = de.weight_bias(WEAK)
+    n0 = NATIVE * NATIVE
+    with torch.no_grad():
+        assert torch.allclose(down @ w.reshape(WEAK * WEAK, -1), de.linear.weight.reshape(n0, -1), atol=1e-10)
+        assert torch.allclose(down @ bias.reshape(WEAK * WEAK, -1), de.linear.bias.reshape(n0, -1), atol=1e-10)
+        # The same on outputs: every 4x4 output patch, downsampled, is the 2x2 native output patch.
+        tokens = torch.randn(2, 9, 12, dtype=torch.float64)
+        weak = de(tokens, WEAK, 3, 3).reshape(2, 3, 3, WEAK, 3, WEAK).permute(0, 1, 2, 4, 3, 5)
+        native = de(tokens, NATIVE, 3, 3).reshape(2, 3, 3, NATIVE, 3, NATIVE).permute(0, 1, 2, 4, 3, 5)
+        projected = weak.reshape(2, 3, 3, 3, -1) @ down.T
+        assert torch.allclose(projected, native.reshape(2, 3, 3, 3, -1), atol=1e-10)
+        if init_std == 0:  # without the residual a weak patch is exactly the upsampled native patch
+            assert torch.allclose(weak, upsample_patch(native, WEAK), atol=1e-10)
+
+
+def randomized_model(config: FlexiDiTConfig) -> FlexiDiT:
+    model = FlexiDiT(config)
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in model.parameters():  # zero-initialised layers included
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
+    return model.eval()
+
+
+@pytest.mark.parametrize("lora_rank", [0, 4])
+def test_native_path_unchanged_by_new_patch_sizes(lora_rank: int) -> None:
+    model = randomized_model(FlexiDiTConfig(input_size=8, hidden_size=16, depth=2, num_heads=2, num_classes=5))
+    flexi = model.with_patch_sizes((WEAK,), init_std=0.1, lora_rank=lora_rank)
+    assert flexi.config.patch_sizes == (NATIVE, WEAK)
+    x, t, y = torch.randn(3, 4, 8, 8), torch.tensor([0, 400, 999]), torch.tensor([0, 4, 5])
+    with torch.no_grad():
+        assert torch.equal(flexi(x, t, y, patch_size=NATIVE), model(x, t, y))
+        assert flexi(x, t, y, patch_size=WEAK).shape == (3, 8, 8, 8)
+
+
+def sincos_np(dim: int, coords: np.ndarray) -> np.ndarray:
+    """DiT's (MAE's) sin-cos embedding of (x, y) coordinates: first half x (column), second half y (row)."""
+    def one_axis(pos: np.ndarray) -> np.ndarray:
+        omega = 1.0 / 10000 ** (np.arange(dim // 4, dtype=np.float64) / (dim / 4.0))
+        out = np.outer(pos, omega)
+        return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+    return np.concatenate([one_axis(coords[:, 0]), one_axis(coords[:, 1])], axis=1)
+
+
+def test_native_positions_match_dit() -> None:
+    grid = 4
+    rows, cols = np.meshgrid(np.arange(grid), np.arange(grid), indexing="ij")
+    coords = np.stack([cols.reshape(-1), rows.reshape(-1)], axis=1).astype(np.float64)  # token order: row-major
+    assert np.allclose(sincos_2d(32, grid, grid).numpy(), sincos_np(32, coords), atol=1e-6)
+
+
+def test_weak_token_sits_at_mean_of_native_tokens_it_covers() -> None:
+    cfg = FlexiDiTConfig(input_size=16, hidden_size=32, depth=1, num_heads=2, num_classes=5, extra_patch_sizes=(WEAK, 8))
+    model = FlexiDiT(cfg)
+    native_grid = cfg.input_size // NATIVE
+    for p in (WEAK, 8):
+        s, grid = p // NATIVE, cfg.input_size // p
+        coords = []
+        for i in range(grid):  # row of the weak token
+            for j in range(grid):  # column
+                covered = [(c, r) for r in range(i * s, (i + 1) * s) for c in range(j * s, (j + 1) * s)]
+                assert all(r < native_grid and c < native_grid for c, r in covered)
+                coords.append(np.mean(covered, axis=0))
+        assert np.allclose(coords[0], [(s - 1) / 2] * 2)  # e.g. the first p=4 token sits at (0.5, 0.5)
+        want = sincos_np(cfg.hidden_size, np.array(coords))
+        assert np.allclose(getattr(model, f"pos_embed_{p}").numpy(), want, atol=1e-6)
+
+
+@pytest.mark.parametrize("shift", [0, 1])
+def test_timestep_features(shift: int) -> None:
+    t = torch.tensor([0.0, 1.0, 17.5, 999.0])
+    got = timestep_embedding(t, 256, freq_shift=shift)
+    if shift:  # diffusers' DiT: Timesteps(256, flip_sin_to_cos=True, downscale_freq_shift=1)
+        want = get_timestep_embedding(t, 256, flip_sin_to_cos=True, downscale_freq_shift=1)
+    else:  # the original DiT: frequencies exp(-log(10000) k / half), then [cos, sin]
+        args = t[:, None] * torch.exp(-math.log(10000) * torch.arange(128, dtype=torch.float32) / 128)[None]
+        want = torch.cat([torch.cos(args), torch.sin(args)], dim=1)
+    assert torch.allclose(got, want, atol=1e-6)
