@@ -1,0 +1,243 @@
+"""Command line: a thin layer over the library. Bad input ends with one line on stderr and exit 2."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from .errors import UserError
+
+
+def _search_config(args: argparse.Namespace):
+    from .space import load_search_config
+
+    overrides = {k: getattr(args, k, None) for k in ("study", "n_trials", "sampler", "storage", "objective")}
+    return load_search_config(args.space, overrides)
+
+
+def cmd_search(args: argparse.Namespace) -> None:
+    from .export import export_study
+    from .objective import Objective
+    from .search import run_search, run_worker
+
+    cfg = _search_config(args)
+    if args.backend == "ray":
+        from .ray_backend import run_ray_search
+
+        objective = Objective(cfg, args.device)
+        study = run_ray_search(cfg, objective, address=args.address, config_path=args.space)
+    else:
+        objective = Objective(cfg, args.device)
+        if args.worker:
+            run_worker(cfg, objective, progress=False)
+            return
+        study = run_search(cfg, objective, workers=args.workers, config_path=args.space, progress=not args.quiet)
+    best = export_study(cfg, objective, study, progress=not args.quiet)
+    _print_summary(best)
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from .export import export_study
+    from .objective import Objective
+    from .search import open_study
+
+    cfg = _search_config(args)
+    objective = Objective(cfg, args.device)
+    study = open_study(cfg, objective.model.config.patch_sizes, objective.metric.higher_is_better)
+    _print_summary(export_study(cfg, objective, study, progress=not args.quiet))
+
+
+def _print_summary(best: dict) -> None:
+    from .search import RUNS
+
+    q, c, ref = best["quality"], best["cost"], best["static_native"]["quality"]["heldout"]
+    h = q["heldout"]
+    rows = [("schedule", _describe(best["schedule"])),
+            ("FLOPs vs static native", f"{c['fraction_of_static_native']:.3f}  (saving {100 * c['saving']:.1f}%)"),
+            (f"{q['metric']} held-out", f"{h['value']:.3f}  [{h['ci95'][0]:.3f}, {h['ci95'][1]:.3f}]  n={h['n']}"),
+            (f"{q['metric']} static native", f"{ref['value']:.3f}  [{ref['ci95'][0]:.3f}, {ref['ci95'][1]:.3f}]"),
+            (f"{q['metric']} search seeds", f"{q['search']:.3f}  (bound {best['constraint']['bound']:.3f})"),
+            ("model calls saved by prefix reuse", str(best["provenance"]["model_calls_saved_by_prefix_reuse"]))]
+    width = max(len(r[0]) for r in rows)
+    for k, v in rows:
+        print(f"{k:<{width}}  {v}")
+    print(f"best.json: {RUNS / best['provenance']['study'] / 'best.json'}")
+    print(f"FLOPs saving: {100 * c['saving']:.1f}%")
+
+
+def _describe(d: dict) -> str:
+    from .schedule import Schedule
+
+    s = Schedule.from_dict(d)
+    return f"{s.num_steps} {s.solver} steps, cfg {s.guidance_scale} ({s.guidance_mode}): {s.describe()}"
+
+
+def cmd_show(args: argparse.Namespace) -> None:
+    from .errors import read_json
+
+    doc = read_json(args.path, "result file")
+    if isinstance(doc, dict) and "points" in doc:
+        print(f"{'FLOPs':>7}  {'saving':>7}  {doc['metric'] + ' held-out':>22}  schedule")
+        for p in doc["points"]:
+            h = p["quality"]["heldout"]
+            print(f"{p['cost']['fraction_of_static_native']:7.3f}  {100 * p['cost']['saving']:6.1f}%  "
+                  f"{h['value']:8.3f} [{h['ci95'][0]:.2f},{h['ci95'][1]:.2f}]  {_describe(p['schedule'])}")
+    elif isinstance(doc, dict) and "static_native" in doc:
+        _print_summary(doc)
+    else:
+        print(_describe(doc))
+
+
+def cmd_sample(args: argparse.Namespace) -> None:
+    from .export import save_grid
+    from .objective import resolve_model
+    from .sampler import sample
+    from .schedule import Schedule
+
+    schedule = Schedule.load(args.schedule)
+    model = resolve_model(args.model, args.device)
+    schedule.check_model(model.config, None if args.any_model else model.fingerprint(), args.schedule)
+    labels = [i % model.config.num_classes for i in range(args.n)] if args.label is None else [args.label] * args.n
+    images = sample(model, schedule, labels, list(range(args.seed, args.seed + args.n)), progress=not args.quiet)
+    save_grid(images, Path(args.out), nrow=args.nrow)
+    print(f"wrote {args.out}")
+
+
+def cmd_flops(args: argparse.Namespace) -> None:
+    from . import flops
+    from .model import PRESETS
+    from .objective import resolve_model
+    from .schedule import Schedule
+
+    if args.preset:
+        if args.preset not in PRESETS:
+            raise UserError(f"--preset {args.preset!r}: expected one of {', '.join(PRESETS)}")
+        import dataclasses
+
+        config = PRESETS[args.preset]
+        if args.input_size:
+            config = dataclasses.replace(config, input_size=args.input_size)
+        p = config.patch_size
+        config = dataclasses.replace(config, extra_patch_sizes=tuple(q for q in (2 * p, 4 * p) if config.input_size % q == 0))
+    else:
+        config = resolve_model(args.model).config
+    print(f"{'patch':>5}  {'tokens':>6}  {'MACs':>10}  {'FLOPs':>10}  {'vs native':>9}")
+    native = flops.forward_macs(config, config.patch_size)
+    for p in config.patch_sizes:
+        m = flops.forward_macs(config, p)
+        print(f"{p:>5}  {flops.tokens(config, p):>6}  {flops.format_count(m):>10}  {flops.format_count(2 * m):>10}  {m / native:9.3f}")
+    if args.schedule:
+        s = Schedule.load(args.schedule)
+        s.check_model(config, None, args.schedule)
+        m = flops.schedule_macs(config, s)
+        ref = flops.schedule_macs(config, Schedule.static(config.patch_size, s.num_steps, guidance_scale=s.guidance_scale,
+                                                          solver=s.solver, model=s.model))
+        print(f"schedule {args.schedule}: {flops.format_count(m)} MACs = {flops.format_count(2 * m)} FLOPs per sample, "
+              f"{m / ref:.3f} of static native at {s.num_steps} steps")
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from .train import BaseTrainConfig, FlexifyConfig, config_from_json, train_base, train_flexify
+
+    if args.what == "base":
+        cfg = config_from_json(BaseTrainConfig, args.config, {"steps": args.steps, "data": args.data, "seed": args.seed})
+        train_base(cfg, args.out)
+    else:
+        cfg = config_from_json(FlexifyConfig, args.config, {"steps": args.steps, "data": args.data, "seed": args.seed,
+                                                            "base": args.base, "mode": args.mode})
+        if not cfg.base:
+            raise UserError("flexify: --base (a pretrained model directory) is required")
+        train_flexify(cfg, args.out)
+    print(f"wrote {Path(args.out) / 'model'}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="flexisearch", description=__doc__)
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    def study_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--space", help="search config YAML (default: search_spaces/default.yaml if present, else built-in)")
+        p.add_argument("--study", help="study name (results in runs/<study>/)")
+        p.add_argument("--storage", help="Optuna storage URL (default sqlite:///runs/<study>/study.db)")
+        p.add_argument("--device", default="cuda" if _cuda() else "cpu")
+        p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    p = sub.add_parser("search", help="search schedules (the main job); resumes an existing study")
+    study_args(p)
+    p.add_argument("--n-trials", type=int)
+    p.add_argument("--sampler", choices=["tpe", "nsga2", "gp", "random", "bruteforce"])
+    p.add_argument("--objective", choices=["single", "multi"])
+    p.add_argument("--workers", type=int, default=1, help="worker processes on this machine sharing the storage")
+    p.add_argument("--backend", choices=["optuna", "ray"], default="optuna")
+    p.add_argument("--address", help="Ray cluster address (auto or HOST:PORT); default: a local cluster")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.set_defaults(fn=cmd_search)
+
+    p = sub.add_parser("export", help="re-score and export best.json / pareto.json of an existing study")
+    study_args(p)
+    p.set_defaults(fn=cmd_export)
+
+    p = sub.add_parser("show", help="print a best.json, pareto.json or schedule file")
+    p.add_argument("path")
+    p.set_defaults(fn=cmd_show)
+
+    p = sub.add_parser("sample", help="sample a grid with a schedule and save a PNG")
+    p.add_argument("--schedule", required=True)
+    p.add_argument("--model", default="embedded:flexidit-mnist16-shared")
+    p.add_argument("--n", type=int, default=64)
+    p.add_argument("--nrow", type=int, default=8)
+    p.add_argument("--label", type=int)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="runs/samples.png")
+    p.add_argument("--any-model", action="store_true", help="accept a schedule made for another model")
+    p.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(fn=cmd_sample)
+
+    p = sub.add_parser("flops", help="per-patch-size cost of a preset or model, and of a schedule")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--preset", help="e.g. DiT-XL/2")
+    g.add_argument("--model", default="embedded:flexidit-mnist16-shared")
+    p.add_argument("--input-size", type=int, help="latent side for a preset (default 32 = 256 px)")
+    p.add_argument("--schedule")
+    p.set_defaults(fn=cmd_flops)
+
+    p = sub.add_parser("train", help="pretrain a base DiT or flexify one")
+    p.add_argument("what", choices=["base", "flexify"])
+    p.add_argument("--config", help="JSON config (fields of BaseTrainConfig / FlexifyConfig)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--base", help="flexify: pretrained model directory")
+    p.add_argument("--mode", choices=["shared", "lora"])
+    p.add_argument("--data", help="mnist, digits8, or an image folder with one subfolder per class")
+    p.add_argument("--steps", type=int)
+    p.add_argument("--seed", type=int)
+    p.set_defaults(fn=cmd_train)
+    return ap
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    args = build_parser().parse_args(argv)
+    if getattr(args, "space", "unset") is None and Path("search_spaces/default.yaml").is_file():
+        args.space = "search_spaces/default.yaml"
+    try:
+        args.fn(args)
+    except UserError as e:
+        print(f"flexisearch: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("flexisearch: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
