@@ -13,7 +13,12 @@ a weight transform independent of the batch and is not counted either.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from .model import FlexiDiTConfig
+
+if TYPE_CHECKING:
+    from .schedule import Schedule
 
 _FREQ_DIM = 256  # width of the sinusoidal timestep features (layers.TimestepEmbedder)
 
@@ -75,3 +80,13 @@ def format_count(n: float) -> str:
         if abs(n) >= scale:
             return f"{n / scale:.4g} {prefix}"
     return f"{n:.4g}"
+
+
+def schedule_macs(config: FlexiDiTConfig, schedule: Schedule) -> int:
+    """MACs per sample of a whole schedule: every step's conditional forward, plus the unconditional
+    one when guidance is on (scale != 1), each at its own patch size."""
+    per_size = {p: forward_macs(config, p) for p in set(schedule.cond) | set(schedule.uncond)}
+    total = sum(per_size[p] for p in schedule.cond)
+    if schedule.uses_cfg:
+        total += sum(per_size[p] for p in schedule.uncond)
+    return total

@@ -9,7 +9,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from flexisearch.flops import breakdown_macs, format_count, forward_flops, forward_macs, tokens
+from flexisearch.flops import breakdown_macs, format_count, forward_flops, forward_macs, schedule_macs, tokens
 from flexisearch.model import PRESETS, FlexiDiT, FlexiDiTConfig
 
 CONFIGS = {
@@ -102,3 +102,15 @@ def test_format_count() -> None:
     assert format_count(29_043_671_040) == "29.04 G"
     assert format_count(1_500_000) == "1.5 M"
     assert format_count(12) == "12"
+
+
+def test_schedule_macs_sums_steps_and_branches():
+    from flexisearch.schedule import Schedule
+
+    cfg = FlexiDiTConfig(input_size=16, in_channels=1, hidden_size=64, depth=2, num_heads=2, num_classes=10,
+                         learn_sigma=False, prediction="flow", extra_patch_sizes=(4,))
+    n2, n4 = forward_macs(cfg, 2), forward_macs(cfg, 4)
+    s = Schedule.branch_split(3, 5, 10, 4, 2, guidance_scale=2.0, solver="euler", model="x")
+    assert schedule_macs(cfg, s) == 3 * n4 + 7 * n2 + 5 * n4 + 5 * n2
+    assert schedule_macs(cfg, s.replace(guidance_scale=1.0)) == 3 * n4 + 7 * n2  # no CFG: one branch
+    assert schedule_macs(cfg, Schedule.static(4, 10, guidance_scale=2.0, solver="euler", model="x")) == 20 * n4
