@@ -171,7 +171,8 @@ def _loop(name: str, out_dir: Path, config: object, model: FlexiDiT, ema: FlexiD
         log_path.unlink(missing_ok=True)
     losses: list[float] = []
     t0 = time.time()
-    bar = tqdm(range(start, total_steps), desc=name, initial=start, total=total_steps, dynamic_ncols=True)
+    bar = tqdm(range(start, total_steps), desc=name, initial=start, total=total_steps, dynamic_ncols=True,
+               disable=None)  # no bar when not on a terminal
     with log_path.open("a") as log:
         for step in bar:
             lr = lr_at(step, total_steps, base_lr, warmup)
