@@ -153,6 +153,13 @@ def cmd_train(args: argparse.Namespace) -> None:
     print(f"wrote {Path(args.out) / 'model'}")
 
 
+def cmd_convert(args: argparse.Namespace) -> None:
+    from .pipeline import convert_dit_pipeline
+
+    convert_dit_pipeline(args.src, args.dst, tuple(args.weak))
+    print(f"wrote {args.dst} (FlexiDiT pipeline, weak patch sizes {args.weak}: untrained until flexified)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="flexisearch", description=__doc__)
     sub = ap.add_subparsers(dest="command", required=True)
@@ -214,6 +221,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int)
     p.add_argument("--seed", type=int)
     p.set_defaults(fn=cmd_train)
+
+    p = sub.add_parser("convert", help="convert a diffusers DiTPipeline directory into a FlexiDiT pipeline directory")
+    p.add_argument("src", help="DiTPipeline directory (model_index.json, transformer/, vae/, scheduler/)")
+    p.add_argument("dst", help="output directory (must not exist or be empty)")
+    p.add_argument("--weak", type=int, nargs="+", default=[4], help="weak patch sizes to add (default: 4)")
+    p.set_defaults(fn=cmd_convert)
     return ap
 
 

@@ -84,6 +84,23 @@ class Schedule:
     def replace(self, **kw: Any) -> Schedule:
         return dataclasses.replace(self, **kw)
 
+    def resample(self, num_steps: int) -> Schedule:
+        """The same schedule over num_steps steps, keeping each patch size's share of every phase.
+
+        The phase of a step is its relative position along the trajectory (step i of n spans
+        [i/n, (i+1)/n); for the uniformly spaced timesteps of the solvers here, that is its noise
+        level). Each branch is mapped on its own: new step j takes the patch size that is furthest
+        behind its target share of [0, (j+1)/num_steps) in the old schedule (ties: the smaller
+        size). With two sizes, the number of weak steps in every prefix of the new schedule is the
+        old weak share of that prefix rounded to the nearest step, so the overall weak fraction and
+        the weak fraction of every phase are kept as closely as whole steps allow; no aliasing of
+        alternating patterns. Resampling to the same step count returns an equal schedule.
+        """
+        if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
+            raise UserError(f"schedule: cannot resample to {num_steps!r} steps, expected an integer >= 1")
+        return self.replace(cond=_resample_sizes(self.cond, num_steps),
+                            uncond=_resample_sizes(self.uncond, num_steps))
+
     # ---- checks against a model ---------------------------------------------------------
     def check_model(self, model_config: Any, fingerprint: str | None, source: str = "schedule") -> None:
         """Refuse a schedule made for another model, or one using sizes or a solver the model lacks."""
@@ -153,3 +170,27 @@ class Schedule:
                 i = j
             return " ".join(out)
         return f"cond {runs(self.cond)} | uncond {runs(self.uncond)}"
+
+
+def _resample_sizes(sizes: tuple[int, ...], m: int) -> tuple[int, ...]:
+    """Schedule.resample for one branch, in exact integer arithmetic (units of 1/(n m) of the trajectory)."""
+    n = len(sizes)
+    kinds = sorted(set(sizes))  # ascending, so max() breaks ties towards the smaller size
+    before = {p: [0] for p in kinds}  # before[p][i]: old steps of size p among the first i
+    for s in sizes:
+        for p in kinds:
+            before[p].append(before[p][-1] + (s == p))
+
+    def occupied(p: int, x: int) -> int:
+        """Length of [0, x) that the old schedule spends at size p (old step i spans [i m, (i+1) m))."""
+        i, r = divmod(x, m)
+        return before[p][i] * m + (r if i < n and sizes[i] == p else 0)
+
+    counts = dict.fromkeys(kinds, 0)
+    out = []
+    for j in range(m):
+        end = (j + 1) * n  # new step j ends here; each new step is n units long
+        p = max(kinds, key=lambda q: occupied(q, end) - counts[q] * n)
+        counts[p] += 1
+        out.append(p)
+    return tuple(out)
