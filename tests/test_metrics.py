@@ -1,0 +1,220 @@
+"""Feature net, shipped assets, reference statistics, FID and its bootstrap interval."""
+
+import json
+import shutil
+import time
+
+import numpy as np
+import pytest
+import torch
+from torchmetrics.image.fid import FrechetInceptionDistance
+
+from flexisearch.data import load_digits8, load_mnist
+from flexisearch.errors import UserError
+from flexisearch.features import DEFAULT_FEATNET_DIR, DigitFeatureNet, FeatureNetConfig, default_feature_net, train_feature_net
+from flexisearch.metrics import (
+    DEFAULT_REF_STATS_DIR,
+    FeatureExtractor,
+    ReferenceStats,
+    bootstrap_ci,
+    classifier_accuracy,
+    compute_reference_stats,
+    default_reference_stats,
+    extract_features,
+    fid_against_stats,
+    fid_between,
+    frechet_distance_np,
+)
+
+# From the numbers measured when the assets were built (featnet/MODEL_CARD.md), with margin: real-vs-real
+# 0.41 (held-out vs reference) and 0.45 (train halves), digits 0-4 only 52.7, Gaussian noise 405.
+REAL_FID_MAX = 2.0
+NOISE_FID_MIN = 150.0
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The net's convolutions are tiny: a second thread gains nothing, and on a shared 2-core machine
+    OpenMP oversubscription made 40 training steps take 44 s instead of 2 s (measured)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def net():
+    return default_feature_net()
+
+
+@pytest.fixture(scope="module")
+def stats():
+    return default_reference_stats()
+
+
+@pytest.fixture(scope="module")
+def train():
+    return load_mnist(16, "train")
+
+
+@pytest.fixture(scope="module")
+def heldout():
+    return load_mnist(16, "heldout")
+
+
+def _noise(n: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(n, 1, 16, 16, generator=torch.Generator().manual_seed(seed)).clamp(-1, 1)
+
+
+def test_shipped_assets_match_their_meta(net, stats):
+    meta = json.loads((DEFAULT_REF_STATS_DIR / "meta.json").read_text())
+    assert meta["fingerprint"] == stats.fingerprint == net.fingerprint()
+    assert (meta["dataset"], meta["split"], meta["n"], meta["image_size"]) == ("mnist", "train", 4000, 16)
+    assert net.num_features == meta["feature_dim"] == 64
+    assert stats.mu.shape == (64,) and stats.cov.shape == (64, 64)
+    assert torch.allclose(stats.cov, stats.cov.T) and torch.linalg.eigvalsh(stats.cov).min() > 0
+    assert sum(p.numel() for p in net.parameters()) <= 100_000
+    size = sum(f.stat().st_size for d in (DEFAULT_FEATNET_DIR, DEFAULT_REF_STATS_DIR) for f in d.iterdir())
+    assert size < 1_000_000
+
+
+def test_shipped_stats_are_those_of_the_training_images(net, stats, train):
+    fresh = compute_reference_stats(net, train[0])
+    assert torch.allclose(fresh.mu, stats.mu, atol=1e-5) and torch.allclose(fresh.cov, stats.cov, atol=1e-4)
+
+
+def test_shipped_net_heldout_accuracy(net, heldout):
+    assert classifier_accuracy(net, *heldout) >= 0.98
+
+
+def test_fid_real_is_low_noise_is_high_and_a_degraded_set_is_between(net, stats, train, heldout):
+    x = train[0]
+    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(1))
+    floor = fid_against_stats(net, heldout[0], stats)
+    halves = fid_between(net, x[perm[:2000]], x[perm[2000:]])
+    noise = fid_against_stats(net, _noise(1000), stats)
+    # Held-out digits 0-4 only: a generator that dropped half the classes must fail the "real" threshold
+    # and pass the noise one, so neither threshold is vacuous.
+    hx, hy = heldout
+    dropped = fid_against_stats(net, torch.cat([hx[hy < 5], hx[hy < 5]]), stats)
+    assert floor < REAL_FID_MAX and halves < REAL_FID_MAX
+    assert noise > NOISE_FID_MIN
+    assert REAL_FID_MAX < dropped < NOISE_FID_MIN
+
+
+@pytest.mark.parametrize("kind", ["heldout", "noise", "between"])
+def test_torchmetrics_fid_matches_scipy(net, stats, heldout, kind):
+    images = _noise(500) if kind == "noise" else heldout[0]
+    feats = extract_features(net, images).numpy()
+    mu, cov = feats.mean(0), np.cov(feats, rowvar=False)
+    if kind == "between":
+        other = extract_features(net, _noise(300, seed=1)).numpy()
+        ours = fid_between(net, _noise(300, seed=1), images)
+        ref = frechet_distance_np(mu, cov, other.mean(0), np.cov(other, rowvar=False))
+    else:
+        ours = fid_against_stats(net, images, stats)
+        ref = frechet_distance_np(mu, cov, stats.mu.numpy(), stats.cov.numpy())
+    assert abs(ours - ref) <= 1e-3 * abs(ref)
+
+
+def test_feature_extractor_plugs_into_torchmetrics_and_stays_in_eval(net, heldout):
+    fid = FrechetInceptionDistance(feature=FeatureExtractor(net), normalize=True)
+    running_mean = net.body[0][1].running_mean.clone()
+    fid.train()
+    fid.update(heldout[0][:500], real=True)
+    fid.update(heldout[0][500:], real=False)
+    assert not net.training and torch.equal(net.body[0][1].running_mean, running_mean)
+    assert fid.compute().dtype == torch.float64
+
+
+def test_bootstrap_ci_contains_point_and_widens_with_fewer_samples(net, stats, heldout):
+    x = heldout[0]  # class-sorted: subsets must be random, or they miss whole classes
+    t0 = time.perf_counter()
+    low, high = bootstrap_ci(net, x, stats, n_boot=200)
+    assert time.perf_counter() - t0 < 5.0
+    assert 0 <= low < fid_against_stats(net, x, stats) < high
+    small = x[torch.randperm(len(x), generator=torch.Generator().manual_seed(0))[:250]]
+    low_s, high_s = bootstrap_ci(net, small, stats, n_boot=200)
+    assert 0 <= low_s < fid_against_stats(net, small, stats) < high_s
+    assert high_s - low_s > 1.5 * (high - low)
+    blurred = torch.nn.functional.avg_pool2d(x, 3, 1, 1)  # a worse "generator": interval away from 0 and real FIDs
+    low_b, high_b = bootstrap_ci(net, blurred, stats, n_boot=200)
+    assert REAL_FID_MAX < low_b < fid_against_stats(net, blurred, stats) < high_b
+
+
+def test_fid_refuses_stats_of_another_net(stats, heldout):
+    torch.manual_seed(0)
+    with pytest.raises(UserError, match="feature net"):
+        fid_against_stats(DigitFeatureNet().eval(), heldout[0], stats)
+
+
+def test_wrong_image_size_is_a_user_error(net):
+    with pytest.raises(UserError, match=r"\(N, 1, 16, 16\)"):
+        extract_features(net, torch.zeros(4, 1, 8, 8))
+
+
+def _one_line_error(fn, *match):
+    with pytest.raises(UserError) as e:
+        fn()
+    msg = str(e.value)
+    assert "\n" not in msg and all(m in msg for m in match), msg
+
+
+def test_corrupt_or_missing_assets_are_user_errors(tmp_path):
+    net_dir, stats_dir = tmp_path / "featnet", tmp_path / "stats"
+    shutil.copytree(DEFAULT_FEATNET_DIR, net_dir)
+    shutil.copytree(DEFAULT_REF_STATS_DIR, stats_dir)
+    assert DigitFeatureNet.from_pretrained(net_dir).fingerprint() == ReferenceStats.load(stats_dir).fingerprint
+
+    cfg = json.loads((net_dir / "config.json").read_text())
+    (net_dir / "config.json").write_text(json.dumps({**cfg, "depth": 3}))
+    _one_line_error(lambda: DigitFeatureNet.from_pretrained(net_dir), "config.json", "depth")
+    (net_dir / "config.json").write_text(json.dumps({k: v for k, v in cfg.items() if k != "widths"}))
+    _one_line_error(lambda: DigitFeatureNet.from_pretrained(net_dir), "config.json", "widths")
+    (net_dir / "config.json").write_text("{not json")
+    _one_line_error(lambda: DigitFeatureNet.from_pretrained(net_dir), "config.json")
+    (net_dir / "config.json").write_text(json.dumps({**cfg, "feature_dim": 32}))
+    _one_line_error(lambda: DigitFeatureNet.from_pretrained(net_dir), "model.safetensors", "'feature.")
+    (net_dir / "config.json").write_text(json.dumps(cfg))
+    (net_dir / "model.safetensors").write_bytes((net_dir / "model.safetensors").read_bytes()[:-100])
+    _one_line_error(lambda: DigitFeatureNet.from_pretrained(net_dir), "model.safetensors")
+    (net_dir / "model.safetensors").unlink()
+    _one_line_error(lambda: DigitFeatureNet.from_pretrained(net_dir), "model.safetensors", "not found")
+    _one_line_error(lambda: DigitFeatureNet.from_pretrained(tmp_path / "nowhere"), "nowhere")
+
+    meta = json.loads((stats_dir / "meta.json").read_text())
+    (stats_dir / "meta.json").write_text(json.dumps({**meta, "extra": 1}))
+    _one_line_error(lambda: ReferenceStats.load(stats_dir), "meta.json", "extra")
+    (stats_dir / "meta.json").write_text(json.dumps({k: v for k, v in meta.items() if k != "n"}))
+    _one_line_error(lambda: ReferenceStats.load(stats_dir), "meta.json", "'n'")
+    (stats_dir / "meta.json").write_text(json.dumps({**meta, "feature_dim": 32}))
+    _one_line_error(lambda: ReferenceStats.load(stats_dir), "stats.safetensors", "mu")
+    (stats_dir / "meta.json").unlink()
+    _one_line_error(lambda: ReferenceStats.load(stats_dir), "meta.json", "not found")
+    (stats_dir / "meta.json").write_text(json.dumps(meta))
+    (stats_dir / "stats.safetensors").write_bytes(b"\x00" * 64)
+    _one_line_error(lambda: ReferenceStats.load(stats_dir), "stats.safetensors")
+
+
+def test_training_lowers_loss_on_8x8_digits_and_is_reproducible(tmp_path):
+    x, y = load_digits8(8, "train")
+    net, losses = train_feature_net(x, y, steps=40, seed=0, batch_size=64)
+    assert net.config == FeatureNetConfig(image_size=8)
+    assert np.mean(losses[-5:]) < 0.5 * np.mean(losses[:5])
+    again, _ = train_feature_net(x, y, steps=40, seed=0, batch_size=64)
+    assert again.fingerprint() == net.fingerprint()
+    held_x, held_y = load_digits8(8, "heldout")
+    assert classifier_accuracy(net, held_x, held_y) > 0.5
+    net.save_pretrained(tmp_path / "net8")
+    loaded = DigitFeatureNet.from_pretrained(tmp_path / "net8")
+    assert loaded.fingerprint() == net.fingerprint()
+    assert torch.equal(extract_features(loaded, held_x), extract_features(net, held_x))
+    assert extract_features(net, held_x).shape == (len(held_x), 64)
+
+
+def test_reference_stats_round_trip(tmp_path, net, heldout):
+    s = compute_reference_stats(net, heldout[0], split="heldout")
+    s.save(tmp_path / "s")
+    loaded = ReferenceStats.load(tmp_path / "s")
+    assert loaded.meta() == s.meta() and torch.equal(loaded.mu, s.mu) and torch.equal(loaded.cov, s.cov)
+    assert fid_against_stats(net, heldout[0], loaded) == pytest.approx(0.0, abs=1e-6)
