@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import pickle
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors.torch import load_file
@@ -306,3 +306,99 @@ def load_original_checkpoint(path: str | Path, config: str | FlexiDiTConfig, pre
     if isinstance(config, str):
         config = infer_original_config(state, preset=config, prediction=prediction, source=str(path))
     return from_original_state_dict(state, config, source=str(path))
+
+
+# ---- diffusers PixArt-alpha (text-to-image) -------------------------------------------------
+
+def from_diffusers_pixart(model: Any, text_len: int = 120, text_encoder: str = "t5-v1_1-xxl",
+                          prediction: str = "epsilon") -> Any:
+    """FlexiTextDiT (native patch size only, float32, same device) with the outputs of a diffusers
+    PixArtTransformer2DModel: forward_text(x, t, encoder_hidden_states, encoder_attention_mask)
+    equals the diffusers forward. The prompt table is empty (null row only): fill it with
+    FlexiTextDiT.set_prompts. Only use_additional_conditions=False (PixArt-alpha 256/512) is supported.
+    """
+    from .text_model import FlexiTextDiT, FlexiTextDiTConfig
+
+    cfg = model.config
+    hidden = cfg.num_attention_heads * cfg.attention_head_dim
+    unsupported = {
+        "norm_type": (cfg.norm_type, "ada_norm_single"),
+        "activation_fn": (cfg.activation_fn, "gelu-approximate"),
+        "norm_elementwise_affine": (cfg.norm_elementwise_affine, False),
+        "attention_bias": (cfg.attention_bias, True),
+        "attention_type": (cfg.attention_type, "default"),
+        "use_additional_conditions": (bool(model.use_additional_conditions), False),
+        "cross_attention_dim": (cfg.cross_attention_dim, hidden),
+    }
+    for name, (value, want) in unsupported.items():
+        if value != want:
+            raise UserError(f"diffusers PixArt: config '{name}' is {value!r}; only {want!r} is supported")
+    if cfg.caption_channels is None:
+        raise UserError("diffusers PixArt: config 'caption_channels' is None; a caption projection is required")
+    sd = {k: v.detach() for k, v in model.state_dict().items()}
+    used: set[str] = set()
+
+    def take(key: str) -> torch.Tensor:
+        if key not in sd:
+            raise UserError(f"diffusers PixArt: weight '{key}' missing")
+        used.add(key)
+        return sd[key]
+
+    interpolation = cfg.interpolation_scale if cfg.interpolation_scale is not None else max(cfg.sample_size // 64, 1)
+    config = FlexiTextDiTConfig(
+        input_size=cfg.sample_size,
+        in_channels=cfg.in_channels,
+        hidden_size=hidden,
+        depth=cfg.num_layers,
+        num_heads=cfg.num_attention_heads,
+        mlp_ratio=sd["transformer_blocks.0.ff.net.0.proj.weight"].shape[0] / hidden,
+        patch_size=cfg.patch_size,
+        num_classes=0,
+        learn_sigma=model.out_channels == 2 * cfg.in_channels,
+        prediction=prediction,
+        timestep_freq_shift=0.0,  # PixArt: Timesteps(flip_sin_to_cos=True, downscale_freq_shift=0)
+        mlp_norm_eps=cfg.norm_eps,
+        caption_channels=cfg.caption_channels,
+        text_len=text_len,
+        interpolation_scale=float(interpolation),
+        text_encoder=text_encoder,
+    )
+    if model.out_channels not in (cfg.in_channels, 2 * cfg.in_channels):
+        raise UserError(f"diffusers PixArt: out_channels {model.out_channels} is neither in_channels nor 2 x in_channels")
+    emb = "adaln_single.emb.timestep_embedder."
+    state = {
+        "x_embedder.proj.weight": take("pos_embed.proj.weight"),
+        "x_embedder.proj.bias": take("pos_embed.proj.bias"),
+        "scale_shift_table": take("scale_shift_table"),
+        "deembed.linear.weight": take("proj_out.weight"),
+        "deembed.linear.bias": take("proj_out.bias"),
+    }
+    for kind in ("weight", "bias"):
+        state[f"t_embedder.mlp.0.{kind}"] = take(f"{emb}linear_1.{kind}")
+        state[f"t_embedder.mlp.2.{kind}"] = take(f"{emb}linear_2.{kind}")
+        state[f"t_block.1.{kind}"] = take(f"adaln_single.linear.{kind}")
+        state[f"caption_projection.linear_1.{kind}"] = take(f"caption_projection.linear_1.{kind}")
+        state[f"caption_projection.linear_2.{kind}"] = take(f"caption_projection.linear_2.{kind}")
+    for i in range(cfg.num_layers):
+        src, dst = f"transformer_blocks.{i}.", f"blocks.{i}."
+        state[f"{dst}scale_shift_table"] = take(f"{src}scale_shift_table")
+        for kind in ("weight", "bias"):
+            state[f"{dst}attn.qkv.{kind}"] = torch.cat([take(f"{src}attn1.to_{n}.{kind}") for n in "qkv"])
+            state[f"{dst}attn.proj.{kind}"] = take(f"{src}attn1.to_out.0.{kind}")
+            state[f"{dst}cross_attn.q.{kind}"] = take(f"{src}attn2.to_q.{kind}")
+            state[f"{dst}cross_attn.kv.{kind}"] = torch.cat([take(f"{src}attn2.to_{n}.{kind}") for n in "kv"])
+            state[f"{dst}cross_attn.proj.{kind}"] = take(f"{src}attn2.to_out.0.{kind}")
+            state[f"{dst}mlp.fc1.{kind}"] = take(f"{src}ff.net.0.proj.{kind}")
+            state[f"{dst}mlp.fc2.{kind}"] = take(f"{src}ff.net.2.{kind}")
+    left = sorted(set(sd) - used)
+    if left:
+        raise UserError(f"diffusers PixArt: weight '{left[0]}' has no counterpart in FlexiTextDiT")
+    flexi = FlexiTextDiT(config)
+    table = {k: v for k, v in flexi.state_dict().items() if k in ("prompt_embeds", "prompt_mask")}
+    expected = flexi.state_dict()
+    for key, value in state.items():
+        if value.shape != expected[key].shape:
+            raise UserError(f"diffusers PixArt: weight for '{key}' has shape {tuple(value.shape)}, "
+                            f"expected {tuple(expected[key].shape)}")
+    flexi.load_state_dict({**state, **table})
+    return flexi.float().eval().to(model.device)

@@ -44,7 +44,20 @@ def _block_macs(config: FlexiDiTConfig, n: int, lora: bool) -> dict[str, int]:
     if lora:  # rank-r down and up projection next to qkv, proj, fc1 and fc2
         r = config.lora_rank
         macs["lora"] = n * r * ((d + 3 * d) + (d + d) + (d + m) + (m + d))
+    length = _text_len(config)
+    if length:  # text model (PixArt layout): adaLN-single has no per-block linear; cross-attention to L text tokens
+        macs["adaln"] = 0
+        macs["cross_q"] = n * d * d
+        macs["cross_kv"] = length * d * 2 * d
+        macs["cross_scores"] = n * length * d
+        macs["cross_values"] = n * length * d
+        macs["cross_proj"] = n * d * d
     return macs
+
+
+def _text_len(config: FlexiDiTConfig) -> int:
+    """Text tokens every forward attends to (the padded table length: masked tokens are computed too); 0 for class models."""
+    return int(getattr(config, "text_len", 0)) if getattr(config, "caption_channels", None) else 0
 
 
 def breakdown_macs(config: FlexiDiTConfig, patch_size: int) -> dict[str, int]:
@@ -61,6 +74,11 @@ def breakdown_macs(config: FlexiDiTConfig, patch_size: int) -> dict[str, int]:
         macs[key] = value * config.depth
     macs["final_adaln"] = d * 2 * d
     macs["deembed"] = n * d * p * p * config.out_channels
+    length = _text_len(config)
+    if length:  # one shared t -> 6d linear, the caption projection MLP, and a final modulation without a linear
+        macs["adaln_single"] = d * 6 * d
+        macs["caption_projection"] = length * (config.caption_channels * d + d * d)
+        macs["final_adaln"] = 0
     return macs
 
 

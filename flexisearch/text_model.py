@@ -1,0 +1,626 @@
+"""FlexiTextDiT: a text-conditioned FlexiDiT in the layout of PixArt-alpha, driven through a prompt table.
+
+Architecture (PixArt-alpha, Chen et al. 2023; diffusers' PixArtTransformer2DModel):
+  - adaLN-single: one timestep embedder t -> e (hidden), one shared linear SiLU(e) -> 6*hidden, and
+    per block a learned `scale_shift_table` (6 x hidden) added to it; the final layer modulates
+    with its own (2 x hidden) table plus e itself.
+  - each block: self-attention (modulated, gated), cross-attention to the projected text tokens
+    (no norm, no gate, as in PixArt), MLP (modulated, gated).
+  - caption projection: Linear(caption_channels -> hidden), GELU(tanh), Linear(hidden -> hidden).
+  - flexible patch embedding / de-embedding (layers.FlexiPatchEmbed / FlexiDeEmbed), a learned
+    patch-size embedding and optional per-size LoRA on self-attention (qkv, proj) and MLP (fc1, fc2).
+    Cross-attention is plain nn.Linear: it can never carry LoRA and stays frozen when flexifying
+    (the paper's best text-to-image recipe).
+
+Conditioning through a prompt table. The sampler and the search were written for class labels:
+`model(x, t, y, patch_size)` with y a LongTensor and `model.null_class` for the unconditional
+branch. A FlexiTextDiT keeps exactly that interface: it carries a table of precomputed text-encoder
+token embeddings (`prompt_embeds`, rows x text_len x caption_channels) and masks, one row per
+caption plus a last row for the empty caption, and y indexes the rows. `config.num_classes` is the
+number of caption rows, `null_class` the empty caption's row. Rows [0, num_search_prompts) are the
+prompts a search may use, rows [num_search_prompts, num_classes) are held out for confirmation
+(`sample_sets` builds both sample sets); `captions[row]` is the caption text a CLIP metric needs.
+`set_prompts` swaps in a new table (e.g. prompts from a file), `forward_text` takes arbitrary
+encoder states. The fingerprint covers the network only (config without the table size, and the
+weights, not the table): a schedule belongs to the network and stays valid for any prompts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .errors import UserError, atomic_write_json, read_json
+from .layers import Attention, FlexiDeEmbed, FlexiPatchEmbed, Mlp, TimestepEmbedder, sincos_1d
+from .model import CONFIG_NAME, WEIGHTS_NAME, FlexiDiTConfig
+
+PROMPTS_NAME = "prompts.json"
+MASK_BIAS = -10000.0  # additive bias of a masked text token (diffusers' PixArt; never NaN, unlike -inf)
+# Not part of the network: excluded from the fingerprint (see the module docstring).
+_TABLE_KEYS = ("prompt_embeds", "prompt_mask")
+_TABLE_FIELDS = ("num_classes", "num_search_prompts")
+
+
+@dataclass(frozen=True)
+class FlexiTextDiTConfig(FlexiDiTConfig):
+    """FlexiDiTConfig plus the text side. Defaults: PixArt-XL/2 at 256 px (32x32x4 latents, T5-XXL).
+
+    num_classes is the number of caption rows in the prompt table (the null row comes after them);
+    mlp_norm_eps is the eps of both block norms (PixArt's norm_eps).
+    """
+
+    num_classes: int = 0
+    caption_channels: int = 4096
+    text_len: int = 120
+    interpolation_scale: float = 1.0  # positions are divided by it (diffusers' PixArt interpolation_scale)
+    num_search_prompts: int = 0  # rows [0, n) for the search, [n, num_classes) held out; 0: no split
+    text_encoder: str = "t5-v1_1-xxl"  # what made the prompt table (text_encoder.py knows "all-MiniLM-L6-v2")
+
+    def check(self, source: str = "config") -> None:
+        super().check(source)
+        if self.caption_channels < 1 or self.text_len < 1:
+            raise UserError(f"{source}: fields 'caption_channels' and 'text_len' must be positive")
+        if self.interpolation_scale <= 0:
+            raise UserError(f"{source}: field 'interpolation_scale' must be positive")
+        if self.num_search_prompts > self.num_classes:
+            raise UserError(f"{source}: field 'num_search_prompts' ({self.num_search_prompts}) exceeds "
+                            f"num_classes ({self.num_classes})")
+
+
+def is_text_config(d: Any) -> bool:
+    return isinstance(d, dict) and "caption_channels" in d
+
+
+def text_sincos_2d(dim: int, grid: int, stride: float, interpolation_scale: float) -> torch.Tensor:
+    """PixArt's 2-D sin-cos positions: native token i sits at i / interpolation_scale; a token of a
+    patch `stride` times larger sits at the centre of the native tokens it covers (as layers.sincos_2d)."""
+    pos = ((torch.arange(grid, dtype=torch.float64) + 0.5) * stride - 0.5) / interpolation_scale
+    gy, gx = torch.meshgrid(pos, pos, indexing="ij")
+    return torch.cat([sincos_1d(dim // 2, gx), sincos_1d(dim // 2, gy)], dim=1).float()
+
+
+class CaptionProjection(nn.Module):
+    """PixArt's caption projection: text-encoder tokens -> hidden (GELU tanh in between)."""
+
+    def __init__(self, in_features: int, hidden: int):
+        super().__init__()
+        self.linear_1 = nn.Linear(in_features, hidden)
+        self.linear_2 = nn.Linear(hidden, hidden)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(F.gelu(self.linear_1(x), approximate="tanh"))
+
+
+class CrossAttention(nn.Module):
+    """Multi-head cross-attention (queries from image tokens, keys/values from text tokens).
+
+    Plain nn.Linear layers: no LoRA adapter can be attached, so a flexified model's cross-attention
+    is exactly the pre-trained one at every patch size.
+    """
+
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, 2 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, ctx: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        b, n, d = x.shape
+        h = self.num_heads
+        q = self.q(x).reshape(b, n, h, d // h).transpose(1, 2)
+        kv = self.kv(ctx).reshape(b, ctx.shape[1], 2, h, d // h).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(q, kv[0], kv[1], attn_mask=bias)
+        return self.proj(out.transpose(1, 2).reshape(b, n, d))
+
+
+class TextDiTBlock(nn.Module):
+    """PixArt block: adaLN-single modulated self-attention, cross-attention, modulated MLP."""
+
+    def __init__(self, hidden: int, heads: int, mlp_ratio: float, eps: float):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(hidden, elementwise_affine=False, eps=eps)
+        self.attn = Attention(hidden, heads)
+        self.cross_attn = CrossAttention(hidden, heads)
+        self.norm2 = nn.LayerNorm(hidden, elementwise_affine=False, eps=eps)
+        self.mlp = Mlp(hidden, int(hidden * mlp_ratio))
+        self.scale_shift_table = nn.Parameter(torch.randn(6, hidden) / hidden**0.5)
+
+    def forward(self, x: torch.Tensor, t6: torch.Tensor, ctx: torch.Tensor, bias: torch.Tensor | None,
+                adapter: str | None) -> torch.Tensor:
+        mod = self.scale_shift_table[None] + t6.reshape(x.shape[0], 6, -1)
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod.chunk(6, dim=1)  # (N, 1, D) each
+        x = x + gate_msa * self.attn(self.norm1(x) * (1 + scale_msa) + shift_msa, adapter)
+        x = x + self.cross_attn(x, ctx, bias)
+        return x + gate_mlp * self.mlp(self.norm2(x) * (1 + scale_mlp) + shift_mlp, adapter)
+
+
+class FlexiTextDiT(nn.Module):
+    """Text-conditioned FlexiDiT; forward(x, t, y, patch_size) with y indexing the prompt table."""
+
+    is_text_model = True
+
+    def __init__(self, config: FlexiTextDiTConfig, captions: Sequence[str] | None = None):
+        super().__init__()
+        config.check()
+        self.config = config
+        d = config.hidden_size
+        self.x_embedder = FlexiPatchEmbed(config.in_channels, d, config.patch_size, config.extra_patch_sizes)
+        self.t_embedder = TimestepEmbedder(d, freq_shift=config.timestep_freq_shift)
+        self.t_block = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))  # adaLN-single
+        self.caption_projection = CaptionProjection(config.caption_channels, d)
+        self.patch_size_embed = nn.ParameterDict({str(p): nn.Parameter(torch.zeros(d)) for p in config.extra_patch_sizes})
+        self.blocks = nn.ModuleList(TextDiTBlock(d, config.num_heads, config.mlp_ratio, config.mlp_norm_eps)
+                                    for _ in range(config.depth))
+        self.norm_final = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
+        self.scale_shift_table = nn.Parameter(torch.randn(2, d) / d**0.5)
+        self.deembed = FlexiDeEmbed(d, config.out_channels, config.patch_size, config.extra_patch_sizes)
+        for p in config.patch_sizes:
+            g = config.input_size // p
+            self.register_buffer(f"pos_embed_{p}", text_sincos_2d(d, g, p / config.patch_size, config.interpolation_scale),
+                                 persistent=False)
+        rows = config.num_classes + 1
+        self.register_buffer("prompt_embeds", torch.zeros(rows, config.text_len, config.caption_channels))
+        mask = torch.zeros(rows, config.text_len)
+        mask[:, 0] = 1  # an all-masked row would be meaningless; set_prompts fills real masks
+        self.register_buffer("prompt_mask", mask)
+        self.captions: list[str] = list(captions) if captions is not None else [""] * rows
+        if len(self.captions) != rows:
+            raise ValueError(f"{len(self.captions)} captions for a table of {rows} rows (null row included)")
+        self.initialize_weights()
+        if config.lora_rank:
+            for p in config.extra_patch_sizes:
+                self._add_lora(str(p))
+
+    def initialize_weights(self) -> None:
+        """PixArt's init: xavier linears, small timestep/caption MLPs, zero cross-attention output and de-embedding."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        w = self.x_embedder.proj.weight
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(self.x_embedder.proj.bias)
+        for lin in (self.t_embedder.mlp[0], self.t_embedder.mlp[2], self.t_block[1],
+                    self.caption_projection.linear_1, self.caption_projection.linear_2):
+            nn.init.normal_(lin.weight, std=0.02)
+        for block in self.blocks:
+            nn.init.zeros_(block.cross_attn.proj.weight)
+            nn.init.zeros_(block.cross_attn.proj.bias)
+        nn.init.zeros_(self.deembed.linear.weight)
+        nn.init.zeros_(self.deembed.linear.bias)
+
+    # ---- the prompt table -----------------------------------------------------------------
+    @property
+    def null_class(self) -> int:
+        return self.config.num_classes
+
+    def prompt_rows(self, which: str) -> list[int]:
+        """Rows of the table for 'search' or 'heldout' prompts (all caption rows when there is no split)."""
+        n, s = self.config.num_classes, self.config.num_search_prompts
+        if which not in ("search", "heldout"):
+            raise ValueError(f"prompt set {which!r}: expected 'search' or 'heldout'")
+        if not 0 < s < n:
+            return list(range(n))
+        return list(range(s)) if which == "search" else list(range(s, n))
+
+    def set_prompts(self, embeds: torch.Tensor, mask: torch.Tensor, captions: Sequence[str],
+                    null_embeds: torch.Tensor, null_mask: torch.Tensor, num_search: int = 0) -> None:
+        """Replace the prompt table: embeds (P, L, C) and mask (P, L) for P captions, then the empty caption.
+
+        Rows [0, num_search) become search prompts and the rest held out (0: no split). L may be
+        shorter than config.text_len (padded with masked zeros), never longer.
+        """
+        p, length, c = embeds.shape
+        if c != self.config.caption_channels or length > self.config.text_len or len(captions) != p:
+            raise UserError(f"prompt table: got {p} captions, embeddings {tuple(embeds.shape)}; the model takes "
+                            f"(*, <= {self.config.text_len}, {self.config.caption_channels})")
+        if not 0 <= num_search <= p:
+            raise UserError(f"prompt table: num_search {num_search} not in [0, {p}]")
+        emb = torch.zeros(p + 1, self.config.text_len, c)
+        msk = torch.zeros(p + 1, self.config.text_len)
+        emb[:p, :length], msk[:p, :length] = embeds.float().cpu(), mask.float().cpu()
+        emb[p, :null_embeds.shape[-2]], msk[p, :null_mask.shape[-1]] = null_embeds.float().cpu(), null_mask.float().cpu()
+        if (msk.sum(1) == 0).any():
+            raise UserError("prompt table: a row has no unmasked token")
+        device = self.prompt_embeds.device
+        self.prompt_embeds = emb.to(device)
+        self.prompt_mask = msk.to(device)
+        self.captions = [*captions, ""]
+        self.config = dataclasses.replace(self.config, num_classes=p, num_search_prompts=num_search)
+
+    def prompt_fingerprint(self) -> str:
+        hsh = hashlib.sha256(json.dumps(self.captions).encode())
+        for key in _TABLE_KEYS:
+            hsh.update(getattr(self, key).detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+        return hsh.hexdigest()[:16]
+
+    # ---- forward ---------------------------------------------------------------------------
+    def _add_lora(self, key: str) -> None:
+        for block in self.blocks:
+            for lin in (block.attn.qkv, block.attn.proj, block.mlp.fc1, block.mlp.fc2):
+                lin.add_adapter(key, self.config.lora_rank, self.config.lora_alpha or self.config.lora_rank)
+
+    def with_patch_sizes(self, extra: tuple[int, ...], init_std: float = 0.0, lora_rank: int = 0,
+                         lora_alpha: float = 0.0) -> FlexiTextDiT:
+        """A copy that also runs at the given larger patch sizes (LoRA for them if lora_rank); see FlexiDiT."""
+        cfg = dataclasses.replace(self.config,
+                                  extra_patch_sizes=tuple(sorted(set(self.config.extra_patch_sizes) | set(extra))),
+                                  lora_rank=lora_rank, lora_alpha=lora_alpha)
+        new = FlexiTextDiT(cfg, self.captions)
+        _, unexpected = new.load_state_dict(self.state_dict(), strict=False)
+        if unexpected:
+            raise ValueError(f"unexpected weights when adding patch sizes: {unexpected[:3]}")
+        with torch.no_grad():
+            for p in extra:
+                if p in self.config.extra_patch_sizes:
+                    continue
+                new.x_embedder.add_patch_size(p, init_std)
+                new.deembed.add_patch_size(p, init_std)
+        return new.to(next(self.parameters()).device)
+
+    def forward_text(self, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor | None,
+                     patch_size: int | None = None) -> torch.Tensor:
+        """x: (N, C, H, W), t: (N,), text: (N, L, caption_channels) encoder states, text_mask: (N, L) 1 = keep."""
+        p = self.config.patch_size if patch_size is None else int(patch_size)
+        if p not in self.config.patch_sizes:
+            raise ValueError(f"patch size {p} not supported; model has {self.config.patch_sizes}")
+        n = x.shape[0]
+        h = self.x_embedder(x, p) + getattr(self, f"pos_embed_{p}")
+        adapter = None
+        if p != self.config.patch_size:
+            h = h + self.patch_size_embed[str(p)]
+            adapter = str(p) if self.config.lora_rank else None
+        emb = self.t_embedder(t.expand(n) if t.dim() == 0 else t)
+        t6 = self.t_block(emb)
+        ctx = self.caption_projection(text.to(h.dtype))
+        bias = None
+        if text_mask is not None:
+            bias = ((1 - text_mask.to(h.dtype)) * MASK_BIAS)[:, None, None, :]
+        for block in self.blocks:
+            h = block(h, t6, ctx, bias, adapter)
+        shift, scale = (self.scale_shift_table[None] + emb[:, None]).chunk(2, dim=1)
+        h = self.norm_final(h) * (1 + scale) + shift
+        g = self.config.input_size // p
+        return self.deembed(h, p, g, g)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, patch_size: int | None = None) -> torch.Tensor:
+        """x: (N, C, H, W), t: (N,) timesteps, y: (N,) prompt rows (null_class = empty caption)."""
+        y = y.to(self.prompt_embeds.device)
+        return self.forward_text(x, t, self.prompt_embeds[y], self.prompt_mask[y], patch_size)
+
+    # ---- weights in and out ------------------------------------------------------------------
+    def fingerprint(self) -> str:
+        """Content hash of the network (config and weights; not the prompt table, which is input data)."""
+        cfg = {k: v for k, v in self.config.to_dict().items() if k not in _TABLE_FIELDS}
+        hsh = hashlib.sha256(json.dumps(cfg, sort_keys=True).encode())
+        for name, tensor in sorted(self.state_dict().items()):
+            if name in _TABLE_KEYS:
+                continue
+            hsh.update(name.encode())
+            hsh.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+        return hsh.hexdigest()[:16]
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        tmp = directory / f".{WEIGHTS_NAME}.tmp"
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
+        tmp.replace(directory / WEIGHTS_NAME)
+        atomic_write_json(directory / PROMPTS_NAME, {"captions": self.captions[:-1],
+                                                     "num_search_prompts": self.config.num_search_prompts})
+        atomic_write_json(directory / CONFIG_NAME, self.config.to_dict())
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu") -> FlexiTextDiT:
+        directory = Path(directory)
+        if not directory.is_dir():
+            raise UserError(f"{directory}: model directory not found")
+        cfg = FlexiTextDiTConfig.from_dict(read_json(directory / CONFIG_NAME, "config.json"), str(directory / CONFIG_NAME))
+        prompts = read_json(directory / PROMPTS_NAME, PROMPTS_NAME)
+        captions = prompts.get("captions") if isinstance(prompts, dict) else None
+        if not isinstance(captions, list) or len(captions) != cfg.num_classes or not all(isinstance(c, str) for c in captions):
+            raise UserError(f"{directory / PROMPTS_NAME}: field 'captions' must list {cfg.num_classes} strings")
+        weights = directory / WEIGHTS_NAME
+        if not weights.is_file():
+            raise UserError(f"{weights}: weights file not found")
+        model = cls(cfg, [*captions, ""])
+        try:
+            state = load_file(str(weights))
+        except Exception as e:  # safetensors raises its own error types for corrupt files
+            raise UserError(f"{weights}: not a valid safetensors file ({e})") from None
+        expected = model.state_dict()
+        for key in sorted(set(expected) ^ set(state)):
+            where = "missing from" if key in expected else "unexpected in"
+            raise UserError(f"{weights}: weight '{key}' {where} the checkpoint for this config")
+        for key, value in state.items():
+            if value.shape != expected[key].shape:
+                raise UserError(f"{weights}: weight '{key}' has shape {tuple(value.shape)}, config expects {tuple(expected[key].shape)}")
+        model.load_state_dict(state)
+        return model.to(device).eval()
+
+
+def load_model_dir(directory: str | Path, device: str | torch.device = "cpu") -> nn.Module:
+    """FlexiTextDiT or FlexiDiT, whichever the directory's config.json describes."""
+    from .model import FlexiDiT
+
+    directory = Path(directory)
+    if is_text_config(read_json(directory / CONFIG_NAME, "config.json")):
+        return FlexiTextDiT.from_pretrained(directory, device)
+    return FlexiDiT.from_pretrained(directory, device)
+
+
+PIXART_COMPONENTS = "PixArt-alpha/PixArt-XL-2-512x512"  # T5 + VAE shared by the PixArt-alpha checkpoints
+
+
+def load_pixart(source: str, device: str | torch.device = "cpu", weak_patch_sizes: tuple[int, ...] = (4,),
+                text_len: int = 120) -> FlexiTextDiT:
+    """A diffusers PixArt-alpha pipeline (hub id or local directory with transformer/, and text_encoder/,
+    tokenizer/, vae/ here or in PIXART_COMPONENTS) as a FlexiTextDiT with the weak sizes added by
+    PI-resize (untrained: flexify before trusting them), a T5 prompt encoder (`encode_prompts`, used by
+    text_encoder.set_model_prompts) and a VAE decoder (`decode_images`, used by the CLIP metric).
+    Needs the weights locally or network access; the prompt table starts empty (set_model_prompts)."""
+    from diffusers import AutoencoderKL, PixArtTransformer2DModel
+    from transformers import AutoTokenizer, T5EncoderModel
+
+    from .convert import from_diffusers_pixart
+
+    def component(cls: Any, sub: str) -> Any:
+        for repo in (source, PIXART_COMPONENTS):
+            try:
+                return cls.from_pretrained(repo, subfolder=sub)
+            except Exception as e:  # missing subfolder, offline, ...: try the shared components
+                err = e
+        raise UserError(f"pixart:{source}: cannot load {sub} ({str(err).splitlines()[0]})")
+
+    flexi = from_diffusers_pixart(component(PixArtTransformer2DModel, "transformer"), text_len=text_len)
+    if weak_patch_sizes:
+        flexi = flexi.with_patch_sizes(tuple(weak_patch_sizes))
+    flexi = flexi.to(device).eval()
+    tokenizer = component(AutoTokenizer, "tokenizer")
+    text_encoder = component(T5EncoderModel, "text_encoder").to(device).eval()
+    vae = component(AutoencoderKL, "vae").to(device).eval()
+
+    @torch.no_grad()
+    def encode_prompts(captions: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        tok = tokenizer(list(captions), padding="max_length", max_length=text_len, truncation=True,
+                        add_special_tokens=True, return_tensors="pt")
+        mask = tok["attention_mask"].to(device)
+        return text_encoder(tok["input_ids"].to(device), attention_mask=mask)[0].float().cpu(), mask.float().cpu()
+
+    @torch.no_grad()
+    def decode_images(latents: torch.Tensor) -> torch.Tensor:
+        out = vae.decode(latents.to(device, vae.dtype) / vae.config.scaling_factor).sample
+        return out.float().clamp(-1, 1).cpu()
+
+    flexi.encode_prompts, flexi.decode_images = encode_prompts, decode_images
+    return flexi
+
+
+def resolve_text_model(spec: str, device: str | torch.device = "cpu") -> FlexiTextDiT | None:
+    """The text model a search config's `model` names, or None if it names a class-conditional one.
+
+    'pixart:<hub id or pipeline dir>' (load_pixart), 'embedded:<name>' whose assets directory holds a
+    text config, or a directory (or its transformer/ subfolder) written by FlexiTextDiT.save_pretrained."""
+    if spec.startswith("pixart:"):
+        return load_pixart(spec.split(":", 1)[1], device)
+    path = Path(__file__).parent / "assets" / spec.split(":", 1)[1] if spec.startswith("embedded:") else Path(spec)
+    for d in (path, path / "transformer"):
+        cfg = d / CONFIG_NAME
+        if cfg.is_file() and is_text_config(read_json(cfg, "config.json")):
+            return FlexiTextDiT.from_pretrained(d, device)
+    return None
+
+
+def search_sample_sets(model: FlexiTextDiT, cfg: Any, heldout_seed_base: int) -> tuple[Any, Any]:
+    """For Objective.__init__: install cfg.prompts (a prompt file, text_encoder.read_prompt_file) if
+    given, then the (search, heldout) sample sets over the search and held-out prompt rows."""
+    if getattr(cfg, "prompts", None):
+        from .text_encoder import read_prompt_file, set_model_prompts
+
+        captions, num_search = read_prompt_file(cfg.prompts)
+        set_model_prompts(model, captions, num_search)
+    if model.config.num_classes < 1:
+        raise UserError(f"model '{cfg.model}' has an empty prompt table: give a prompt file (key 'prompts')")
+    return sample_sets(model, cfg.search_samples, cfg.heldout_samples, heldout_seed_base)
+
+
+def sample_sets(model: FlexiTextDiT, n_search: int, n_heldout: int, heldout_seed_base: int) -> tuple[Any, Any]:
+    """(search, heldout) SampleSets: search samples cycle over the search prompt rows (seeds 0..),
+    held-out samples over the held-out rows (seeds from heldout_seed_base). Rows are ordered so
+    that consecutive rows cycle through the digits, so any prefix is balanced over classes."""
+    from .objective import SampleSet
+
+    s, h = model.prompt_rows("search"), model.prompt_rows("heldout")
+    return (SampleSet("search", tuple(s[i % len(s)] for i in range(n_search)), tuple(range(n_search))),
+            SampleSet("heldout", tuple(h[i % len(h)] for i in range(n_heldout)),
+                      tuple(heldout_seed_base + i for i in range(n_heldout))))
+
+
+# ---- training: the embedded text-to-image default ------------------------------------------------
+
+@dataclass(frozen=True)
+class TextBaseTrainConfig:
+    """Pretraining of a static text-conditioned DiT on MNIST-5k train (16x16) and its measured captions."""
+
+    image_size: int = 16
+    hidden_size: int = 128
+    depth: int = 4
+    num_heads: int = 4
+    patch_size: int = 2
+    text_len: int = 16
+    steps: int = 1600
+    batch_size: int = 64
+    lr: float = 6e-4
+    warmup: int = 100
+    caption_dropout: float = 0.1
+    ema_decay: float = 0.998
+    seed: int = 0
+    ckpt_every: int = 100
+
+
+@dataclass(frozen=True)
+class TextFlexifyConfig:
+    """LoRA distillation of the weak patch sizes (cross-attention frozen, native path untouched)."""
+
+    base: str = ""
+    weak_patch_sizes: tuple[int, ...] = (4,)
+    steps: int = 300
+    batch_size: int = 64
+    lr: float = 2e-3
+    residual_init_std: float = 0.02
+    lora_rank: int = 16
+    caption_dropout: float = 0.1
+    seed: int = 0
+    ckpt_every: int = 100
+
+
+def caption_data(image_size: int = 16) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """MNIST-5k train images, each image's caption row, and the sorted unique training captions."""
+    from .captions import captions_for
+    from .data import load_mnist
+
+    images, labels = load_mnist(image_size, "train")
+    caps = captions_for(images, labels)
+    unique = sorted(set(caps))
+    index = {c: i for i, c in enumerate(unique)}
+    return images, torch.tensor([index[c] for c in caps]), unique
+
+
+def train_text_base(config: TextBaseTrainConfig, out_dir: str | Path) -> FlexiTextDiT:
+    """Rectified-flow pretraining (as train.train_base) with caption dropout to the empty caption.
+
+    Writes out_dir/model (EMA) and out_dir/raw; their prompt table is the unique training captions."""
+    from .text_encoder import MINILM, MINILM_DIM, set_model_prompts
+    from .train import _loop, drop_labels, flow_pair
+
+    out_dir = Path(out_dir)
+    images, rows, unique = caption_data(config.image_size)
+    torch.manual_seed(config.seed)
+    cfg = FlexiTextDiTConfig(input_size=config.image_size, in_channels=1, hidden_size=config.hidden_size,
+                             depth=config.depth, num_heads=config.num_heads, patch_size=config.patch_size,
+                             num_classes=len(unique), learn_sigma=False, prediction="flow",
+                             caption_channels=MINILM_DIM, text_len=config.text_len, text_encoder=MINILM)
+    model = FlexiTextDiT(cfg)
+    set_model_prompts(model, unique)
+    ema = FlexiTextDiT(model.config, model.captions)
+    ema.load_state_dict(model.state_dict())
+    ema.requires_grad_(False)
+    null = model.null_class
+
+    def loss_fn(gen: torch.Generator) -> torch.Tensor:
+        idx = torch.randint(len(images), (config.batch_size,), generator=gen)
+        xt, t, target = flow_pair(images[idx], gen)
+        y = drop_labels(rows[idx], config.caption_dropout, null, gen)
+        return ((model(xt, t, y) - target) ** 2).mean()
+
+    t0 = time.time()
+    _loop("text-pretrain", out_dir, config, model, ema, [{"params": list(model.parameters())}], loss_fn,
+          config.steps, config.lr, config.warmup)
+    ema.eval().save_pretrained(out_dir / "model")
+    model.eval().save_pretrained(out_dir / "raw")
+    atomic_write_json(out_dir / "train_info.json", {"kind": "text-base", "config": dataclasses.asdict(config),
+                                                    "wall_s_last_session": round(time.time() - t0, 1)})
+    return ema.eval()
+
+
+def train_text_flexify(config: TextFlexifyConfig, out_dir: str | Path) -> FlexiTextDiT:
+    """Add the weak sizes with per-size LoRA on self-attention and MLP and distil them from the frozen
+    native prediction, ||v(x_t; native) - v(x_t; weak)||^2; only LoRA, the patch-size embedding and the
+    embed/de-embed residuals train, so the native path (and all cross-attention) stays bit-identical."""
+    from .train import _loop, drop_labels, flow_pair
+
+    out_dir = Path(out_dir)
+    base = FlexiTextDiT.from_pretrained(config.base)
+    images, rows, unique = caption_data(base.config.input_size)
+    if base.captions[:-1] != unique:
+        raise UserError(f"{config.base}: prompt table is not the training captions; flexify the pretraining output")
+    torch.manual_seed(config.seed)
+    model = base.with_patch_sizes(config.weak_patch_sizes, init_std=config.residual_init_std,
+                                  lora_rank=config.lora_rank, lora_alpha=float(config.lora_rank))
+    model.train()
+    new = [p for n, p in model.named_parameters() if "residual" in n or "patch_size_embed" in n or "lora_" in n]
+    new_ids = {id(p) for p in new}
+    for p in model.parameters():
+        if id(p) not in new_ids:
+            p.requires_grad_(False)
+    null, native, weak = model.null_class, model.config.patch_size, config.weak_patch_sizes
+
+    def loss_fn(gen: torch.Generator) -> torch.Tensor:
+        idx = torch.randint(len(images), (config.batch_size,), generator=gen)
+        xt, t, _ = flow_pair(images[idx], gen)
+        y = drop_labels(rows[idx], config.caption_dropout, null, gen)
+        p = weak[int(torch.randint(len(weak), (1,), generator=gen))]
+        with torch.no_grad():
+            teacher = model(xt, t, y, native)
+        return ((model(xt, t, y, p) - teacher) ** 2).mean()
+
+    t0 = time.time()
+    _loop("text-flexify-lora", out_dir, config, model, None, [{"params": new}], loss_fn, config.steps, config.lr,
+          warmup=20)
+    model.eval().save_pretrained(out_dir / "model")
+    atomic_write_json(out_dir / "train_info.json", {"kind": "text-flexify", "config": dataclasses.asdict(config),
+                                                    "wall_s_last_session": round(time.time() - t0, 1)})
+    return model
+
+
+def ship_prompt_table(model: FlexiTextDiT, per_digit: int = 6) -> None:
+    """Install the shipped prompt table: search rows from training captions, held-out rows from captions of
+    the held-out split that are not search rows (captions.prompt_table)."""
+    from .captions import captions_for, prompt_table
+    from .data import load_mnist
+    from .text_encoder import set_model_prompts
+
+    size = model.config.input_size
+    train = captions_for(*load_mnist(size, "train"))
+    heldout = captions_for(*load_mnist(size, "heldout"))
+    captions, num_search = prompt_table(train, heldout, per_digit)
+    set_model_prompts(model, captions, num_search)
+
+
+def _main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m flexisearch.text_model", description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    a = sub.add_parser("pretrain")
+    a.add_argument("--out", required=True)
+    a.add_argument("--steps", type=int)
+    b = sub.add_parser("flexify")
+    b.add_argument("--base", required=True)
+    b.add_argument("--out", required=True)
+    b.add_argument("--steps", type=int)
+    c = sub.add_parser("ship", help="install the shipped prompt table and save to --dest")
+    c.add_argument("--model", required=True)
+    c.add_argument("--dest", required=True)
+    c.add_argument("--per-digit", type=int, default=6)
+    args = ap.parse_args(argv)
+    if args.cmd == "pretrain":
+        cfg = TextBaseTrainConfig(**({"steps": args.steps} if args.steps else {}))
+        train_text_base(cfg, args.out)
+    elif args.cmd == "flexify":
+        cfg = TextFlexifyConfig(base=args.base, **({"steps": args.steps} if args.steps else {}))
+        train_text_flexify(cfg, args.out)
+    else:
+        m = FlexiTextDiT.from_pretrained(args.model)
+        ship_prompt_table(m, args.per_digit)
+        m.save_pretrained(args.dest)
+
+
+__all__ = ["FlexiTextDiT", "FlexiTextDiTConfig", "load_model_dir", "sample_sets", "is_text_config", "load_pixart",
+           "resolve_text_model", "search_sample_sets",
+           "TextBaseTrainConfig", "TextFlexifyConfig", "train_text_base", "train_text_flexify", "ship_prompt_table"]
+
+if __name__ == "__main__":
+    _main()

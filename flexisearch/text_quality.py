@@ -1,0 +1,196 @@
+"""CLIP score of generated images against their prompts: the quality a text-to-image search constrains.
+
+`load_clip_metric(cfg, model)` (called by quality.load_metric for metric name "clip") returns a
+metric with the interface the Objective uses: name, higher_is_better, needs_native, score(images,
+sample_set, target) and score_with_ci(images, sample_set, target, n_boot, seed).
+
+Which prompt an image was generated for: a text model's sample labels are rows of its prompt table
+(text_model.FlexiTextDiT), and `model.captions[row]` is that row's caption text, so the metric maps
+(sample set, label) -> caption by the label alone. Held-out prompts are distinct rows: the search
+set cycles over the search rows and the held-out set over the held-out rows (text_model.sample_sets).
+
+The CLIP model: `cfg.feature_net` if given (a directory saved by clip_model.save_clip, or a hub name
+torchmetrics knows, e.g. openai/clip-vit-large-patch14, which needs network access), else the
+embedded tiny digit CLIP (assets/text/clip). The score is torchmetrics' CLIPScore through its
+callable route: max(mean over samples of 100 * cos(image, caption), 0). Latent models are decoded
+to pixels first with the model's `decode_images` (set for PixArt by text_model's pixart loader).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from .clip_model import ASSET as DEFAULT_CLIP
+from .clip_model import load_clip, per_sample_scores, to_pixels
+from .errors import UserError
+
+HUB_PREFIXES = ("openai/", "jinaai/", "zer0int/")
+
+
+class CLIPMetric:
+    """CLIP score (higher is better) of images against the captions of their prompt rows."""
+
+    name = "clip"
+    higher_is_better = True
+    needs_native = False
+
+    def __init__(self, captions: Sequence[str] | Any, clip: str | Path = DEFAULT_CLIP, decode: Any = None,
+                 batch_size: int = 256):
+        # A text model (its prompt table is read at scoring time, so set_prompts after this is fine) or captions.
+        self._source = captions if hasattr(captions, "captions") else list(captions)
+        self.clip = str(clip)
+        self.decode = decode
+        self.batch_size = batch_size
+        if self.clip.startswith(HUB_PREFIXES):
+            self._pair = None  # torchmetrics loads it by name (network or HF cache)
+        else:
+            self._pair = load_clip(self.clip)
+        self._metric = None
+
+    @property
+    def captions(self) -> list[str]:
+        return self._source.captions if hasattr(self._source, "captions") else self._source
+
+    def _clip_score(self):
+        from torchmetrics.multimodal.clip_score import CLIPScore
+
+        if self._metric is None:
+            pair = self._pair
+            self._metric = CLIPScore(model_name_or_path=(lambda: pair) if pair is not None else self.clip)
+        self._metric.reset()
+        return self._metric
+
+    def prompts(self, sample_set: Any) -> list[str]:
+        labels = list(sample_set.labels)
+        bad = [y for y in labels if not 0 <= y < len(self.captions) or self.captions[y] == ""]
+        if bad:
+            raise UserError(f"metric clip: label {bad[0]} is not a caption row of the model's prompt table "
+                            f"({len(self.captions)} rows, the last is the empty caption)")
+        return [self.captions[y] for y in labels]
+
+    def _pixels(self, images: torch.Tensor) -> torch.Tensor:
+        if self.decode is not None:
+            images = self.decode(images)
+        return images
+
+    def score(self, images: torch.Tensor, sample_set: Any, target: torch.Tensor | None = None) -> float:
+        """torchmetrics CLIPScore of the images against their prompts."""
+        prompts = self.prompts(sample_set)
+        if len(prompts) != len(images):
+            raise ValueError(f"{len(images)} images for {len(prompts)} prompts")
+        metric = self._clip_score()
+        pixels = to_pixels(self._pixels(images))
+        for i in range(0, len(prompts), self.batch_size):
+            metric.update(list(pixels[i:i + self.batch_size]), prompts[i:i + self.batch_size])
+        return float(metric.compute())
+
+    def per_sample(self, images: torch.Tensor, sample_set: Any) -> torch.Tensor:
+        """100 * cos(image, prompt) for every sample (the mean of these, clamped at 0, is the score)."""
+        if self._pair is None:
+            raise UserError("metric clip: per-sample scores need a local CLIP directory (feature_net)")
+        return per_sample_scores(*self._pair, self._pixels(images), self.prompts(sample_set), self.batch_size)
+
+    def score_with_ci(self, images: torch.Tensor, sample_set: Any, target: torch.Tensor | None, n_boot: int,
+                      seed: int = 0) -> tuple[float, float, float]:
+        """(value, low, high): the CLIP score and a bootstrap 95% interval over the samples."""
+        value = self.score(images, sample_set, target)
+        if self._pair is None:
+            return value, float("nan"), float("nan")
+        s = self.per_sample(images, sample_set).double()
+        gen = torch.Generator().manual_seed(seed)
+        idx = torch.randint(len(s), (max(1, n_boot), len(s)), generator=gen)
+        means = s[idx].mean(1).clamp_min(0)
+        low, high = torch.quantile(means, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+        return value, low, high
+
+
+def load_clip_metric(cfg: Any, model: Any) -> CLIPMetric:
+    """The CLIP metric for a search config and a text-conditioned model."""
+    if not getattr(model, "is_text_model", False):
+        raise UserError(f"metric clip needs a text-conditioned model; '{getattr(cfg, 'model', '?')}' is class-conditional "
+                        "(use fid or fid_native)")
+    clip = getattr(cfg, "feature_net", None) or DEFAULT_CLIP
+    decode = getattr(model, "decode_images", None)
+    metric = CLIPMetric(model, clip, decode)
+    if metric._pair is not None and decode is None:
+        vision = metric._pair[0].config.vision_config
+        mc = model.config
+        if vision.image_size != mc.input_size or vision.num_channels != mc.in_channels:
+            raise UserError(f"CLIP model {clip} takes {vision.num_channels}x{vision.image_size}px images, the model "
+                            f"makes {mc.in_channels}x{mc.input_size}px; give feature_net for this model")
+    return metric
+
+
+def model_card(model_dir: str | Path, n_per_prompt: int = 10, steps: int = 20, guidance: float = 2.0,
+               clip: str | Path = DEFAULT_CLIP) -> dict:
+    """CLIP score on the held-out prompts (seeds from 1,000,000) of static native, static weak and the
+    paper's threshold family (weak for the first k of `steps` Euler steps, both CFG branches), plus the
+    weak-unconditional-only schedule, with FLOPs fractions and the CLIP model's zero-shot digit
+    accuracy on the generated images (does the image show the prompted digit?)."""
+    import time
+
+    from . import flops
+    from .captions import DIGITS, digit_of
+    from .clip_model import zero_shot
+    from .objective import HELDOUT_SEED_BASE
+    from .sampler import sample
+    from .schedule import Schedule
+    from .text_model import FlexiTextDiT, sample_sets
+
+    model = FlexiTextDiT.from_pretrained(model_dir)
+    mc = model.config
+    native, weak = mc.patch_size, max(mc.extra_patch_sizes)
+    rows = model.prompt_rows("heldout")
+    _, held = sample_sets(model, 1, n_per_prompt * len(rows), HELDOUT_SEED_BASE)
+    metric = CLIPMetric(model, clip)
+    fp = model.fingerprint()
+    common = dict(guidance_scale=guidance, solver="euler", model=fp)
+    schedules = {"static native": Schedule.static(native, steps, **common),
+                 "static weak": Schedule.static(weak, steps, **common)}
+    for k in (4, 8, 10, 12, 14, 16):
+        schedules[f"weak first {k}/{steps}"] = Schedule.weak_first(k, steps, weak, native, **common)
+    schedules[f"uncond weak, cond native ({steps}/{steps})"] = Schedule.branch_split(0, steps, steps, weak, native, **common)
+    ref_macs = flops.schedule_macs(mc, schedules["static native"])
+    digits = torch.tensor([digit_of(model.captions[y]) for y in held.labels])
+    out = []
+    for name, sched in schedules.items():
+        t0 = time.time()
+        images = sample(model, sched, list(held.labels), list(held.seeds), batch_size=len(held.labels))
+        wall = time.time() - t0
+        value, low, high = metric.score_with_ci(images, held, None, n_boot=200, seed=0)
+        acc = (zero_shot(*metric._pair, images, [f"a {d}" for d in DIGITS]) == digits).double().mean().item()
+        out.append({"schedule": name, "clip": round(value, 3), "ci95": [round(low, 3), round(high, 3)],
+                    "digit_accuracy": round(acc, 4), "flops_fraction": round(flops.schedule_macs(mc, sched) / ref_macs, 4),
+                    "sampling_wall_s": round(wall, 2)})
+    return {"model": str(model_dir), "fingerprint": fp, "eval": {
+        "prompts": f"{len(rows)} held-out prompt rows x {n_per_prompt} seeds = {len(held.labels)} samples",
+        "seeds": [held.seeds[0], held.seeds[-1]], "solver": f"euler, {steps} steps, CFG {guidance}",
+        "clip_model": str(clip), "macs_static_native_per_sample": ref_macs,
+        "macs_per_forward": {str(p): flops.forward_macs(mc, p) for p in mc.patch_sizes}}, "results": out}
+
+
+def _main(argv: list[str] | None = None) -> None:
+    import argparse
+    import json
+
+    ap = argparse.ArgumentParser(prog="python -m flexisearch.text_quality")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    a = sub.add_parser("card", help="CLIP vs FLOPs of a text model on its held-out prompts")
+    a.add_argument("--model", required=True)
+    a.add_argument("--out")
+    a.add_argument("--per-prompt", type=int, default=10)
+    args = ap.parse_args(argv)
+    card = model_card(args.model, args.per_prompt)
+    text = json.dumps(card, indent=1)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+    print(text)
+
+
+__all__ = ["CLIPMetric", "load_clip_metric", "model_card"]
+
+if __name__ == "__main__":
+    _main()
