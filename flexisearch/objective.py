@@ -40,7 +40,13 @@ class SampleSet:
 
 
 def resolve_model(spec: str, device: str | torch.device = "cpu") -> FlexiDiT:
-    """A FlexiDiT from 'embedded:<name>' (shipped assets) or a directory written by save_pretrained."""
+    """A FlexiDiT from 'embedded:<name>' (shipped assets) or a directory written by save_pretrained;
+    text-to-image models (FlexiTextDiT) resolve through text_model."""
+    from .text_model import resolve_text_model
+
+    text_model = resolve_text_model(spec, device)
+    if text_model is not None:
+        return text_model
     if spec.startswith("embedded:"):
         name = spec.split(":", 1)[1]
         path = ASSETS / name
@@ -77,8 +83,13 @@ class Objective:
         self.reference.check_model(mc, self.fingerprint, "reference")
         self.reference_macs = flops.schedule_macs(mc, self.reference)
         self.metric = load_metric(cfg, self.model)
-        self.search_set = SampleSet.balanced("search", cfg.search_samples, mc.num_classes, 0)
-        self.heldout_set = SampleSet.balanced("heldout", cfg.heldout_samples, mc.num_classes, HELDOUT_SEED_BASE)
+        if getattr(self.model, "is_text_model", False):
+            from .text_model import search_sample_sets  # distinct prompt rows for search and held-out
+
+            self.search_set, self.heldout_set = search_sample_sets(self.model, cfg, HELDOUT_SEED_BASE)
+        else:
+            self.search_set = SampleSet.balanced("search", cfg.search_samples, mc.num_classes, 0)
+            self.heldout_set = SampleSet.balanced("heldout", cfg.heldout_samples, mc.num_classes, HELDOUT_SEED_BASE)
         self.cache = TrajectoryCache()
         self._memo: dict[str, float] = {}
         self._native_samples: dict[str, torch.Tensor] = {}
@@ -86,7 +97,7 @@ class Objective:
     def samples(self, schedule: Schedule, sample_set: SampleSet, progress: bool = False) -> torch.Tensor:
         return sample(self.model, schedule, list(sample_set.labels), list(sample_set.seeds),
                       batch_size=self.cfg.batch_size, cache=self.cache if sample_set.name == "search" else None,
-                      cache_tag=sample_set.name, progress=progress)
+                      cache_tag=f"{sample_set.name}|{self.fingerprint}", progress=progress)
 
     def cost(self, schedule: Schedule) -> dict[str, float]:
         macs = flops.schedule_macs(self.model.config, schedule)

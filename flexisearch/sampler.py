@@ -147,7 +147,7 @@ def sample(
     labels: torch.Tensor | list[int],
     seeds: list[int],
     *,
-    batch_size: int = 128,
+    batch_size: int = 64,
     scheduler: SchedulerMixin | None = None,
     autocast_dtype: torch.dtype | None = None,
     cache: TrajectoryCache | None = None,
@@ -179,10 +179,9 @@ def sample(
         from tqdm import tqdm
 
         bar = tqdm(total=len(chunks) * len(steps), desc="sampling", dynamic_ncols=True)
-    model_id = model.fingerprint() if cache is not None else ""
     for start in chunks:
         chunk_seeds, y = seeds[start:start + batch_size], labels[start:start + batch_size].to(device)
-        base = (f"{cache_tag}|{model_id}|{type(template).__name__}|"
+        base = (f"{cache_tag}|{type(template).__name__}|"
                 f"{schedule.solver}|{schedule.num_steps}|{schedule.guidance_scale}|{schedule.guidance_mode}|"
                 f"{list(chunk_seeds)}|{y.tolist()}")
         done, state = cache.longest_prefix(base, steps) if cache is not None else (0, None)

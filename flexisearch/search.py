@@ -55,18 +55,16 @@ def make_sampler(cfg: SearchConfig, patch_sizes: tuple[int, ...]) -> optuna.samp
 def open_study(cfg: SearchConfig, patch_sizes: tuple[int, ...], higher_is_better: bool) -> optuna.Study:
     """Create or resume the study; created once, before any worker starts (SQLite creation races)."""
     url = storage_url(cfg)
-    if url.startswith("sqlite:///"):
-        Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
     directions = ["minimize"] if cfg.objective == "single" else ["minimize", "maximize" if higher_is_better else "minimize"]
     optuna.logging.set_verbosity(logging.WARNING)
     try:
+        if url.startswith("sqlite:///"):
+            Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
         storage = optuna.storages.RDBStorage(url, heartbeat_interval=60, grace_period=180,
-                                             failed_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=2)) \
+                                             heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2)) \
             if url.startswith(("sqlite", "postgresql", "mysql")) else url
         study = optuna.create_study(study_name=cfg.study, storage=storage, directions=directions,
                                     sampler=make_sampler(cfg, patch_sizes), load_if_exists=True)
-    except UserError:
-        raise
     except Exception as e:  # bad URL, unreachable server, unwritable file: all user errors here
         raise UserError(f"storage '{url}': cannot open ({str(e).splitlines()[0]})") from None
     if [d.name.lower() for d in study.directions] != directions:

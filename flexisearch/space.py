@@ -90,7 +90,7 @@ class SearchConfig:
     search_samples: int = 256
     heldout_samples: int = 1024
     bootstrap: int = 200
-    batch_size: int = 256
+    batch_size: int = 64  # samples per chunk: on CPU larger chunks run slower per sample
     sampler: str = "tpe"
     n_trials: int = 40
     seed: int = 0
@@ -138,6 +138,9 @@ def _fill(cls: type, d: Any, source: str, prefix: str, special: dict) -> Any:
         if key in special:
             kw[key] = special[key](value, f"{prefix}{key}")
             continue
+        if value is None and "None" in str(fields[key].type):  # an optional field, explicitly unset
+            kw[key] = None
+            continue
         default = fields[key].default if fields[key].default is not dataclasses.MISSING else fields[key].default_factory()
         expected = type(default)
         if default is None:
@@ -174,7 +177,9 @@ def load_search_config(path: str | Path | None, overrides: dict | None = None) -
         "guidance_scale": lambda x, kk: _choice(x, source, kk, float),
         "guidance_mode": lambda x, kk: _choice(x, source, kk, str),
         "solver": lambda x, kk: _choice(x, source, kk, str)})
-    metric = lambda v, k: _fill(MetricConfig, v, source, "metric.", {})  # noqa: E731
+    # A metric block that gives an absolute bound drops the default relative one.
+    metric = lambda v, k: _fill(MetricConfig, {"relative": None, **v} if isinstance(v, dict) and  # noqa: E731
+                                ({"max", "min"} & set(v)) else v, source, "metric.", {})
     cfg = _fill(SearchConfig, raw, source, "", {"space": space, "metric": metric})
     _check(cfg, source)
     return cfg

@@ -1,0 +1,115 @@
+"""Search benchmarks on the embedded default (issue 4).
+
+    python bench/bench_search.py default      # (a) + (c) + (d): the default search vs two baselines
+    python bench/bench_search.py samplers     # (b): brute-force optimum vs TPE / GP / NSGA-II / random
+
+(a) FLOPs saving of the exported schedule against the best "weak for the first k steps" schedule and
+    the cheapest static native schedule at any step count, all under the default constraint, all
+    confirmed on held-out seeds. (c) model calls saved by prefix reuse. (d) wall time and peak memory
+    of `flexisearch search` with no arguments (a fresh study).
+(b) on `per_step` over 8 steps x 2 sizes (256 schedules): the constrained optimum found by brute
+    force, and after how many trials each sampler first reaches it (quality is memoised per
+    schedule, so every sampler sees the same numbers).
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+
+from flexisearch.objective import Objective
+from flexisearch.schedule import Schedule
+from flexisearch.search import make_sampler
+from flexisearch.space import load_search_config, schedule_from_trial
+
+
+def bench_default() -> None:
+    study_dir = Path("runs/bench-default")
+    shutil.rmtree(study_dir, ignore_errors=True)
+    t0 = time.time()
+    proc = subprocess.run([sys.executable, "-m", "flexisearch.cli", "search", "--study", "bench-default", "--quiet"],
+                          capture_output=True, text=True)
+    wall = time.time() - t0
+    peak_gb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20
+    if proc.returncode:
+        sys.exit(proc.stderr)
+    best = json.loads((study_dir / "best.json").read_text())
+    cfg = load_search_config("search_spaces/default.yaml", {"study": "bench-default"})
+    objective = Objective(cfg)
+    bound = best["constraint"]["bound"]
+    ref = objective.reference
+    kw = dict(guidance_scale=ref.guidance_scale, solver=ref.solver, model=objective.fingerprint)
+    n = ref.num_steps
+    # baseline 1: the paper's family at the reference settings, largest k meeting the same constraint
+    family = [Schedule.weak_first(k, n, objective.weak, objective.native, **kw) for k in range(n + 1)]
+    feasible = [s for s in family if objective.quality(s) <= bound]
+    best_k = min(feasible, key=lambda s: objective.cost(s)["fraction"])
+    # baseline 2: static native at any step count
+    statics = [Schedule.static(objective.native, m, **kw) for m in range(2, n + 1)]
+    feasible = [s for s in statics if objective.quality(s) <= bound]
+    best_static = min(feasible, key=lambda s: objective.cost(s)["fraction"])
+    native = best["static_native"]["quality"]["heldout"]
+    rows = [("searched (best.json)", Schedule.from_dict(best["schedule"]), best["quality"]["heldout"])]
+    rows += [("best weak-first-k", best_k, objective.confirm(best_k)),
+             ("cheapest static native", best_static, objective.confirm(best_static))]
+    print(f"# default search: bound FID <= {bound:.3f} on {cfg.search_samples} search seeds; "
+          f"held-out static native FID {native['value']:.3f} [{native['ci95'][0]:.3f}, {native['ci95'][1]:.3f}] "
+          f"(n={native['n']})")
+    print(f"{'schedule':<24} {'FLOPs':>6} {'saving':>7} {'held-out FID [95% CI]':>26} {'in native CI':>12}  description")
+    for name, s, h in rows:
+        frac = objective.cost(s)["fraction"]
+        inside = h["value"] <= native["ci95"][1]
+        print(f"{name:<24} {frac:6.3f} {100 * (1 - frac):6.1f}% {h['value']:9.3f} [{h['ci95'][0]:6.3f}, {h['ci95'][1]:6.3f}] "
+              f"{'yes' if inside else 'no':>12}  {s.num_steps} steps cfg {s.guidance_scale} {s.guidance_mode}: {s.describe()}")
+    p = best["provenance"]
+    print(f"(c) model calls saved by prefix reuse: {p['model_calls_saved_by_prefix_reuse']} of "
+          f"{p['model_calls_saved_by_prefix_reuse'] + p['model_calls_run']} "
+          f"({100 * p['model_calls_saved_by_prefix_reuse'] / max(1, p['model_calls_saved_by_prefix_reuse'] + p['model_calls_run']):.1f}%)")
+    print(f"(d) `flexisearch search` (fresh study, {p['n_trials']} trials): wall {wall:.0f} s, peak RSS {peak_gb:.2f} GB")
+
+
+def bench_samplers(budget: int = 80, repeats: int = 3) -> None:
+    cfg = load_search_config(None, {"study": "bench-samplers", "model": "embedded:flexidit-mnist16-shared",
+                                    "space": {"type": "per_step", "num_steps": 8}, "metric": {"name": "fid", "relative": 0.1},
+                                    "reference": {"num_steps": 8, "guidance_scale": 2.0}, "search_samples": 200,
+                                    "sampler": "bruteforce"})
+    objective = Objective(cfg)
+    bound = objective.threshold(objective.quality(objective.reference))
+    mc = objective.model.config
+
+    def evaluate(trial: optuna.Trial) -> float:
+        s = schedule_from_trial(trial, cfg.space, objective.native, objective.weak, mc.patch_sizes, objective.fingerprint)
+        trial.set_constraint("quality", objective.violation(objective.quality(s), bound))
+        return objective.cost(s)["fraction"]
+
+    t0 = time.time()
+    brute = optuna.create_study(sampler=make_sampler(cfg, mc.patch_sizes))
+    brute.optimize(evaluate, n_trials=2**8)
+    feasible = [t for t in brute.trials if all(v <= 0 for v in t.constraints.values())]
+    optimum = min(t.values[0] for t in feasible)
+    print(f"# per_step, 8 Euler steps x 2 patch sizes = 256 schedules, {cfg.search_samples} samples, FID <= {bound:.3f} "
+          f"(static native + 10%): brute force {time.time() - t0:.0f} s, {len(feasible)} feasible, optimum FLOPs {optimum:.3f}; "
+          f"prefix reuse saved {objective.cache.calls_saved} of {objective.cache.calls_saved + objective.cache.calls_run} model calls")
+    print(f"{'sampler':<8} " + " ".join(f"{'seed ' + str(s):>8}" for s in range(repeats)) + f"  (trials to reach the optimum, budget {budget})")
+    for name in ("tpe", "gp", "nsga2", "random"):
+        hits = []
+        for seed in range(repeats):
+            c = load_search_config(None, {**{"sampler": name, "seed": seed, "n_trials": budget}})
+            study = optuna.create_study(sampler=make_sampler(c, mc.patch_sizes))
+            study.optimize(evaluate, n_trials=budget)
+            reached = [t.number + 1 for t in study.trials
+                       if all(v <= 0 for v in t.constraints.values()) and t.values[0] <= optimum + 1e-12]
+            hits.append(str(reached[0]) if reached else "-")
+        print(f"{name:<8} " + " ".join(f"{h:>8}" for h in hits))
+
+
+if __name__ == "__main__":
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    {"default": bench_default, "samplers": bench_samplers}[sys.argv[1] if len(sys.argv) > 1 else "default"]()

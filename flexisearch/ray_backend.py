@@ -1,0 +1,179 @@
+"""Distributed schedule search on a Ray cluster (Ray Tune driving the same Optuna study).
+
+The driver runs Ray Tune with an OptunaSearch over the same storage as the Optuna backend, so the
+study opens in optuna-dashboard and `flexisearch export` works on it. OptunaSearch only tells
+Optuna the objective values; ConstrainedOptunaSearch also hands the quality constraint (and the
+trial's schedule) to the Optuna trial before telling it, so constrained samplers see it.
+
+Each Ray worker process builds its Objective (model, feature network, reference statistics) once
+and reuses it for every trial it runs (actors are reused); only the trial parameters travel.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+import optuna
+
+from .errors import UserError
+from .objective import Objective
+from .search import open_study, reference_quality, run_dir, seed_study
+from .space import SearchConfig, load_search_config, schedule_from_trial
+
+_WORKER_OBJECTIVES: dict[str, Objective] = {}
+
+
+def _config_json(cfg: SearchConfig) -> str:
+    def plain(o: Any) -> Any:
+        return dataclasses.asdict(o) if dataclasses.is_dataclass(o) else o
+    return json.dumps({k: plain(v) for k, v in dataclasses.asdict(cfg).items()}, sort_keys=True, default=str)
+
+
+def _cfg_from_json(text: str) -> SearchConfig:
+    d = json.loads(text)
+    for key in ("num_steps", "guidance_scale", "guidance_mode", "solver"):
+        c = d["space"][key]
+        d["space"][key] = c["values"] if c["values"] else {k: c[k] for k in ("low", "high", "step") if c[k] is not None}
+    return load_search_config(None, d)
+
+
+def _worker_objective(cfg_json: str, device: str) -> Objective:
+    """The Objective of this worker process, built on its first trial."""
+    if cfg_json not in _WORKER_OBJECTIVES:
+        _WORKER_OBJECTIVES[cfg_json] = Objective(_cfg_from_json(cfg_json), device)
+    return _WORKER_OBJECTIVES[cfg_json]
+
+
+def _trainable(config: dict, cfg_json: str, bound: float) -> None:
+    import ray
+    import torch
+    from ray import tune
+
+    objective = _worker_objective(cfg_json, "cuda" if torch.cuda.is_available() else "cpu")
+    mc = objective.model.config
+    schedule = schedule_from_trial(optuna.trial.FixedTrial(config), objective.cfg.space, objective.native,
+                                   objective.weak, mc.patch_sizes, objective.fingerprint)
+    cost = objective.cost(schedule)
+    quality = objective.quality(schedule)
+    tune.report({"fraction": cost["fraction"], "quality": quality, "macs": cost["macs"],
+                 "violation": objective.violation(quality, bound), "schedule": json.dumps(schedule.to_dict()),
+                 "node": ray.get_runtime_context().get_node_id(), "pid": os.getpid(),
+                 "calls_saved": objective.cache.calls_saved, "calls_run": objective.cache.calls_run})
+
+
+class _SpaceFn:
+    """Define-by-run space for OptunaSearch (a picklable callable: Tune checkpoints its searcher)."""
+
+    def __init__(self, objective: Objective):
+        self.space, self.native, self.weak = objective.cfg.space, objective.native, objective.weak
+        self.patch_sizes, self.fingerprint = objective.model.config.patch_sizes, objective.fingerprint
+
+    def __call__(self, trial: Any) -> None:
+        schedule_from_trial(trial, self.space, self.native, self.weak, self.patch_sizes, self.fingerprint)
+
+
+def constrained_optuna_search(**kwargs: Any) -> Any:
+    """An OptunaSearch that sets the quality constraint and the schedule on each Optuna trial."""
+    from ray.tune.search.optuna import OptunaSearch
+
+    class ConstrainedOptunaSearch(OptunaSearch):
+        def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+            ot_trial = self._ot_trials.get(trial_id)
+            if result and ot_trial is not None and trial_id not in self._completed_trials and "violation" in result:
+                ot_trial.set_constraint("quality", result["violation"])
+                ot_trial.set_user_attr("schedule", json.loads(result["schedule"]))
+                for key in ("macs", "quality", "node"):
+                    ot_trial.set_user_attr(key, result[key])
+                self._ot_study.set_user_attr(f"calls_saved_worker_{result['node'][:8]}_{result['pid']}",
+                                             [result["calls_saved"], result["calls_run"]])
+            super().on_trial_complete(trial_id, result, error)
+
+    return ConstrainedOptunaSearch(**kwargs)
+
+
+def check_address(address: str | None) -> str | None:
+    """Validate --address quickly, so a bad or unreachable cluster is an error, not a hang."""
+    if address in (None, "", "local"):
+        return None
+    if address == "auto":
+        return address
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise UserError(f"--address {address!r}: expected auto or HOST:PORT")
+    try:
+        socket.create_connection((host, int(port)), timeout=3).close()
+    except OSError as e:
+        raise UserError(f"--address {address}: cannot reach a Ray cluster there ({e.strerror or e})") from None
+    return address
+
+
+def _init_ray(address: str | None, cfg: SearchConfig) -> None:
+    import ray
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if address is None:
+        tmp = Path(os.environ.get("RAY_TMPDIR") or (run_dir(cfg) / "ray_tmp")).resolve()
+        tmp.mkdir(parents=True, exist_ok=True)
+        ray.init(include_dashboard=False, _temp_dir=str(tmp), log_to_driver=False, configure_logging=False)
+        return
+    try:
+        ray.init(address=address, log_to_driver=False, configure_logging=False)
+    except (ConnectionError, RuntimeError) as e:
+        raise UserError(f"--address {address}: cannot connect to a Ray cluster ({str(e).splitlines()[0]})") from None
+
+
+def check_resources(resources: dict[str, float]) -> None:
+    """Refuse per-trial resources that no alive node has (Tune would wait for them forever)."""
+    import ray
+
+    need = {k.upper() if k in ("cpu", "gpu") else k: float(v) for k, v in resources.items() if v}
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    if not any(all(node.get(k, 0.0) >= v for k, v in need.items()) for node in nodes):
+        have = [{k: node.get(k, 0.0) for k in need} for node in nodes]
+        raise UserError(f"resources {resources}: no node of the cluster has them (nodes have {have})")
+
+
+def run_ray_search(cfg: SearchConfig, objective: Objective, address: str | None = None,
+                   config_path: str | None = None) -> optuna.Study:
+    """Run the search through Ray Tune; resumes an interrupted run from runs/<study>/ray."""
+    import ray
+    from ray import tune
+
+    address = check_address(address)
+    study = seed_study(cfg, objective)  # created once, before any worker; the threshold family enqueued
+    bound = objective.threshold(reference_quality(study, objective))
+    study.set_user_attr("bound", bound)
+    done = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)))
+    _init_ray(address, cfg)
+    try:
+        check_resources(cfg.resources)
+        storage_path = str((run_dir(cfg) / "ray").resolve())
+        exp_path = os.path.join(storage_path, cfg.study)
+        trainable = tune.with_resources(tune.with_parameters(_trainable, cfg_json=_config_json(cfg), bound=bound),
+                                        {k: v for k, v in cfg.resources.items() if v})
+        if tune.Tuner.can_restore(exp_path):
+            tuner = tune.Tuner.restore(exp_path, trainable, resume_errored=True)
+        else:
+            multi = cfg.objective == "multi"
+            hib = objective.metric.higher_is_better
+            searcher = constrained_optuna_search(
+                space=_SpaceFn(objective), metric=["fraction", "quality"] if multi else "fraction",
+                mode=["min", "max" if hib else "min"] if multi else "min",
+                study_name=cfg.study, storage=study._storage, sampler=study.sampler, seed=cfg.seed)
+            tuner = tune.Tuner(
+                trainable,
+                tune_config=tune.TuneConfig(search_alg=searcher, num_samples=max(0, cfg.n_trials - done),
+                                            max_concurrent_trials=cfg.max_concurrent, reuse_actors=True),
+                run_config=tune.RunConfig(name=cfg.study, storage_path=storage_path, verbose=0,
+                                          failure_config=tune.FailureConfig(max_failures=cfg.max_failures)))
+        if cfg.n_trials - done > 0 or tune.Tuner.can_restore(exp_path):
+            tuner.fit()
+    finally:
+        ray.shutdown()
+    return open_study(cfg, objective.model.config.patch_sizes, objective.metric.higher_is_better)
+

@@ -1,0 +1,117 @@
+"""The Ray backend on a real two-node Ray cluster on this machine (a head and a second raylet process)."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import optuna
+import pytest
+import yaml
+from conftest import random_flexidit
+
+from flexisearch.cli import main
+
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("model")
+    random_flexidit(size=16).save_pretrained(d)
+    return d
+
+
+def space(tmp_path, model_dir, name, n_trials=6, samples=16, **over):
+    doc = {"study": name, "model": str(model_dir), "space": {"type": "branch_threshold", "num_steps": 6},
+           "metric": {"name": "fid_native", "max": 50.0}, "reference": {"num_steps": 6, "guidance_scale": 2.0},
+           "search_samples": samples, "heldout_samples": 16, "bootstrap": 10, "n_trials": n_trials,
+           "resources": {"cpu": 1}, "max_concurrent": 2, "max_failures": 3, **over}
+    p = tmp_path / f"{name}.yaml"
+    p.write_text(yaml.safe_dump(doc))
+    return p
+
+
+def completed(tmp_path, name):
+    try:
+        study = optuna.load_study(study_name=name, storage=f"sqlite:///{tmp_path}/runs/{name}/study.db")
+    except Exception:
+        return []
+    return [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    from ray.cluster_utils import Cluster
+
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    worker = c.add_node(num_cpus=1)
+    c.wait_for_nodes()
+    yield c, worker
+    c.shutdown()
+
+
+def run_cli(tmp_path, argv):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    return subprocess.Popen([sys.executable, "-m", "flexisearch.cli", *argv], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_search_uses_both_nodes_and_survives_losing_one(tmp_path, model_dir, cluster):
+    c, worker = cluster
+    p = space(tmp_path, model_dir, "two", n_trials=8, samples=48)
+    proc = run_cli(tmp_path, ["search", "--backend", "ray", "--address", c.address, "--space", str(p), "--quiet"])
+    deadline = time.time() + 240
+    while len(completed(tmp_path, "two")) < 3 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.5)
+    before = {t.number: t.params for t in completed(tmp_path, "two")}
+    nodes_before = {t.user_attrs["node"] for t in completed(tmp_path, "two")}
+    c.remove_node(worker)  # the second node goes away, most likely in the middle of a trial
+    out, err = proc.communicate(timeout=240)
+    assert proc.returncode == 0, err[-2000:]
+    done = completed(tmp_path, "two")
+    assert len(done) == 8
+    assert all(before[t.number] == t.params for t in done if t.number in before)  # no completed trial lost
+    assert len(nodes_before | {t.user_attrs["node"] for t in done}) == 2  # trials ran on both nodes
+    assert (tmp_path / "runs" / "two" / "best.json").is_file() and "FLOPs saving" in out
+    c.add_node(num_cpus=1)  # give the module's cluster its second node back
+
+
+def test_interrupted_run_resumes_without_repeating(tmp_path, model_dir):
+    p = space(tmp_path, model_dir, "resume", n_trials=6, samples=48, max_concurrent=1)
+    argv = ["search", "--backend", "ray", "--space", str(p), "--quiet"]
+    proc = run_cli(tmp_path, argv)
+    deadline = time.time() + 240
+    while len(completed(tmp_path, "resume")) < 2 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    proc.communicate(timeout=120)
+    first = {t.number: t.params for t in completed(tmp_path, "resume")}
+    assert 2 <= len(first) < 6
+    assert (tmp_path / "runs" / "resume" / "ray" / "resume").is_dir()
+    proc = run_cli(tmp_path, argv)
+    out, err = proc.communicate(timeout=240)
+    assert proc.returncode == 0, err[-2000:]
+    done = completed(tmp_path, "resume")
+    assert len(done) == 6 and all(first[t.number] == t.params for t in done if t.number in first)
+
+
+@pytest.mark.parametrize("address,expect", [
+    ("not-an-address", "expected auto or HOST:PORT"),
+    ("127.0.0.1:1", "cannot reach a Ray cluster"),
+])
+def test_bad_address_is_a_quick_one_line_error(tmp_path, model_dir, monkeypatch, capsys, address, expect):
+    monkeypatch.chdir(tmp_path)
+    t0 = time.time()
+    assert main(["search", "--backend", "ray", "--address", address, "--space",
+                 str(space(tmp_path, model_dir, "bad")), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert expect in err and "\n" not in err and time.time() - t0 < 60
+
+
+def test_resources_no_node_has(tmp_path, model_dir, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    p = space(tmp_path, model_dir, "gpu", resources={"cpu": 1, "gpu": 1})
+    assert main(["search", "--backend", "ray", "--space", str(p), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "no node of the cluster has them" in err and "\n" not in err

@@ -1,0 +1,183 @@
+"""Search spaces, the Optuna backend, held-out confirmation and export, on a tiny random 16x16 model."""
+
+import json
+
+import optuna
+import pytest
+import yaml
+from conftest import random_flexidit
+
+from flexisearch.cli import main
+from flexisearch.errors import UserError
+from flexisearch.objective import Objective
+from flexisearch.schedule import Schedule
+from flexisearch.search import run_search
+from flexisearch.space import SPACE_TYPES, load_search_config, schedule_from_trial
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("model")
+    random_flexidit(size=16).save_pretrained(d)
+    return d
+
+
+def write_space(tmp_path, model_dir, filename="space.yaml", **over):
+    doc = {"study": "t", "model": str(model_dir), "space": {"type": "branch_threshold", "num_steps": 4},
+           "metric": {"name": "fid_native", "max": 5.0}, "reference": {"num_steps": 4, "guidance_scale": 2.0},
+           "search_samples": 20, "heldout_samples": 30, "bootstrap": 20, "n_trials": 6, "batch_size": 32}
+    for k, v in over.items():
+        doc[k] = {**doc[k], **v} if isinstance(v, dict) and isinstance(doc.get(k), dict) else v
+    p = tmp_path / filename
+    p.write_text(yaml.safe_dump(doc))
+    return p
+
+
+@pytest.fixture
+def in_tmp(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+@pytest.mark.parametrize("text,expect", [
+    ("space: [1, 2", "not valid YAML"),
+    ("spaec: {}", "unknown key 'spaec'"),
+    ("space: {type: zigzag}", "key 'space.type'"),
+    ("space: {num_steps: [10, -2]}", "key 'space.num_steps'"),
+    ("space: {guidance_scale: {low: 3, high: 1}}", "key 'space.guidance_scale'"),
+    ("space: {guidance_mode: [cfg, bogus]}", "key 'space.guidance_mode'"),
+    ("metric: {name: fid, relative: 0.1, max: 3}", "exactly one of relative, max, min"),
+    ("metric: {name: clip, relative: null, max: 3}", "clip is bounded with min"),
+    ("metric: {name: fid_native, relative: 0.1}", "fid_native of static native is 0"),
+    ("n_trials: many", "key 'n_trials'"),
+    ("sampler: annealing", "key 'sampler'"),
+])
+def test_bad_config_is_one_line_error(tmp_path, text, expect):
+    p = tmp_path / "s.yaml"
+    p.write_text(text)
+    with pytest.raises(UserError) as e:
+        load_search_config(p)
+    assert expect in str(e.value) and str(p) in str(e.value) and "\n" not in str(e.value)
+
+
+def test_shipped_spaces_validate():
+    from pathlib import Path
+
+    for p in sorted(Path(__file__).resolve().parent.parent.glob("search_spaces/*.yaml")):
+        assert load_search_config(p).n_trials > 0
+
+
+@pytest.mark.parametrize("space_type", SPACE_TYPES)
+def test_every_space_type_builds_valid_schedules(space_type):
+    cfg = load_search_config(None, {"space": {"type": space_type, "num_steps": [6, 8], "segments": 3,
+                                              "branches": "separate", "guidance_scale": {"low": 1.0, "high": 3.0}}})
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    seen = set()
+    for _ in range(30):
+        trial = study.ask()
+        s = schedule_from_trial(trial, cfg.space, 2, 4, (2, 4), "fp")
+        assert s.num_steps in (6, 8) and set(s.cond + s.uncond) <= {2, 4} and 1.0 <= s.guidance_scale <= 3.0
+        if space_type in ("threshold", "branch_threshold"):  # weak first, then native
+            assert list(s.cond) == sorted(s.cond, reverse=True) and list(s.uncond) == sorted(s.uncond, reverse=True)
+        if space_type == "threshold":
+            assert s.cond == s.uncond
+        seen.add((s.cond, s.uncond))
+        study.tell(trial, 0.0)
+    assert len(seen) > 5
+
+
+def test_search_exports_best_and_pareto(in_tmp, model_dir):
+    cfg = load_search_config(write_space(in_tmp, model_dir))
+    objective = Objective(cfg)
+    study = run_search(cfg, objective, progress=False)
+    from flexisearch.export import export_study
+
+    best = export_study(cfg, objective, study)
+    out = in_tmp / "runs" / "t"
+    doc = json.loads((out / "best.json").read_text())
+    assert doc == json.loads(json.dumps(best))
+    s = Schedule.from_dict(doc["schedule"])
+    s.check_model(objective.model.config, objective.fingerprint)
+    # the exported schedule is the cheapest feasible trial, and its held-out numbers come with an interval
+    trials = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    feasible = [t for t in trials if all(v <= 0 for v in t.constraints.values())]
+    assert doc["cost"]["fraction_of_static_native"] == pytest.approx(min(t.values[0] for t in feasible))
+    h = doc["quality"]["heldout"]
+    assert h["ci95"][0] <= h["value"] <= h["ci95"][1] and h["n"] == 30 and h["seeds"][0] >= 1_000_000
+    assert doc["quality"]["search"] <= 5.0
+    assert doc["provenance"]["model_calls_saved_by_prefix_reuse"] > 0
+    pareto = json.loads((out / "pareto.json").read_text())
+    fr = [p["cost"]["fraction_of_static_native"] for p in pareto["points"]]
+    q = [p["quality"]["search"] for p in pareto["points"]]
+    assert fr == sorted(fr) and q == sorted(q, reverse=True)
+    assert (out / "tradeoff.png").stat().st_size > 1000 and (out / "schedule.png").stat().st_size > 1000
+    # the paper's threshold family was enqueued first
+    assert trials[0].user_attrs.get("family") == "threshold"
+
+
+def test_resume_runs_only_the_missing_trials(in_tmp, model_dir):
+    cfg = load_search_config(write_space(in_tmp, model_dir, n_trials=3))
+    objective = Objective(cfg)
+    first = [t.params for t in run_search(cfg, objective, progress=False).trials
+             if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(first) == 3
+    cfg5 = load_search_config(write_space(in_tmp, model_dir, n_trials=5))
+    study = run_search(cfg5, Objective(cfg5), progress=False)
+    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(done) == 5 and [t.params for t in done[:3]] == first
+
+
+@pytest.mark.parametrize("sampler", ["tpe", "nsga2", "gp", "random"])
+def test_samplers_run(in_tmp, model_dir, sampler):
+    cfg = load_search_config(write_space(in_tmp, model_dir, n_trials=3, sampler=sampler, study=sampler))
+    study = run_search(cfg, Objective(cfg), progress=False)
+    assert len([t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]) == 3
+
+
+def test_bruteforce_enumerates_a_small_space(in_tmp, model_dir):
+    cfg = load_search_config(write_space(in_tmp, model_dir, sampler="bruteforce", n_trials=8,
+                                         space={"type": "per_step", "num_steps": 3}))
+    study = run_search(cfg, Objective(cfg), progress=False)
+    schedules = {tuple(t.user_attrs["schedule"]["cond"]) for t in study.trials}
+    assert len(schedules) == 8  # every per-step choice of 2 sizes over 3 steps
+
+
+def test_multi_objective_front(in_tmp, model_dir):
+    cfg = load_search_config(write_space(in_tmp, model_dir, objective="multi", n_trials=5))
+    study = run_search(cfg, Objective(cfg), progress=False)
+    assert len(study.directions) == 2 and len(study.best_trials) >= 1
+
+
+def test_unmeetable_constraint(in_tmp, model_dir):
+    cfg = load_search_config(write_space(in_tmp, model_dir, metric={"name": "fid", "max": 0.001}, n_trials=2))
+    objective = Objective(cfg)
+    study = run_search(cfg, objective, progress=False)
+    from flexisearch.export import export_study
+
+    with pytest.raises(UserError, match="no schedule met it"):
+        export_study(cfg, objective, study)
+    assert not (in_tmp / "runs" / "t" / "best.json").exists()
+
+
+def test_cli_errors_are_one_line(in_tmp, model_dir, capsys):
+    cases = [
+        (["search", "--space", str(in_tmp / "missing.yaml")], "search space file not found"),
+        (["search", "--space", str(write_space(in_tmp, in_tmp / "no-model", "nomodel.yaml"))], "not an embedded name"),
+        (["search", "--space", str(write_space(in_tmp, model_dir)), "--storage", "sqlite:////proc/nope/x.db"],
+         "cannot open"),
+        (["search", "--space", str(write_space(in_tmp, model_dir)), "--storage", "postgresql://u@127.0.0.1:1/db"],
+         "cannot open"),
+    ]
+    for argv, expect in cases:
+        assert main(argv + ["--quiet"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert expect in err and "\n" not in err, err
+
+
+def test_cli_search_two_workers(in_tmp, model_dir, capsys):
+    p = write_space(in_tmp, model_dir, n_trials=6)
+    assert main(["search", "--space", str(p), "--workers", "2", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "best.json" in out and "FLOPs saving" in out
+    study = optuna.load_study(study_name="t", storage="sqlite:///runs/t/study.db")
+    assert len([t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]) == 6
