@@ -27,7 +27,7 @@ def cmd_search(args: argparse.Namespace) -> None:
         from .ray_backend import run_ray_search
 
         objective = Objective(cfg, args.device)
-        study = run_ray_search(cfg, objective, address=args.address, config_path=args.space)
+        study = run_ray_search(cfg, objective, address=args.address)
     else:
         objective = Objective(cfg, args.device)
         if args.worker:

@@ -138,8 +138,25 @@ def check_resources(resources: dict[str, float]) -> None:
         raise UserError(f"resources {resources}: no node of the cluster has them (nodes have {have})")
 
 
-def run_ray_search(cfg: SearchConfig, objective: Objective, address: str | None = None,
-                   config_path: str | None = None) -> optuna.Study:
+def _tuner(cfg: SearchConfig, objective: Objective, study: optuna.Study, trainable: Any, name: str,
+           storage_path: str, num_samples: int) -> Any:
+    from ray import tune
+
+    multi = cfg.objective == "multi"
+    hib = objective.metric.higher_is_better
+    searcher = constrained_optuna_search(
+        space=_SpaceFn(objective), metric=["fraction", "quality"] if multi else "fraction",
+        mode=["min", "max" if hib else "min"] if multi else "min",
+        study_name=cfg.study, storage=study._storage, sampler=study.sampler, seed=cfg.seed)
+    return tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(search_alg=searcher, num_samples=num_samples,
+                                    max_concurrent_trials=cfg.max_concurrent, reuse_actors=True),
+        run_config=tune.RunConfig(name=name, storage_path=storage_path, verbose=0,
+                                  failure_config=tune.FailureConfig(max_failures=cfg.max_failures)))
+
+
+def run_ray_search(cfg: SearchConfig, objective: Objective, address: str | None = None) -> optuna.Study:
     """Run the search through Ray Tune; resumes an interrupted run from runs/<study>/ray."""
     import ray
     from ray import tune
@@ -148,31 +165,29 @@ def run_ray_search(cfg: SearchConfig, objective: Objective, address: str | None 
     study = seed_study(cfg, objective)  # created once, before any worker; the threshold family enqueued
     bound = objective.threshold(reference_quality(study, objective))
     study.set_user_attr("bound", bound)
-    done = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)))
     _init_ray(address, cfg)
     try:
         check_resources(cfg.resources)
         storage_path = str((run_dir(cfg) / "ray").resolve())
-        exp_path = os.path.join(storage_path, cfg.study)
         trainable = tune.with_resources(tune.with_parameters(_trainable, cfg_json=_config_json(cfg), bound=bound),
                                         {k: v for k, v in cfg.resources.items() if v})
-        if tune.Tuner.can_restore(exp_path):
-            tuner = tune.Tuner.restore(exp_path, trainable, resume_errored=True)
-        else:
-            multi = cfg.objective == "multi"
-            hib = objective.metric.higher_is_better
-            searcher = constrained_optuna_search(
-                space=_SpaceFn(objective), metric=["fraction", "quality"] if multi else "fraction",
-                mode=["min", "max" if hib else "min"] if multi else "min",
-                study_name=cfg.study, storage=study._storage, sampler=study.sampler, seed=cfg.seed)
-            tuner = tune.Tuner(
-                trainable,
-                tune_config=tune.TuneConfig(search_alg=searcher, num_samples=max(0, cfg.n_trials - done),
-                                            max_concurrent_trials=cfg.max_concurrent, reuse_actors=True),
-                run_config=tune.RunConfig(name=cfg.study, storage_path=storage_path, verbose=0,
-                                          failure_config=tune.FailureConfig(max_failures=cfg.max_failures)))
-        if cfg.n_trials - done > 0 or tune.Tuner.can_restore(exp_path):
-            tuner.fit()
+        # Round 0 resumes an interrupted run (Tuner.restore); later rounds top up trials that failed
+        # for good (e.g. their node died more often than FailureConfig allows).
+        for round_ in range(cfg.max_failures + 1):
+            name = cfg.study if round_ == 0 else f"{cfg.study}-topup{round_}"
+            exp_path = os.path.join(storage_path, name)
+            remaining = cfg.n_trials - len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)))
+            if tune.Tuner.can_restore(exp_path):
+                grid = tune.Tuner.restore(exp_path, trainable, resume_errored=True).fit()
+            elif remaining > 0:
+                grid = _tuner(cfg, objective, study, trainable, name, storage_path, remaining).fit()
+            else:
+                break
+            if grid.num_terminated + grid.num_errors < len(grid):  # Tune stopped early: Ctrl-C
+                raise KeyboardInterrupt
+            done = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)))
+            if grid.num_errors == 0 and done >= cfg.n_trials:
+                break
     finally:
         ray.shutdown()
     return open_study(cfg, objective.model.config.patch_sizes, objective.metric.higher_is_better)

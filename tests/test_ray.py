@@ -78,7 +78,7 @@ def test_search_uses_both_nodes_and_survives_losing_one(tmp_path, model_dir, clu
 
 
 def test_interrupted_run_resumes_without_repeating(tmp_path, model_dir):
-    p = space(tmp_path, model_dir, "resume", n_trials=6, samples=48, max_concurrent=1)
+    p = space(tmp_path, model_dir, "resume", n_trials=6, samples=256, max_concurrent=1)
     argv = ["search", "--backend", "ray", "--space", str(p), "--quiet"]
     proc = run_cli(tmp_path, argv)
     deadline = time.time() + 240
