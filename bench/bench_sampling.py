@@ -1,6 +1,6 @@
 """Wall-clock sampling time of static native, static weak and mixed schedules against their FLOPs.
 
-    python bench/bench_sampling.py [--model embedded:flexidit-mnist16-shared] [--repeats 3]
+    python bench/bench_sampling.py [--model embedded:flexidit-mnist16-lora] [--repeats 3]
 
 For each schedule and batch size: median seconds per batch, the measured speed-up over static
 native, the speed-up the FLOPs predict, and their ratio (1.0 = wall clock tracks FLOPs exactly).
@@ -23,7 +23,7 @@ from flexisearch.schedule import Schedule
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--model", default="embedded:flexidit-mnist16-shared")
+    ap.add_argument("--model", default="embedded:flexidit-mnist16-lora")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 64])
     ap.add_argument("--steps", type=int, default=20)

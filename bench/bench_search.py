@@ -76,7 +76,7 @@ def bench_default() -> None:
 
 
 def bench_samplers(budget: int = 80, repeats: int = 3) -> None:
-    cfg = load_search_config(None, {"study": "bench-samplers", "model": "embedded:flexidit-mnist16-shared",
+    cfg = load_search_config(None, {"study": "bench-samplers", "model": "embedded:flexidit-mnist16-lora",
                                     "space": {"type": "per_step", "num_steps": 8}, "metric": {"name": "fid", "relative": 0.1},
                                     "reference": {"num_steps": 8, "guidance_scale": 2.0}, "search_samples": 200,
                                     "sampler": "bruteforce"})

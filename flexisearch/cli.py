@@ -192,7 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("sample", help="sample a grid with a schedule and save a PNG")
     p.add_argument("--schedule", required=True)
-    p.add_argument("--model", default="embedded:flexidit-mnist16-shared")
+    p.add_argument("--model", default="embedded:flexidit-mnist16-lora")
     p.add_argument("--n", type=int, default=64)
     p.add_argument("--nrow", type=int, default=8)
     p.add_argument("--label", type=int)
@@ -206,7 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("flops", help="per-patch-size cost of a preset or model, and of a schedule")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--preset", help="e.g. DiT-XL/2")
-    g.add_argument("--model", default="embedded:flexidit-mnist16-shared")
+    g.add_argument("--model", default="embedded:flexidit-mnist16-lora")
     p.add_argument("--input-size", type=int, help="latent side for a preset (default 32 = 256 px)")
     p.add_argument("--schedule")
     p.set_defaults(fn=cmd_flops)

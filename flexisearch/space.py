@@ -82,7 +82,7 @@ class SearchConfig:
     """A whole search, as read from a YAML file."""
 
     study: str = "default"
-    model: str = "embedded:mnist16-shared"
+    model: str = "embedded:flexidit-mnist16-lora"
     space: SpaceConfig = field(default_factory=SpaceConfig)
     metric: MetricConfig = field(default_factory=MetricConfig)
     objective: str = "single"  # "single": min FLOPs s.t. the constraint; "multi": (FLOPs, quality)
