@@ -61,18 +61,20 @@ def test_search_uses_both_nodes_and_survives_losing_one(tmp_path, model_dir, clu
     c, worker = cluster
     p = space(tmp_path, model_dir, "two", n_trials=8, samples=48)
     proc = run_cli(tmp_path, ["search", "--backend", "ray", "--address", c.address, "--space", str(p), "--quiet"])
-    deadline = time.time() + 240
-    while len(completed(tmp_path, "two")) < 3 and time.time() < deadline and proc.poll() is None:
+    deadline = time.time() + 400
+    # wait until both nodes have finished trials, then take the second node away mid-search
+    while (len({t.user_attrs["node"] for t in completed(tmp_path, "two")}) < 2 and time.time() < deadline
+           and proc.poll() is None):
         time.sleep(0.5)
     before = {t.number: t.params for t in completed(tmp_path, "two")}
     nodes_before = {t.user_attrs["node"] for t in completed(tmp_path, "two")}
     c.remove_node(worker)  # the second node goes away, most likely in the middle of a trial
-    out, err = proc.communicate(timeout=240)
+    out, err = proc.communicate(timeout=400)
     assert proc.returncode == 0, err[-2000:]
     done = completed(tmp_path, "two")
     assert len(done) == 8
     assert all(before[t.number] == t.params for t in done if t.number in before)  # no completed trial lost
-    assert len(nodes_before | {t.user_attrs["node"] for t in done}) == 2  # trials ran on both nodes
+    assert len(nodes_before) == 2  # trials ran on both nodes
     assert (tmp_path / "runs" / "two" / "best.json").is_file() and "FLOPs saving" in out
     c.add_node(num_cpus=1)  # give the module's cluster its second node back
 
@@ -85,12 +87,12 @@ def test_interrupted_run_resumes_without_repeating(tmp_path, model_dir):
     while len(completed(tmp_path, "resume")) < 2 and time.time() < deadline and proc.poll() is None:
         time.sleep(0.5)
     proc.send_signal(signal.SIGINT)
-    proc.communicate(timeout=120)
+    proc.communicate(timeout=400)
     first = {t.number: t.params for t in completed(tmp_path, "resume")}
     assert 2 <= len(first) < 6
     assert (tmp_path / "runs" / "resume" / "ray" / "resume").is_dir()
     proc = run_cli(tmp_path, argv)
-    out, err = proc.communicate(timeout=240)
+    out, err = proc.communicate(timeout=400)
     assert proc.returncode == 0, err[-2000:]
     done = completed(tmp_path, "resume")
     assert len(done) == 6 and all(first[t.number] == t.params for t in done if t.number in first)
