@@ -82,8 +82,14 @@ def constrained_optuna_search(**kwargs: Any) -> Any:
     from ray.tune.search.optuna import OptunaSearch
 
     class ConstrainedOptunaSearch(OptunaSearch):
+        def on_trial_result(self, trial_id: str, result: dict) -> None:
+            pass  # a trial reports once, at its end: there are no intermediate values to prune on
+
         def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
             ot_trial = self._ot_trials.get(trial_id)
+            if ot_trial is not None and self._ot_study._storage.get_trial(ot_trial._trial_id).state.is_finished():
+                self._completed_trials.add(trial_id)  # told before an interruption; Tune re-ran it on restore
+                return
             if result and ot_trial is not None and trial_id not in self._completed_trials and "violation" in result:
                 ot_trial.set_constraint("quality", result["violation"])
                 ot_trial.set_user_attr("schedule", json.loads(result["schedule"]))

@@ -86,7 +86,7 @@ def test_interrupted_run_resumes_without_repeating(tmp_path, model_dir):
     deadline = time.time() + 240
     while len(completed(tmp_path, "resume")) < 2 and time.time() < deadline and proc.poll() is None:
         time.sleep(0.5)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signal.SIGKILL)  # a hard stop, as when the driver's machine is preempted
     proc.communicate(timeout=400)
     first = {t.number: t.params for t in completed(tmp_path, "resume")}
     assert 2 <= len(first) < 6
@@ -95,7 +95,10 @@ def test_interrupted_run_resumes_without_repeating(tmp_path, model_dir):
     out, err = proc.communicate(timeout=400)
     assert proc.returncode == 0, err[-2000:]
     done = completed(tmp_path, "resume")
-    assert len(done) == 6 and all(first[t.number] == t.params for t in done if t.number in first)
+    # Finished trials are kept and never re-run into the study; after a hard kill Tune's last experiment
+    # checkpoint can predate the trial in flight, which is then asked anew: at most one trial over budget.
+    assert 6 <= len(done) <= 7 and all(first[t.number] == t.params for t in done if t.number in first)
+    assert len({t.number for t in done}) == len(done)
 
 
 @pytest.mark.parametrize("address,expect", [
