@@ -15,6 +15,7 @@ import dataclasses
 import json
 import os
 import socket
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -124,6 +125,8 @@ def _init_ray(address: str | None, cfg: SearchConfig) -> None:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if address is None:
         tmp = Path(os.environ.get("RAY_TMPDIR") or (run_dir(cfg) / "ray_tmp")).resolve()
+        if len(str(tmp)) > 40:  # Ray's socket paths below it must fit in 107 bytes (AF_UNIX)
+            tmp = Path(tempfile.gettempdir()) / f"flexisearch-ray-{os.getuid()}"
         tmp.mkdir(parents=True, exist_ok=True)
         ray.init(include_dashboard=False, _temp_dir=str(tmp), log_to_driver=False, configure_logging=False)
         return
