@@ -11,10 +11,12 @@ import logging
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import optuna
+import sqlalchemy.exc
 from optuna.trial import TrialState
 
 from .errors import UserError
@@ -57,16 +59,23 @@ def open_study(cfg: SearchConfig, patch_sizes: tuple[int, ...], higher_is_better
     url = storage_url(cfg)
     directions = ["minimize"] if cfg.objective == "single" else ["minimize", "maximize" if higher_is_better else "minimize"]
     optuna.logging.set_verbosity(logging.WARNING)
-    try:
-        if url.startswith("sqlite:///"):
-            Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
-        storage = optuna.storages.RDBStorage(url, heartbeat_interval=60, grace_period=180,
-                                             heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2)) \
-            if url.startswith(("sqlite", "postgresql", "mysql")) else url
-        study = optuna.create_study(study_name=cfg.study, storage=storage, directions=directions,
-                                    sampler=make_sampler(cfg, patch_sizes), load_if_exists=True)
-    except Exception as e:  # bad URL, unreachable server, unwritable file: all user errors here
-        raise UserError(f"storage '{url}': cannot open ({str(e).splitlines()[0]})") from None
+    for attempt in range(3):
+        try:
+            if url.startswith("sqlite:///"):
+                Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+            storage = optuna.storages.RDBStorage(
+                url, heartbeat_interval=60, grace_period=180,
+                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2)) \
+                if url.startswith(("sqlite", "postgresql", "mysql")) else url
+            study = optuna.create_study(study_name=cfg.study, storage=storage, directions=directions,
+                                        sampler=make_sampler(cfg, patch_sizes), load_if_exists=True)
+            break
+        except sqlalchemy.exc.IntegrityError:  # another process created the same fresh storage at the same time
+            if attempt == 2:
+                raise UserError(f"storage '{url}': cannot open (other processes keep creating it)") from None
+            time.sleep(0.5)
+        except Exception as e:  # bad URL, unreachable server, unwritable file: all user errors here
+            raise UserError(f"storage '{url}': cannot open ({str(e).splitlines()[0]})") from None
     if [d.name.lower() for d in study.directions] != directions:
         raise UserError(f"storage '{url}': study '{cfg.study}' exists with other objectives; use another study name")
     return study

@@ -1,12 +1,14 @@
 """The Ray backend on a real two-node Ray cluster on this machine (a head and a second raylet process)."""
 
+import json
 import os
+import sqlite3
 import signal
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
-import optuna
 import pytest
 import yaml
 from conftest import random_flexidit
@@ -33,11 +35,24 @@ def space(tmp_path, model_dir, name, n_trials=6, samples=16, **over):
 
 
 def completed(tmp_path, name):
+    """Completed trials as (number, params, node), read from the SQLite file read-only: polling must never
+    create tables in a storage the search is creating at the same moment."""
+    db = tmp_path / "runs" / name / "study.db"
     try:
-        study = optuna.load_study(study_name=name, storage=f"sqlite:///{tmp_path}/runs/{name}/study.db")
-    except Exception:
+        con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+        rows = con.execute("SELECT t.trial_id, t.number FROM trials t JOIN studies s USING (study_id) "
+                           "WHERE s.study_name = ? AND t.state = 'COMPLETE'", (name,)).fetchall()
+        out = []
+        for trial_id, number in rows:
+            params = dict(con.execute("SELECT param_name, param_value FROM trial_params WHERE trial_id = ?",
+                                      (trial_id,)).fetchall())
+            node = con.execute("SELECT value_json FROM trial_user_attributes WHERE trial_id = ? AND key = 'node'",
+                               (trial_id,)).fetchone()
+            out.append(SimpleNamespace(number=number, params=params, node=node and json.loads(node[0])))
+        con.close()
+        return out
+    except sqlite3.Error:  # not created yet
         return []
-    return [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
 
 
 @pytest.fixture(scope="module")
@@ -63,11 +78,11 @@ def test_search_uses_both_nodes_and_survives_losing_one(tmp_path, model_dir, clu
     proc = run_cli(tmp_path, ["search", "--backend", "ray", "--address", c.address, "--space", str(p), "--quiet"])
     deadline = time.time() + 400
     # wait until both nodes have finished trials, then take the second node away mid-search
-    while (len({t.user_attrs["node"] for t in completed(tmp_path, "two")}) < 2 and time.time() < deadline
+    while (len({t.node for t in completed(tmp_path, "two")}) < 2 and time.time() < deadline
            and proc.poll() is None):
         time.sleep(0.5)
     before = {t.number: t.params for t in completed(tmp_path, "two")}
-    nodes_before = {t.user_attrs["node"] for t in completed(tmp_path, "two")}
+    nodes_before = {t.node for t in completed(tmp_path, "two")}
     c.remove_node(worker)  # the second node goes away, most likely in the middle of a trial
     out, err = proc.communicate(timeout=400)
     assert proc.returncode == 0, err[-2000:]
@@ -86,6 +101,7 @@ def test_interrupted_run_resumes_without_repeating(tmp_path, model_dir):
     deadline = time.time() + 240
     while len(completed(tmp_path, "resume")) < 2 and time.time() < deadline and proc.poll() is None:
         time.sleep(0.5)
+    assert proc.poll() is None, proc.communicate()[1][-2000:]  # still running: it must not have failed early
     proc.send_signal(signal.SIGKILL)  # a hard stop, as when the driver's machine is preempted
     proc.communicate(timeout=400)
     first = {t.number: t.params for t in completed(tmp_path, "resume")}

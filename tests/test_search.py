@@ -174,6 +174,27 @@ def test_cli_errors_are_one_line(in_tmp, model_dir, capsys):
         assert expect in err and "\n" not in err, err
 
 
+def test_storage_created_by_another_process_at_the_same_time(in_tmp, model_dir, monkeypatch):
+    """Two processes creating one fresh SQLite storage race on its version row; the loser opens it again."""
+    import sqlalchemy.exc
+
+    from flexisearch.search import open_study
+
+    cfg = load_search_config(write_space(in_tmp, model_dir))
+    real, calls = optuna.create_study, []
+
+    def racing(**kw):
+        calls.append(1)
+        if len(calls) == 1:
+            real(**kw)  # the other process wins the race ...
+            raise sqlalchemy.exc.IntegrityError("INSERT INTO alembic_version", {}, Exception("UNIQUE constraint"))
+        return real(**kw)
+
+    monkeypatch.setattr(optuna, "create_study", racing)
+    study = open_study(cfg, (2, 4), higher_is_better=False)
+    assert len(calls) == 2 and study.study_name == "t"
+
+
 def test_cli_search_two_workers(in_tmp, model_dir, capsys):
     p = write_space(in_tmp, model_dir, n_trials=6)
     assert main(["search", "--space", str(p), "--workers", "2", "--quiet"]) == 0
