@@ -101,7 +101,8 @@ def cmd_sample(args: argparse.Namespace) -> None:
     schedule.check_model(model.config, None if args.any_model else model.fingerprint(), args.schedule)
     labels = [i % model.config.num_classes for i in range(args.n)] if args.label is None else [args.label] * args.n
     images = sample(model, schedule, labels, list(range(args.seed, args.seed + args.n)), progress=not args.quiet)
-    save_grid(images, Path(args.out), nrow=args.nrow)
+    decode = getattr(model, "decode_images", None)  # latent models: pixels through their VAE
+    save_grid(decode(images) if decode is not None else images, Path(args.out), nrow=args.nrow)
     print(f"wrote {args.out}")
 
 

@@ -77,6 +77,8 @@ class DigitFeatureNet(nn.Module):
     Works at any image size divisible by 4 (16 for MNIST, 8 for sklearn digits).
     """
 
+    feature_batch_size = 1000  # images per forward when computing FID features
+
     def __init__(self, config: FeatureNetConfig | None = None):
         super().__init__()
         self.config = config = config or FeatureNetConfig()

@@ -40,13 +40,17 @@ class SampleSet:
 
 
 def resolve_model(spec: str, device: str | torch.device = "cpu") -> FlexiDiT:
-    """A FlexiDiT from 'embedded:<name>' (shipped assets) or a directory written by save_pretrained;
+    """A FlexiDiT from 'embedded:<name>' (shipped assets), 'dit:<hub id or DiTPipeline dir>' (latent,
+    with its VAE), or a directory written by save_pretrained or by `flexisearch convert`;
     text-to-image models (FlexiTextDiT) resolve through text_model."""
+    from .latent import load_dit, load_pipeline_transformer
     from .text_model import resolve_text_model
 
     text_model = resolve_text_model(spec, device)
     if text_model is not None:
         return text_model
+    if spec.startswith("dit:"):
+        return load_dit(spec.split(":", 1)[1], device)
     if spec.startswith("embedded:"):
         name = spec.split(":", 1)[1]
         path = ASSETS / name
@@ -58,8 +62,8 @@ def resolve_model(spec: str, device: str | torch.device = "cpu") -> FlexiDiT:
     if (path / "config.json").is_file():
         return FlexiDiT.from_pretrained(path, device)
     if (path / "transformer").is_dir():
-        return FlexiDiT.from_pretrained(path / "transformer", device)
-    raise UserError(f"model '{spec}': not an embedded name (embedded:<name>) or a FlexiDiT directory")
+        return load_pipeline_transformer(path, device)
+    raise UserError(f"model '{spec}': not an embedded name (embedded:<name>), dit:<hub id> or a FlexiDiT directory")
 
 
 class Objective:
@@ -73,6 +77,7 @@ class Objective:
         self.model = model if model is not None else resolve_model(cfg.model, self.device)
         mc = self.model.config
         self.fingerprint = self.model.fingerprint()
+        self.decode = getattr(self.model, "decode_images", None)  # latent models: VAE decode before any metric
         self.native = mc.patch_size
         if not mc.extra_patch_sizes:
             raise UserError(f"model '{cfg.model}' has no weak patch size: flexify it first (flexisearch train flexify)")
@@ -95,9 +100,11 @@ class Objective:
         self._native_samples: dict[str, torch.Tensor] = {}
 
     def samples(self, schedule: Schedule, sample_set: SampleSet, progress: bool = False) -> torch.Tensor:
-        return sample(self.model, schedule, list(sample_set.labels), list(sample_set.seeds),
-                      batch_size=self.cfg.batch_size, cache=self.cache if sample_set.name == "search" else None,
-                      cache_tag=f"{sample_set.name}|{self.fingerprint}", progress=progress)
+        """Images of a schedule on a sample set: a latent model's samples are decoded by its VAE."""
+        out = sample(self.model, schedule, list(sample_set.labels), list(sample_set.seeds),
+                     batch_size=self.cfg.batch_size, cache=self.cache if sample_set.name == "search" else None,
+                     cache_tag=f"{sample_set.name}|{self.fingerprint}", progress=progress)
+        return self.decode(out) if self.decode is not None else out
 
     def cost(self, schedule: Schedule) -> dict[str, float]:
         macs = flops.schedule_macs(self.model.config, schedule)

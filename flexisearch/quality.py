@@ -20,7 +20,7 @@ class FIDMetric:
 
     higher_is_better = False
 
-    def __init__(self, net: DigitFeatureNet, stats: ReferenceStats | None, name: str = "fid"):
+    def __init__(self, net: Any, stats: ReferenceStats | None, name: str = "fid"):
         self.net, self.stats, self.name = net, stats, name
         self.needs_native = stats is None  # fid_native: compare with the static native samples
 
@@ -38,6 +38,16 @@ class FIDMetric:
         return value, low, high
 
 
+def load_feature_net(spec: str | None) -> Any:
+    """The FID feature network: a DigitFeatureNet directory (default: the embedded one), or the FID
+    Inception-v3 ('fid-inception' downloads its weights when online; or a local .pth/.safetensors)."""
+    if spec and (spec == "fid-inception" or Path(spec).suffix in (".pth", ".pt", ".safetensors")):
+        from .inception import FIDInceptionV3
+
+        return FIDInceptionV3.from_pretrained(spec)
+    return DigitFeatureNet.from_pretrained(spec or ASSETS / "featnet")
+
+
 def load_metric(cfg: Any, model: Any) -> Any:
     """The metric a search config asks for, with the model's default feature network and statistics."""
     name = cfg.metric.name
@@ -45,11 +55,18 @@ def load_metric(cfg: Any, model: Any) -> Any:
         from .text_quality import load_clip_metric
 
         return load_clip_metric(cfg, model)
-    net = DigitFeatureNet.from_pretrained(cfg.feature_net or ASSETS / "featnet")
-    if net.config.image_size != model.config.input_size or net.config.in_channels != model.config.in_channels:
+    net = load_feature_net(cfg.feature_net).to(next(model.parameters()).device)
+    if net.config.image_size is not None and getattr(model, "decode_images", None) is None and (
+            net.config.image_size != model.config.input_size or net.config.in_channels != model.config.in_channels):
         raise UserError(f"feature network {cfg.feature_net or 'embedded featnet'} takes {net.config.in_channels}x"
                         f"{net.config.image_size}px images, the model makes {model.config.in_channels}x"
                         f"{model.config.input_size}px; give feature_net and reference_stats for this model")
     if name == "fid_native":
         return FIDMetric(net, None, "fid_native")
-    return FIDMetric(net, ReferenceStats.load(cfg.reference_stats or ASSETS / "ref_stats_mnist16"))
+    ref = cfg.reference_stats
+    if ref and str(ref).endswith(".npz"):
+        return FIDMetric(net, ReferenceStats.from_npz(ref, net.fingerprint()))
+    if not ref and cfg.feature_net:
+        raise UserError(f"metric fid with feature_net {cfg.feature_net}: give reference_stats for it "
+                        "(an .npz with mu and sigma, or a directory written by ReferenceStats.save)")
+    return FIDMetric(net, ReferenceStats.load(ref or ASSETS / "ref_stats_mnist16"))

@@ -96,7 +96,7 @@ class SearchConfig:
     seed: int = 0
     pareto_max: int = 6  # Pareto points re-scored on held-out seeds (cheapest first)
     reference_stats: str | None = None  # FID reference statistics (.npz or a stats directory); default: the model's
-    feature_net: str | None = None  # FID feature network directory; default: the model's
+    feature_net: str | None = None  # FID: a feature-net directory, fid-inception or its .pth; CLIP: a CLIP; default: the model's
     prompts: str | None = None  # text-to-image: prompt file (one caption per line)
     resources: dict = field(default_factory=lambda: {"cpu": 1, "gpu": 0})  # Ray backend, per trial
     max_concurrent: int = 2  # Ray backend

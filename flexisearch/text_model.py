@@ -369,12 +369,13 @@ def load_pixart(source: str, device: str | torch.device = "cpu", weak_patch_size
     """A diffusers PixArt-alpha pipeline (hub id or local directory with transformer/, and text_encoder/,
     tokenizer/, vae/ here or in PIXART_COMPONENTS) as a FlexiTextDiT with the weak sizes added by
     PI-resize (untrained: flexify before trusting them), a T5 prompt encoder (`encode_prompts`, used by
-    text_encoder.set_model_prompts) and a VAE decoder (`decode_images`, used by the CLIP metric).
+    text_encoder.set_model_prompts) and a VAE decoder (`decode_images`, applied by the Objective before any metric).
     Needs the weights locally or network access; the prompt table starts empty (set_model_prompts)."""
     from diffusers import AutoencoderKL, PixArtTransformer2DModel
     from transformers import AutoTokenizer, T5EncoderModel
 
     from .convert import from_diffusers_pixart
+    from .latent import VAEDecoder
 
     def component(cls: Any, sub: str) -> Any:
         for repo in (source, PIXART_COMPONENTS):
@@ -399,12 +400,7 @@ def load_pixart(source: str, device: str | torch.device = "cpu", weak_patch_size
         mask = tok["attention_mask"].to(device)
         return text_encoder(tok["input_ids"].to(device), attention_mask=mask)[0].float().cpu(), mask.float().cpu()
 
-    @torch.no_grad()
-    def decode_images(latents: torch.Tensor) -> torch.Tensor:
-        out = vae.decode(latents.to(device, vae.dtype) / vae.config.scaling_factor).sample
-        return out.float().clamp(-1, 1).cpu()
-
-    flexi.encode_prompts, flexi.decode_images = encode_prompts, decode_images
+    flexi.encode_prompts, flexi.decode_images = encode_prompts, VAEDecoder(vae)
     return flexi
 
 

@@ -12,8 +12,8 @@ set cycles over the search rows and the held-out set over the held-out rows (tex
 The CLIP model: `cfg.feature_net` if given (a directory saved by clip_model.save_clip, or a hub name
 torchmetrics knows, e.g. openai/clip-vit-large-patch14, which needs network access), else the
 embedded tiny digit CLIP (assets/text/clip). The score is torchmetrics' CLIPScore through its
-callable route: max(mean over samples of 100 * cos(image, caption), 0). Latent models are decoded
-to pixels first with the model's `decode_images` (set for PixArt by text_model's pixart loader).
+callable route: max(mean over samples of 100 * cos(image, caption), 0). It scores pixels: the
+Objective decodes a latent model's samples (PixArt) with its VAE first.
 """
 
 from __future__ import annotations
@@ -37,12 +37,10 @@ class CLIPMetric:
     higher_is_better = True
     needs_native = False
 
-    def __init__(self, captions: Sequence[str] | Any, clip: str | Path = DEFAULT_CLIP, decode: Any = None,
-                 batch_size: int = 256):
+    def __init__(self, captions: Sequence[str] | Any, clip: str | Path = DEFAULT_CLIP, batch_size: int = 256):
         # A text model (its prompt table is read at scoring time, so set_prompts after this is fine) or captions.
         self._source = captions if hasattr(captions, "captions") else list(captions)
         self.clip = str(clip)
-        self.decode = decode
         self.batch_size = batch_size
         if self.clip.startswith(HUB_PREFIXES):
             self._pair = None  # torchmetrics loads it by name (network or HF cache)
@@ -71,18 +69,13 @@ class CLIPMetric:
                             f"({len(self.captions)} rows, the last is the empty caption)")
         return [self.captions[y] for y in labels]
 
-    def _pixels(self, images: torch.Tensor) -> torch.Tensor:
-        if self.decode is not None:
-            images = self.decode(images)
-        return images
-
     def score(self, images: torch.Tensor, sample_set: Any, target: torch.Tensor | None = None) -> float:
         """torchmetrics CLIPScore of the images against their prompts."""
         prompts = self.prompts(sample_set)
         if len(prompts) != len(images):
             raise ValueError(f"{len(images)} images for {len(prompts)} prompts")
         metric = self._clip_score()
-        pixels = to_pixels(self._pixels(images))
+        pixels = to_pixels(images)
         for i in range(0, len(prompts), self.batch_size):
             metric.update(list(pixels[i:i + self.batch_size]), prompts[i:i + self.batch_size])
         return float(metric.compute())
@@ -91,7 +84,7 @@ class CLIPMetric:
         """100 * cos(image, prompt) for every sample (the mean of these, clamped at 0, is the score)."""
         if self._pair is None:
             raise UserError("metric clip: per-sample scores need a local CLIP directory (feature_net)")
-        return per_sample_scores(*self._pair, self._pixels(images), self.prompts(sample_set), self.batch_size)
+        return per_sample_scores(*self._pair, images, self.prompts(sample_set), self.batch_size)
 
     def score_with_ci(self, images: torch.Tensor, sample_set: Any, target: torch.Tensor | None, n_boot: int,
                       seed: int = 0) -> tuple[float, float, float]:
@@ -113,9 +106,8 @@ def load_clip_metric(cfg: Any, model: Any) -> CLIPMetric:
         raise UserError(f"metric clip needs a text-conditioned model; '{getattr(cfg, 'model', '?')}' is class-conditional "
                         "(use fid or fid_native)")
     clip = getattr(cfg, "feature_net", None) or DEFAULT_CLIP
-    decode = getattr(model, "decode_images", None)
-    metric = CLIPMetric(model, clip, decode)
-    if metric._pair is not None and decode is None:
+    metric = CLIPMetric(model, clip)
+    if metric._pair is not None and getattr(model, "decode_images", None) is None:
         vision = metric._pair[0].config.vision_config
         mc = model.config
         if vision.image_size != mc.input_size or vision.num_channels != mc.in_channels:

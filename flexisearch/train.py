@@ -40,7 +40,7 @@ class BaseTrainConfig:
     depth: int = 5
     num_heads: int = 4
     patch_size: int = 2
-    steps: int = 2400
+    steps: int = 4000
     batch_size: int = 128
     lr: float = 6e-4
     warmup: int = 100

@@ -9,8 +9,8 @@ import random
 import numpy as np
 import pytest
 import torch
-from conftest import random_flexidit
-from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline, DiTTransformer2DModel, DPMSolverMultistepScheduler
+from conftest import random_flexidit, tiny_dit_pipeline
+from diffusers import AutoencoderKL, DPMSolverMultistepScheduler
 from diffusers.utils.torch_utils import randn_tensor
 
 from flexisearch.cli import main
@@ -20,7 +20,6 @@ from flexisearch.sampler import make_scheduler, sample
 from flexisearch.schedule import Schedule
 
 LABELS, SEEDS = [0, 1, 2, 1, 3], [5, 6, 7, 8, 9]  # 3 = the null class of random_flexidit
-BETAS = {"num_train_timesteps": 1000, "beta_schedule": "linear", "beta_start": 0.0001, "beta_end": 0.02}
 
 
 def pixel_pipeline(prediction: str = "flow", learn_sigma: bool = False, solver: str = "euler") -> FlexiDiTPipeline:
@@ -239,27 +238,6 @@ def test_resample_examples():
 
 
 # ---- conversion of a diffusers DiTPipeline -----------------------------------------------------
-
-def tiny_dit_pipeline() -> DiTPipeline:
-    """DiT-XL-2-256's layout in miniature: learned sigma, 1000 classes (DiTPipeline's null id is 1000)."""
-    torch.manual_seed(0)
-    transformer = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8,
-                                        num_layers=2, sample_size=8, num_embeds_ada_norm=1000)
-    with torch.no_grad():
-        for p in transformer.parameters():
-            p.normal_(0, 0.2)
-    shared = transformer.transformer_blocks[0].norm1.emb.state_dict()
-    for block in transformer.transformer_blocks[1:]:  # one embedder, as in every real DiT checkpoint
-        block.norm1.emb.load_state_dict(shared)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",),
-                        up_block_types=("UpDecoderBlock2D",), block_out_channels=(8,), layers_per_block=1,
-                        latent_channels=4, norm_num_groups=4, sample_size=8)
-    # DDIM has no learned variance: DiTPipeline drops the sigma channels, and so does the FlexiDiT pipeline.
-    pipe = DiTPipeline(transformer.eval(), vae.eval(), DDIMScheduler(**BETAS))
-    pipe.register_to_config(id2label={"0": "tench, Tinca tinca", "1": "goldfish", "2": "white shark"})  # as on the Hub
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
 
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):

@@ -1,0 +1,114 @@
+"""Latent models: a tiny DiTPipeline in facebook/DiT-XL-2-256's layout loads as `dit:<dir>` and as a converted
+FlexiDiTPipeline directory, its samples reach the metric VAE-decoded, and ImageNet-style .npz FID statistics load."""
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from conftest import tiny_dit_pipeline
+
+from flexisearch.cli import main
+from flexisearch.errors import UserError
+from flexisearch.features import DigitFeatureNet, FeatureNetConfig
+from flexisearch.metrics import ReferenceStats, compute_reference_stats, fid_against_stats
+from flexisearch.objective import Objective, resolve_model
+from flexisearch.sampler import sample
+from flexisearch.space import load_search_config
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("latent")
+    original = tiny_dit_pipeline()
+    original.save_pretrained(root / "dit")
+    assert main(["convert", str(root / "dit"), str(root / "flexi"), "--weak", "4"]) == 0
+    torch.manual_seed(0)
+    net = DigitFeatureNet(FeatureNetConfig(image_size=8, in_channels=3, num_classes=3, widths=(8, 8, 8, 8),
+                                           feature_dim=8)).eval()
+    net.save_pretrained(root / "net")
+    stats = compute_reference_stats(net, torch.rand(64, 3, 8, 8) * 2 - 1, "random", "train")
+    stats.save(root / "stats")
+    np.savez(root / "stats.npz", mu=stats.mu.numpy(), sigma=stats.cov.numpy())
+    return root, original, net, stats
+
+
+def test_dit_spec_and_converted_pipeline_decode_with_the_checkpoint_vae(dirs):
+    root, original, _, _ = dirs
+    latents = torch.randn(3, 4, 8, 8)
+    with torch.no_grad():
+        want = original.vae.decode(latents / original.vae.config.scaling_factor).sample.clamp(-1, 1)
+    for spec in (f"dit:{root / 'dit'}", str(root / "flexi")):
+        model = resolve_model(spec)
+        assert model.config.patch_sizes == (2, 4) and model.config.in_channels == 4
+        assert torch.allclose(model.decode_images(latents), want, atol=1e-6)
+    assert resolve_model(f"dit:{root / 'dit'}").fingerprint() == resolve_model(str(root / "flexi")).fingerprint()
+
+
+def write_cfg(root, tmp_path, **over):
+    doc = {"study": "latent", "model": f"dit:{root / 'dit'}", "feature_net": str(root / "net"),
+           "reference_stats": str(root / "stats.npz"),
+           "space": {"type": "branch_threshold", "num_steps": 4, "solver": "ddim"},
+           "metric": {"name": "fid", "relative": 0.5}, "reference": {"num_steps": 4, "guidance_scale": 2.0, "solver": "ddim"},
+           "search_samples": 12, "heldout_samples": 12, "bootstrap": 10, "n_trials": 3, **over}
+    p = tmp_path / "latent.yaml"
+    p.write_text(yaml.safe_dump(doc))
+    return load_search_config(p)
+
+
+def test_objective_scores_decoded_pixels(dirs, tmp_path):
+    root, _, net, stats = dirs
+    objective = Objective(write_cfg(root, tmp_path))
+    s = objective.reference
+    images = objective.samples(s, objective.search_set)
+    latents = sample(objective.model, s, list(objective.search_set.labels), list(objective.search_set.seeds))
+    assert images.shape == (12, 3, 8, 8) and latents.shape == (12, 4, 8, 8)
+    assert torch.equal(images, objective.model.decode_images(latents))
+    assert objective.quality(s) == pytest.approx(fid_against_stats(net, images, stats), rel=1e-6)
+
+
+def test_npz_statistics_match_the_directory_format(dirs):
+    root, _, net, stats = dirs
+    images = torch.rand(20, 3, 8, 8) * 2 - 1
+    from_npz = ReferenceStats.from_npz(root / "stats.npz", net.fingerprint())
+    assert fid_against_stats(net, images, from_npz) == pytest.approx(fid_against_stats(net, images, stats), rel=1e-9)
+
+
+def test_bad_npz_and_unloadable_hub_id_are_one_line_errors(dirs, tmp_path):
+    root, _, net, _ = dirs
+    d = 8
+    cases = {
+        "missing.npz": None,
+        "nosigma.npz": {"mu": np.zeros(d)},
+        "shape.npz": {"mu": np.zeros(d), "sigma": np.zeros((d, d + 1))},
+        "nan.npz": {"mu": np.full(d, np.nan), "sigma": np.eye(d)},
+        "pickled.npz": {"mu": np.array([{"a": 1}], dtype=object), "sigma": np.eye(d)},
+    }
+    for name, arrays in cases.items():
+        if arrays is not None:
+            np.savez(tmp_path / name, **arrays)
+        with pytest.raises(UserError) as e:
+            ReferenceStats.from_npz(tmp_path / name, net.fingerprint())
+        assert name in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(UserError, match=r"dit:facebook/DiT-XL-2-256.*cannot load transformer/"):
+        resolve_model("dit:facebook/DiT-XL-2-256")  # offline in tests (HF_HUB_OFFLINE=1), not in the cache
+    with pytest.raises(UserError, match="give reference_stats"):
+        Objective(write_cfg(root, tmp_path, reference_stats=None))
+
+
+def test_fid_inception_features_and_npz_statistics_drive_the_search_metric(dirs, tmp_path):
+    """The FID Inception-v3 (random weights here; the real ones download when online) plugs into the metric."""
+    from flexisearch.inception import FIDInceptionV3
+    from flexisearch.metrics import extract_features
+
+    root, _, _, _ = dirs
+    torch.manual_seed(0)
+    net = FIDInceptionV3()
+    net.save_pretrained(tmp_path / "inception.safetensors")
+    feats = extract_features(net, torch.rand(24, 3, 8, 8) * 2 - 1).numpy()
+    np.savez(tmp_path / "imagenet.npz", mu=feats.mean(0), sigma=np.cov(feats, rowvar=False))
+    objective = Objective(write_cfg(root, tmp_path, feature_net=str(tmp_path / "inception.safetensors"),
+                                    reference_stats=str(tmp_path / "imagenet.npz")))
+    images = objective.samples(objective.reference, objective.search_set)
+    stats = ReferenceStats.from_npz(tmp_path / "imagenet.npz", net.fingerprint())
+    assert stats.mu.shape == (2048,)
+    assert objective.quality(objective.reference) == pytest.approx(fid_against_stats(net, images, stats), rel=1e-6)
