@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -63,10 +64,12 @@ def open_study(cfg: SearchConfig, patch_sizes: tuple[int, ...], higher_is_better
         try:
             if url.startswith("sqlite:///"):
                 Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
-            storage = optuna.storages.RDBStorage(
-                url, heartbeat_interval=60, grace_period=180,
-                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2)) \
-                if url.startswith(("sqlite", "postgresql", "mysql")) else url
+            with warnings.catch_warnings():  # Optuna 5 flags heartbeats experimental, on every run
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                storage = optuna.storages.RDBStorage(
+                    url, heartbeat_interval=60, grace_period=180,
+                    heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2)) \
+                    if url.startswith(("sqlite", "postgresql", "mysql")) else url
             study = optuna.create_study(study_name=cfg.study, storage=storage, directions=directions,
                                         sampler=make_sampler(cfg, patch_sizes), load_if_exists=True)
             break

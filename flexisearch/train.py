@@ -59,13 +59,14 @@ class FlexifyConfig:
     mode: str = "shared"  # "shared" or "lora"
     weak_patch_sizes: tuple[int, ...] = (4,)
     weak_prob: float = 0.5  # shared: chance that a sample trains at a weak size
-    steps: int = 300
+    steps: int = 400  # 10% of the default pretraining
     batch_size: int = 128
     lr: float = 2e-4
     new_layer_lr_mult: float = 10.0
     residual_init_std: float = 0.02
     lora_rank: int = 32
     class_dropout: float = 0.1
+    ema_decay: float = 0.99  # with warm-up; over a few hundred steps the warm-up (1+t)/(10+t) sets the decay
     seed: int = 0
     ckpt_every: int = 100
 
@@ -229,7 +230,8 @@ def train_base(config: BaseTrainConfig, out_dir: str | Path) -> FlexiDiT:
 
 
 def train_flexify(config: FlexifyConfig, out_dir: str | Path) -> FlexiDiT:
-    """Add the weak patch sizes to a pretrained model and fine-tune them (shared or lora); writes out_dir/model."""
+    """Add the weak patch sizes to a pretrained model and fine-tune them (shared or lora); writes out_dir/model
+    (EMA weights; with LoRA the frozen base is unchanged by the average) and out_dir/raw."""
     if config.mode not in ("shared", "lora"):
         raise UserError(f"flexify config: field 'mode' is {config.mode!r}, expected 'shared' or 'lora'")
     out_dir = Path(out_dir)
@@ -247,6 +249,9 @@ def train_flexify(config: FlexifyConfig, out_dir: str | Path) -> FlexiDiT:
     model = base.with_patch_sizes(config.weak_patch_sizes, init_std=config.residual_init_std,
                                   lora_rank=config.lora_rank if lora else 0, lora_alpha=float(config.lora_rank))
     model.train()
+    ema = FlexiDiT(model.config)
+    ema.load_state_dict(model.state_dict())
+    ema.requires_grad_(False)
     new = [p for n, p in model.named_parameters() if "residual" in n or "patch_size_embed" in n or "lora_" in n]
     new_ids = {id(p) for p in new}
     old = [p for p in model.parameters() if id(p) not in new_ids]
@@ -280,8 +285,9 @@ def train_flexify(config: FlexifyConfig, out_dir: str | Path) -> FlexiDiT:
 
     t0 = time.time()
     lr = config.lr if not lora else config.lr * config.new_layer_lr_mult
-    _loop(f"flexify-{config.mode}", out_dir, config, model, None, groups, loss_fn, config.steps, lr, warmup=20)
-    model.eval().save_pretrained(out_dir / "model")
+    _loop(f"flexify-{config.mode}", out_dir, config, model, ema, groups, loss_fn, config.steps, lr, warmup=20)
+    ema.eval().save_pretrained(out_dir / "model")
+    model.eval().save_pretrained(out_dir / "raw")
     atomic_write_json(out_dir / "train_info.json", {"kind": "flexify", "config": dataclasses.asdict(config),
                                                     "wall_s_last_session": round(time.time() - t0, 1)})
-    return model
+    return ema
