@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 
 from .errors import UserError
 from .model import PRESETS, FlexiDiT, FlexiDiTConfig
+from .weights import check_state
 
 if TYPE_CHECKING:  # importing diffusers takes seconds; only the diffusers paths need it
     from diffusers import DiTTransformer2DModel
@@ -32,16 +33,8 @@ def _load(config: FlexiDiTConfig, state: dict[str, torch.Tensor], source: str,
 
     names maps a FlexiDiT key to the checkpoint's own name for it, so errors quote the latter.
     """
-    names = names or {}
     model = FlexiDiT(config)
-    expected = model.state_dict()
-    for key in sorted(set(expected) ^ set(state), key=lambda k: names.get(k, k)):
-        where = "missing from" if key in expected else "unexpected in"
-        raise UserError(f"{source}: weight '{names.get(key, key)}' {where} the checkpoint for this config")
-    for key, value in state.items():
-        if value.shape != expected[key].shape:
-            raise UserError(f"{source}: weight '{names.get(key, key)}' has shape {tuple(value.shape)}, "
-                            f"config expects {tuple(expected[key].shape)}")
+    check_state(state, model.state_dict(), source, names)
     model.load_state_dict(state)
     return model.eval()
 

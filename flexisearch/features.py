@@ -8,7 +8,6 @@ assets (weights, config, model card, reference statistics of the real training i
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 import os
@@ -19,9 +18,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import nn
 
+from . import weights
 from .errors import UserError, atomic_write_bytes, atomic_write_json, read_json
 
 CONFIG_NAME = "config.json"
@@ -108,19 +107,11 @@ class DigitFeatureNet(nn.Module):
     # ---- weights in and out -------------------------------------------------------------
     def fingerprint(self) -> str:
         """Short content hash of config and weights: reference statistics record the net they belong to."""
-        hsh = hashlib.sha256(json.dumps(self.config.to_dict(), sort_keys=True).encode())
-        for name, tensor in sorted(self.state_dict().items()):
-            hsh.update(name.encode())
-            hsh.update(tensor.detach().to("cpu").contiguous().numpy().tobytes())
-        return hsh.hexdigest()[:16]
+        return weights.fingerprint(self.config.to_dict(), self.state_dict())
 
     def save_pretrained(self, directory: str | Path) -> None:
         directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-        tmp = directory / f".{WEIGHTS_NAME}.tmp"
-        save_file(tensors, str(tmp), metadata={"format": "pt"})
-        tmp.replace(directory / WEIGHTS_NAME)
+        weights.save_weights(directory / WEIGHTS_NAME, self.state_dict())
         atomic_write_json(directory / CONFIG_NAME, self.config.to_dict())
 
     @classmethod
@@ -129,21 +120,9 @@ class DigitFeatureNet(nn.Module):
         if not directory.is_dir():
             raise UserError(f"{directory}: feature net directory not found")
         cfg = FeatureNetConfig.from_dict(read_json(directory / CONFIG_NAME, "config.json"), str(directory / CONFIG_NAME))
-        weights = directory / WEIGHTS_NAME
-        if not weights.is_file():
-            raise UserError(f"{weights}: weights file not found")
-        try:
-            state = load_file(str(weights))
-        except Exception as e:  # safetensors raises its own error types for corrupt files
-            raise UserError(f"{weights}: not a valid safetensors file ({str(e).splitlines()[0]})") from None
+        state = weights.load_weights(directory / WEIGHTS_NAME)
         net = cls(cfg)
-        expected = net.state_dict()
-        for key in sorted(set(expected) ^ set(state)):
-            where = "missing from" if key in expected else "unexpected in"
-            raise UserError(f"{weights}: weight '{key}' {where} the checkpoint for this config")
-        for key, value in state.items():
-            if value.shape != expected[key].shape:
-                raise UserError(f"{weights}: weight '{key}' has shape {tuple(value.shape)}, config expects {tuple(expected[key].shape)}")
+        weights.check_state(state, net.state_dict(), str(directory / WEIGHTS_NAME))
         net.load_state_dict(state)
         return net.eval()
 

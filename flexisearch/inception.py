@@ -10,17 +10,15 @@ Features are the 2048-d global average pool after Mixed_7c ("pool3") of images r
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
+from . import weights
 from .errors import UserError
 
 FID_WEIGHTS_URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth"
@@ -250,11 +248,7 @@ class FIDInceptionV3(nn.Module):
         Computed once (the weights are frozen; load_state_dict recomputes it, in-place edits are not seen).
         """
         if self._fingerprint is None:
-            hsh = hashlib.sha256(json.dumps(self.config.to_dict(), sort_keys=True).encode())
-            for name, tensor in sorted(self.state_dict().items()):
-                hsh.update(name.encode())
-                hsh.update(tensor.detach().to("cpu").contiguous().numpy().tobytes())
-            self._fingerprint = hsh.hexdigest()[:16]
+            self._fingerprint = weights.fingerprint(self.config.to_dict(), self.state_dict())
         return self._fingerprint
 
     def save_pretrained(self, path: str | Path) -> None:
@@ -262,14 +256,7 @@ class FIDInceptionV3(nn.Module):
         path = Path(path)
         if path.suffix != ".safetensors":
             raise UserError(f"{path}: FID Inception weights are saved as a .safetensors file")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        try:
-            save_file(tensors, str(tmp), metadata={"format": "pt"})
-            tmp.replace(path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        weights.save_weights(path, self.state_dict())
 
     @classmethod
     def from_pretrained(cls, spec: str | Path, device: str | torch.device = "cpu") -> FIDInceptionV3:
@@ -312,18 +299,9 @@ def _checked_state(state: object, expected: dict[str, torch.Tensor], source: str
                                               for k, v in state.items()):
         raise UserError(f"{source}: expected a state dict of tensors (name -> tensor), got {type(state).__name__}")
     optional = {k: v for k, v in expected.items() if k.endswith(".num_batches_tracked") and k not in state}
-    missing = sorted(set(expected) - set(state) - set(optional))
-    if missing:
-        raise UserError(f"{source}: {len(missing)} FID Inception weight(s) missing, first '{missing[0]}'")
-    unexpected = sorted(set(state) - set(expected))
-    if unexpected:
-        raise UserError(f"{source}: {len(unexpected)} unexpected weight(s) for the FID Inception, "
-                        f"first '{unexpected[0]}'")
-    for key, value in sorted(state.items()):
-        if value.shape != expected[key].shape:
-            raise UserError(f"{source}: weight '{key}' has shape {tuple(value.shape)}, "
-                            f"expected {tuple(expected[key].shape)}")
-    return {**optional, **state}
+    state = {**optional, **state}
+    weights.check_state(state, expected, source)
+    return state
 
 
 __all__ = ["FID_WEIGHTS_URL", "FIDInceptionV3", "InceptionConfig"]

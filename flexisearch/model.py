@@ -9,15 +9,13 @@ at init) and optional per-size LoRA adapters on attention and MLP projections.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
+from . import weights
 from .errors import UserError, atomic_write_json, read_json
 from .layers import (
     Attention,
@@ -247,19 +245,11 @@ class FlexiDiT(nn.Module):
     # ---- weights in and out -------------------------------------------------------------
     def fingerprint(self) -> str:
         """Short content hash of config and weights: schedules record the model they were made for."""
-        hsh = hashlib.sha256(json.dumps(self.config.to_dict(), sort_keys=True).encode())
-        for name, tensor in sorted(self.state_dict().items()):
-            hsh.update(name.encode())
-            hsh.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
-        return hsh.hexdigest()[:16]
+        return weights.fingerprint(self.config.to_dict(), self.state_dict(), torch.float32)
 
     def save_pretrained(self, directory: str | Path) -> None:
         directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-        tmp = directory / f".{WEIGHTS_NAME}.tmp"
-        save_file(tensors, str(tmp), metadata={"format": "pt"})
-        tmp.replace(directory / WEIGHTS_NAME)
+        weights.save_weights(directory / WEIGHTS_NAME, self.state_dict())
         atomic_write_json(directory / CONFIG_NAME, self.config.to_dict())
 
     @classmethod
@@ -268,21 +258,9 @@ class FlexiDiT(nn.Module):
         if not directory.is_dir():
             raise UserError(f"{directory}: model directory not found")
         cfg = FlexiDiTConfig.from_dict(read_json(directory / CONFIG_NAME, "config.json"), str(directory / CONFIG_NAME))
-        weights = directory / WEIGHTS_NAME
-        if not weights.is_file():
-            raise UserError(f"{weights}: weights file not found")
+        state = weights.load_weights(directory / WEIGHTS_NAME)
         model = cls(cfg)
-        try:
-            state = load_file(str(weights))
-        except Exception as e:  # safetensors raises its own error types for corrupt files
-            raise UserError(f"{weights}: not a valid safetensors file ({e})") from None
-        expected = model.state_dict()
-        for key in sorted(set(expected) ^ set(state)):
-            where = "missing from" if key in expected else "unexpected in"
-            raise UserError(f"{weights}: weight '{key}' {where} the checkpoint for this config")
-        for key, value in state.items():
-            if value.shape != expected[key].shape:
-                raise UserError(f"{weights}: weight '{key}' has shape {tuple(value.shape)}, config expects {tuple(expected[key].shape)}")
+        weights.check_state(state, model.state_dict(), str(directory / WEIGHTS_NAME))
         model.load_state_dict(state)
         return model.to(device).eval()
 

@@ -37,9 +37,9 @@ from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import nn
 
+from . import weights
 from .errors import UserError, atomic_write_json, read_json
 from .layers import Attention, FlexiDeEmbed, FlexiPatchEmbed, Mlp, TimestepEmbedder, sincos_1d
 from .model import CONFIG_NAME, WEIGHTS_NAME, FlexiDiTConfig
@@ -303,21 +303,11 @@ class FlexiTextDiT(nn.Module):
     def fingerprint(self) -> str:
         """Content hash of the network (config and weights; not the prompt table, which is input data)."""
         cfg = {k: v for k, v in self.config.to_dict().items() if k not in _TABLE_FIELDS}
-        hsh = hashlib.sha256(json.dumps(cfg, sort_keys=True).encode())
-        for name, tensor in sorted(self.state_dict().items()):
-            if name in _TABLE_KEYS:
-                continue
-            hsh.update(name.encode())
-            hsh.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
-        return hsh.hexdigest()[:16]
+        return weights.fingerprint(cfg, self.state_dict(), torch.float32, skip=_TABLE_KEYS)
 
     def save_pretrained(self, directory: str | Path) -> None:
         directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-        tmp = directory / f".{WEIGHTS_NAME}.tmp"
-        save_file(tensors, str(tmp), metadata={"format": "pt"})
-        tmp.replace(directory / WEIGHTS_NAME)
+        weights.save_weights(directory / WEIGHTS_NAME, self.state_dict())
         atomic_write_json(directory / PROMPTS_NAME, {"captions": self.captions[:-1],
                                                      "num_search_prompts": self.config.num_search_prompts})
         atomic_write_json(directory / CONFIG_NAME, self.config.to_dict())
@@ -332,21 +322,9 @@ class FlexiTextDiT(nn.Module):
         captions = prompts.get("captions") if isinstance(prompts, dict) else None
         if not isinstance(captions, list) or len(captions) != cfg.num_classes or not all(isinstance(c, str) for c in captions):
             raise UserError(f"{directory / PROMPTS_NAME}: field 'captions' must list {cfg.num_classes} strings")
-        weights = directory / WEIGHTS_NAME
-        if not weights.is_file():
-            raise UserError(f"{weights}: weights file not found")
+        state = weights.load_weights(directory / WEIGHTS_NAME)
         model = cls(cfg, [*captions, ""])
-        try:
-            state = load_file(str(weights))
-        except Exception as e:  # safetensors raises its own error types for corrupt files
-            raise UserError(f"{weights}: not a valid safetensors file ({e})") from None
-        expected = model.state_dict()
-        for key in sorted(set(expected) ^ set(state)):
-            where = "missing from" if key in expected else "unexpected in"
-            raise UserError(f"{weights}: weight '{key}' {where} the checkpoint for this config")
-        for key, value in state.items():
-            if value.shape != expected[key].shape:
-                raise UserError(f"{weights}: weight '{key}' has shape {tuple(value.shape)}, config expects {tuple(expected[key].shape)}")
+        weights.check_state(state, model.state_dict(), str(directory / WEIGHTS_NAME))
         model.load_state_dict(state)
         return model.to(device).eval()
 
