@@ -171,12 +171,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--storage", help="Optuna storage URL (default sqlite:///runs/<study>/study.db)")
         p.add_argument("--device", default="cuda" if _cuda() else "cpu")
         p.add_argument("--quiet", action="store_true", help="no progress bars")
+        p.add_argument("--objective", choices=["single", "multi"], help="as the study was searched")
 
     p = sub.add_parser("search", help="search schedules (the main job); resumes an existing study")
     study_args(p)
     p.add_argument("--n-trials", type=int)
     p.add_argument("--sampler", choices=["tpe", "nsga2", "gp", "random", "bruteforce"])
-    p.add_argument("--objective", choices=["single", "multi"])
     p.add_argument("--workers", type=int, default=1, help="worker processes on this machine sharing the storage")
     p.add_argument("--backend", choices=["optuna", "ray"], default="optuna")
     p.add_argument("--address", help="Ray cluster address (auto or HOST:PORT); default: a local cluster")

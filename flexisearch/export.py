@@ -60,7 +60,8 @@ def export_study(cfg: SearchConfig, objective: Objective, study: optuna.Study, p
                         f"in {len(records)} trials (best {objective.metric.name}: "
                         f"{(max if hib else min)(r['quality'] for r in records):.4g})")
     out = run_dir(cfg)
-    front = pareto_front([r for r in records if r["feasible"]] or records, hib)[: cfg.pareto_max]
+    full_front = pareto_front([r for r in records if r["feasible"]] or records, hib)
+    front = full_front[: cfg.pareto_max]
     confirmed: dict[int, dict[str, Any]] = {}
     for r in [best] + front:
         if r["number"] not in confirmed:
@@ -85,7 +86,7 @@ def export_study(cfg: SearchConfig, objective: Objective, study: optuna.Study, p
                   "points": [_entry(objective, r, confirmed[r["number"]]) for r in front]}
     atomic_write_json(out / "best.json", best_doc)
     atomic_write_json(out / "pareto.json", pareto_doc)
-    plot_tradeoff(records, front, objective, out / "tradeoff.png")
+    plot_tradeoff(records, full_front, objective, bound, out / "tradeoff.png")
     plot_schedule(best["schedule"], out / "schedule.png")
     return best_doc
 
@@ -115,8 +116,10 @@ def _save_fig(fig: Any, path: Path) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
-def plot_tradeoff(records: list[dict[str, Any]], front: list[dict[str, Any]], objective: Objective, path: Path) -> None:
-    """Quality against FLOPs: all trials, the Pareto front, the threshold family, static native and weak."""
+def plot_tradeoff(records: list[dict[str, Any]], front: list[dict[str, Any]], objective: Objective, bound: float,
+                  path: Path) -> None:
+    """Quality against FLOPs: all trials, the Pareto front of the schedules meeting the bound, the bound,
+    the threshold family, static native and weak."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -127,6 +130,8 @@ def plot_tradeoff(records: list[dict[str, Any]], front: list[dict[str, Any]], ob
     fam = sorted((r for r in records if r["family"] == "threshold"), key=lambda r: r["fraction"])
     ax.plot([r["fraction"] for r in fam], [r["quality"] for r in fam], "o-", c="tab:blue", label="weak first k (paper)")
     ax.plot([r["fraction"] for r in front], [r["quality"] for r in front], "s-", c="tab:red", label="Pareto front")
+    op = ">=" if objective.metric.higher_is_better else "<="
+    ax.axhline(bound, ls="--", c="0.4", lw=1, label=f"bound: {objective.metric.name} {op} {bound:.4g}")
     for r in records:
         s = r["schedule"]
         if len(set(s.cond + s.uncond)) == 1 and s.num_steps == objective.reference.num_steps:
