@@ -1,12 +1,13 @@
 """Search benchmarks on the embedded default (issue 4).
 
-    python bench/bench_search.py default      # (a) + (c) + (d): the default search vs two baselines
+    python bench/bench_search.py default      # (a) + (c) + (d): the default search vs the baselines
     python bench/bench_search.py samplers     # (b): brute-force optimum vs TPE / GP / NSGA-II / random
 
 (a) FLOPs saving of the exported schedule against the best "weak for the first k steps" schedule and
     the cheapest static native schedule at any step count (at the reference guidance scale, and at
-    any guidance scale of the space), all under the default constraint, all confirmed on held-out seeds. (c) model calls saved by prefix reuse. (d) wall time and peak memory
-    of `flexisearch search` with no arguments (a fresh study).
+    any guidance scale of the space), all under the default constraint, all confirmed on held-out seeds.
+(c) model calls saved by prefix reuse. (d) wall time and peak memory of `flexisearch search` with
+    no arguments (a fresh study).
 (b) on `per_step` over 8 steps x 2 sizes (256 schedules): the constrained optimum found by brute
     force, and after how many trials each sampler first reaches it (quality is memoised per
     schedule, so every sampler sees the same numbers).
