@@ -257,7 +257,6 @@ def test_random_clip_loads_through_torchmetrics_callable(tmp_path):
     assert model.get_text_features(torch.tensor([[2, 4, 3]])).shape == (1, 16)  # tensors, not output objects
 
 
-@pytest.mark.skipif(not (CLIP_ASSET / "config.json").is_file(), reason="embedded CLIP not built")
 def test_shipped_clip_model_card():
     card = json.loads((CLIP_ASSET / "model_card.json").read_text())
     assert card["zero_shot_digit_accuracy"] >= 0.9
@@ -281,7 +280,6 @@ def _search_cfg(tmp_path, **over):
     return p, load_search_config(p)
 
 
-@pytest.mark.skipif(not (EMBEDDED / "config.json").is_file(), reason="embedded text model not built")
 def test_short_text_search_on_shipped_assets(tmp_path, monkeypatch):
     from flexisearch.export import export_study
     from flexisearch.objective import HELDOUT_SEED_BASE, Objective
@@ -304,15 +302,9 @@ def test_short_text_search_on_shipped_assets(tmp_path, monkeypatch):
     assert json.loads((tmp_path / "runs" / "text-t" / "best.json").read_text())["quality"]["metric"] == "clip"
 
 
-@pytest.mark.skipif(not (EMBEDDED / "config.json").is_file(), reason="embedded text model not built")
 def test_text_search_through_cli(tmp_path, monkeypatch):
     from flexisearch.cli import main
-    from flexisearch.objective import resolve_model
 
-    try:
-        resolve_model("embedded:text/flexidit-mnist16")
-    except UserError:
-        pytest.skip("objective.resolve_model has no text-model branch yet (integration pending)")
     monkeypatch.chdir(tmp_path)
     path, _ = _search_cfg(tmp_path)
     assert main(["search", "--space", str(path), "--quiet"]) == 0
