@@ -149,7 +149,41 @@ class FinalLayer(nn.Module):
         return self.deembed(modulate(self.norm_final(x), shift, scale), p, grid, grid)
 
 
-class FlexiDiT(nn.Module):
+class FlexibleSizes:
+    """What every flexible DiT shares: per-size LoRA on the blocks' projections, and growing new patch
+    sizes. A subclass has config, blocks, x_embedder, and says how to build an empty copy for a
+    config (_like) and where its de-embedding is (_deembed)."""
+
+    def _add_lora(self, key: str) -> None:
+        for block in self.blocks:
+            for lin in (block.attn.qkv, block.attn.proj, block.mlp.fc1, block.mlp.fc2):
+                lin.add_adapter(key, self.config.lora_rank, self.config.lora_alpha or self.config.lora_rank)
+
+    def with_patch_sizes(self, extra: tuple[int, ...], init_std: float = 0.0, lora_rank: int = 0,
+                         lora_alpha: float = 0.0):
+        """A copy that also supports the given larger patch sizes (and LoRA for them if lora_rank).
+
+        At init the native path is identical to this model, and a token of an upsampled patch at a
+        new size equals the native token of the original patch (PI-resize); init_std adds small
+        random weights in the directions the resize cannot reach.
+        """
+        cfg = dataclasses.replace(self.config,
+                                  extra_patch_sizes=tuple(sorted(set(self.config.extra_patch_sizes) | set(extra))),
+                                  lora_rank=lora_rank, lora_alpha=lora_alpha)
+        new = self._like(cfg)
+        _, unexpected = new.load_state_dict(self.state_dict(), strict=False)
+        if unexpected:
+            raise ValueError(f"unexpected weights when adding patch sizes: {unexpected[:3]}")
+        with torch.no_grad():
+            for p in extra:
+                if p in self.config.extra_patch_sizes:
+                    continue
+                new.x_embedder.add_patch_size(p, init_std)
+                new._deembed().add_patch_size(p, init_std)
+        return new.to(next(self.parameters()).device)
+
+
+class FlexiDiT(FlexibleSizes, nn.Module):
     """Class-conditional DiT; forward(x, t, y, patch_size) runs at any size in config.patch_sizes."""
 
     def __init__(self, config: FlexiDiTConfig):
@@ -200,32 +234,11 @@ class FlexiDiT(nn.Module):
     def null_class(self) -> int:
         return self.config.num_classes
 
-    def _add_lora(self, key: str) -> None:
-        for block in self.blocks:
-            for lin in (block.attn.qkv, block.attn.proj, block.mlp.fc1, block.mlp.fc2):
-                lin.add_adapter(key, self.config.lora_rank, self.config.lora_alpha or self.config.lora_rank)
+    def _like(self, config: FlexiDiTConfig) -> FlexiDiT:
+        return FlexiDiT(config)
 
-    def with_patch_sizes(self, extra: tuple[int, ...], init_std: float = 0.0, lora_rank: int = 0,
-                         lora_alpha: float = 0.0) -> FlexiDiT:
-        """A copy that also supports the given larger patch sizes (and LoRA for them if lora_rank).
-
-        At init the native path is identical to this model, and a token of an upsampled patch at a
-        new size equals the native token of the original patch (PI-resize); init_std adds small
-        random weights in the directions the resize cannot reach.
-        """
-        cfg = dataclasses.replace(self.config, extra_patch_sizes=tuple(sorted(set(self.config.extra_patch_sizes) | set(extra))),
-                                  lora_rank=lora_rank, lora_alpha=lora_alpha)
-        new = FlexiDiT(cfg)
-        missing, unexpected = new.load_state_dict(self.state_dict(), strict=False)
-        if unexpected:
-            raise ValueError(f"unexpected weights when adding patch sizes: {unexpected[:3]}")
-        with torch.no_grad():
-            for p in extra:
-                if p in self.config.extra_patch_sizes:
-                    continue
-                new.x_embedder.add_patch_size(p, init_std)
-                new.final_layer.deembed.add_patch_size(p, init_std)
-        return new.to(next(self.parameters()).device)
+    def _deembed(self) -> nn.Module:
+        return self.final_layer.deembed
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, patch_size: int | None = None) -> torch.Tensor:
         """x: (N, C, H, W), t: (N,) timesteps, y: (N,) labels (num_classes = null) -> (N, out_channels, H, W)."""

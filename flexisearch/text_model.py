@@ -42,7 +42,7 @@ from torch import nn
 from . import weights
 from .errors import UserError, atomic_write_json, read_json
 from .layers import Attention, FlexiDeEmbed, FlexiPatchEmbed, Mlp, TimestepEmbedder, sincos_1d
-from .model import CONFIG_NAME, WEIGHTS_NAME, FlexiDiTConfig
+from .model import CONFIG_NAME, WEIGHTS_NAME, FlexiDiTConfig, FlexibleSizes
 
 PROMPTS_NAME = "prompts.json"
 MASK_BIAS = -10000.0  # additive bias of a masked text token (diffusers' PixArt; never NaN, unlike -inf)
@@ -145,7 +145,7 @@ class TextDiTBlock(nn.Module):
         return x + gate_mlp * self.mlp(self.norm2(x) * (1 + scale_mlp) + shift_mlp, adapter)
 
 
-class FlexiTextDiT(nn.Module):
+class FlexiTextDiT(FlexibleSizes, nn.Module):
     """Text-conditioned FlexiDiT; forward(x, t, y, patch_size) with y indexing the prompt table."""
 
     is_text_model = True
@@ -246,28 +246,11 @@ class FlexiTextDiT(nn.Module):
         return hsh.hexdigest()[:16]
 
     # ---- forward ---------------------------------------------------------------------------
-    def _add_lora(self, key: str) -> None:
-        for block in self.blocks:
-            for lin in (block.attn.qkv, block.attn.proj, block.mlp.fc1, block.mlp.fc2):
-                lin.add_adapter(key, self.config.lora_rank, self.config.lora_alpha or self.config.lora_rank)
+    def _like(self, config: FlexiTextDiTConfig) -> FlexiTextDiT:
+        return FlexiTextDiT(config, self.captions)  # same prompt table
 
-    def with_patch_sizes(self, extra: tuple[int, ...], init_std: float = 0.0, lora_rank: int = 0,
-                         lora_alpha: float = 0.0) -> FlexiTextDiT:
-        """A copy that also runs at the given larger patch sizes (LoRA for them if lora_rank); see FlexiDiT."""
-        cfg = dataclasses.replace(self.config,
-                                  extra_patch_sizes=tuple(sorted(set(self.config.extra_patch_sizes) | set(extra))),
-                                  lora_rank=lora_rank, lora_alpha=lora_alpha)
-        new = FlexiTextDiT(cfg, self.captions)
-        _, unexpected = new.load_state_dict(self.state_dict(), strict=False)
-        if unexpected:
-            raise ValueError(f"unexpected weights when adding patch sizes: {unexpected[:3]}")
-        with torch.no_grad():
-            for p in extra:
-                if p in self.config.extra_patch_sizes:
-                    continue
-                new.x_embedder.add_patch_size(p, init_std)
-                new.deembed.add_patch_size(p, init_std)
-        return new.to(next(self.parameters()).device)
+    def _deembed(self) -> nn.Module:
+        return self.deembed
 
     def forward_text(self, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor | None,
                      patch_size: int | None = None) -> torch.Tensor:
