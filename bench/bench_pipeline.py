@@ -17,10 +17,10 @@ import time
 
 import torch
 
-from flexisearch.model import FlexiDiT, FlexiDiTConfig
-from flexisearch.pipeline import FlexiDiTPipeline
-from flexisearch.sampler import make_scheduler, sample
-from flexisearch.schedule import Schedule
+from flexisearch.models.dit import FlexiDiT, FlexiDiTConfig
+from flexisearch.sampling.generate import make_scheduler, sample
+from flexisearch.sampling.pipeline import FlexiDiTPipeline
+from flexisearch.sampling.schedule import Schedule
 
 
 def build(hidden: int, depth: int, size: int) -> FlexiDiT:

@@ -18,10 +18,10 @@ from pathlib import Path
 
 import torch
 
-from flexisearch.model import FlexiDiT, FlexiDiTConfig
-from flexisearch.objective import Objective
-from flexisearch.search import run_search
-from flexisearch.space import load_search_config
+from flexisearch.models.dit import FlexiDiT, FlexiDiTConfig
+from flexisearch.search.config import load_search_config
+from flexisearch.search.evaluate import Evaluator
+from flexisearch.search.optuna_backend import run_search
 
 
 def main() -> None:
@@ -42,15 +42,15 @@ def main() -> None:
                                    ("ray, 2 workers", "ray", 2)):
         study = name.replace(", ", "-").replace(" ", "")
         cfg = load_search_config(None, {**base, "study": study, "max_concurrent": workers})
-        objective = Objective(cfg)
-        objective.quality(objective.reference)  # reference sampled before timing, as in both backends' first step
+        evaluator = Evaluator(cfg)
+        evaluator.quality(evaluator.reference)  # reference sampled before timing, as in both backends' first step
         t0 = time.perf_counter()
         if backend == "ray":
-            from flexisearch.ray_backend import run_ray_search
+            from flexisearch.search.ray_backend import run_ray_search
 
-            run_ray_search(cfg, objective)
+            run_ray_search(cfg, evaluator)
         else:
-            run_search(cfg, objective, progress=False)
+            run_search(cfg, evaluator, progress=False)
         rows.append((name, time.perf_counter() - t0))
     print(f"# {args.trials} trials, {platform.machine()} with {os.cpu_count()} CPU cores, torch {torch.__version__}")
     print(f"{'backend':<22} {'wall s':>7} {'s/trial':>8} {'trials/hour':>11} {'overhead/trial vs optuna':>25}")

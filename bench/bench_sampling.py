@@ -15,10 +15,10 @@ import time
 
 import torch
 
-from flexisearch import flops
-from flexisearch.objective import resolve_model
-from flexisearch.sampler import sample
-from flexisearch.schedule import Schedule
+from flexisearch.models import flops
+from flexisearch.models.loading import load_model
+from flexisearch.sampling.generate import sample
+from flexisearch.sampling.schedule import Schedule
 
 
 def main() -> None:
@@ -30,7 +30,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--bf16", action="store_true", help="autocast to bfloat16 (CUDA)")
     args = ap.parse_args()
-    model = resolve_model(args.model, args.device)
+    model = load_model(args.model, args.device)
     cfg, n = model.config, args.steps
     native, weak = cfg.patch_size, max(cfg.extra_patch_sizes)
     kw = dict(guidance_scale=2.0, solver="euler", model=model.fingerprint())

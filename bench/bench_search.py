@@ -25,10 +25,10 @@ from pathlib import Path
 
 import optuna
 
-from flexisearch.objective import Objective
-from flexisearch.schedule import Schedule
-from flexisearch.search import make_sampler
-from flexisearch.space import load_search_config, schedule_from_trial
+from flexisearch.sampling.schedule import Schedule
+from flexisearch.search.config import load_search_config
+from flexisearch.search.evaluate import Evaluator
+from flexisearch.search.study import make_sampler
 
 
 def bench_default() -> None:
@@ -43,36 +43,36 @@ def bench_default() -> None:
         sys.exit(proc.stderr)
     best = json.loads((study_dir / "best.json").read_text())
     cfg = load_search_config("search_spaces/default.yaml", {"study": "bench-default"})
-    objective = Objective(cfg)
+    evaluator = Evaluator(cfg)
     bound = best["constraint"]["bound"]
-    ref = objective.reference
-    kw = dict(guidance_scale=ref.guidance_scale, solver=ref.solver, model=objective.fingerprint)
+    ref = evaluator.reference
+    kw = dict(guidance_scale=ref.guidance_scale, solver=ref.solver, model=evaluator.fingerprint)
     n = ref.num_steps
     # baseline 1: the paper's family at the reference settings, largest k meeting the same constraint
-    family = [Schedule.weak_first(k, n, objective.weak, objective.native, **kw) for k in range(n + 1)]
-    feasible = [s for s in family if objective.quality(s) <= bound]
-    best_k = min(feasible, key=lambda s: objective.cost(s)["fraction"])
+    family = [Schedule.weak_first(k, n, evaluator.weak, evaluator.native, **kw) for k in range(n + 1)]
+    feasible = [s for s in family if evaluator.quality(s) <= bound]
+    best_k = min(feasible, key=lambda s: evaluator.cost(s)["fraction"])
     # baseline 2: static native at any step count (reference guidance); 3: also at any guidance scale of the space
     scales = sorted(set(cfg.space.guidance_scale.enumerate()) | {ref.guidance_scale})
-    statics = {g: [Schedule.static(objective.native, m, **{**kw, "guidance_scale": g}) for m in range(1, n + 1)]
+    statics = {g: [Schedule.static(evaluator.native, m, **{**kw, "guidance_scale": g}) for m in range(1, n + 1)]
                for g in scales}
 
     def cheapest(schedules: list[Schedule]) -> Schedule:
-        return min((s for s in schedules if objective.quality(s) <= bound), key=lambda s: objective.cost(s)["fraction"])
+        return min((s for s in schedules if evaluator.quality(s) <= bound), key=lambda s: evaluator.cost(s)["fraction"])
 
     best_static = cheapest(statics[ref.guidance_scale])
     best_static_any = cheapest([s for g in scales for s in statics[g]])
     native = best["static_native"]["quality"]["heldout"]
     rows = [("searched (best.json)", Schedule.from_dict(best["schedule"]), best["quality"]["heldout"])]
-    rows += [("best weak-first-k", best_k, objective.confirm(best_k)),
-             ("cheapest static native", best_static, objective.confirm(best_static)),
-             ("... at any guidance", best_static_any, objective.confirm(best_static_any))]
+    rows += [("best weak-first-k", best_k, evaluator.confirm(best_k)),
+             ("cheapest static native", best_static, evaluator.confirm(best_static)),
+             ("... at any guidance", best_static_any, evaluator.confirm(best_static_any))]
     print(f"# default search: bound FID <= {bound:.3f} on {cfg.search_samples} search seeds; "
           f"held-out static native FID {native['value']:.3f} [{native['ci95'][0]:.3f}, {native['ci95'][1]:.3f}] "
           f"(n={native['n']})")
     print(f"{'schedule':<24} {'FLOPs':>6} {'saving':>7} {'held-out FID [95% CI]':>26} {'in native CI':>12}  description")
     for name, s, h in rows:
-        frac = objective.cost(s)["fraction"]
+        frac = evaluator.cost(s)["fraction"]
         inside = h["value"] <= native["ci95"][1]
         print(f"{name:<24} {frac:6.3f} {100 * (1 - frac):6.1f}% {h['value']:9.3f} [{h['ci95'][0]:6.3f}, {h['ci95'][1]:6.3f}] "
               f"{'yes' if inside else 'no':>12}  {s.num_steps} steps cfg {s.guidance_scale} {s.guidance_mode}: {s.describe()}")
@@ -88,29 +88,28 @@ def bench_samplers(budget: int = 80, repeats: int = 3) -> None:
                                     "space": {"type": "per_step", "num_steps": 8}, "metric": {"name": "fid", "relative": 0.1},
                                     "reference": {"num_steps": 8, "guidance_scale": 2.0}, "search_samples": 200,
                                     "sampler": "bruteforce"})
-    objective = Objective(cfg)
-    bound = objective.threshold(objective.quality(objective.reference))
-    mc = objective.model.config
+    evaluator = Evaluator(cfg)
+    bound = evaluator.threshold(evaluator.quality(evaluator.reference))
 
     def evaluate(trial: optuna.Trial) -> float:
-        s = schedule_from_trial(trial, cfg.space, objective.native, objective.weak, mc.patch_sizes, objective.fingerprint)
-        trial.set_constraint("quality", objective.violation(objective.quality(s), bound))
-        return objective.cost(s)["fraction"]
+        s = evaluator.space.suggest(trial)
+        trial.set_constraint("quality", evaluator.violation(evaluator.quality(s), bound))
+        return evaluator.cost(s)["fraction"]
 
     t0 = time.time()
-    brute = optuna.create_study(sampler=make_sampler(cfg, mc.patch_sizes))
+    brute = optuna.create_study(sampler=make_sampler(cfg, evaluator.space))
     brute.optimize(evaluate, n_trials=2**8)
     feasible = [t for t in brute.trials if all(v <= 0 for v in t.constraints.values())]
     optimum = min(t.values[0] for t in feasible)
     print(f"# per_step, 8 Euler steps x 2 patch sizes = 256 schedules, {cfg.search_samples} samples, FID <= {bound:.3f} "
           f"(static native + 10%): brute force {time.time() - t0:.0f} s, {len(feasible)} feasible, optimum FLOPs {optimum:.3f}; "
-          f"prefix reuse saved {objective.cache.calls_saved} of {objective.cache.calls_saved + objective.cache.calls_run} model calls")
+          f"prefix reuse saved {evaluator.cache.calls_saved} of {evaluator.cache.calls_saved + evaluator.cache.calls_run} model calls")
     print(f"{'sampler':<8} " + " ".join(f"{'seed ' + str(s):>8}" for s in range(repeats)) + f"  (trials to reach the optimum, budget {budget})")
     for name in ("tpe", "gp", "nsga2", "random"):
         hits = []
         for seed in range(repeats):
             c = load_search_config(None, {**{"sampler": name, "seed": seed, "n_trials": budget}})
-            study = optuna.create_study(sampler=make_sampler(c, mc.patch_sizes))
+            study = optuna.create_study(sampler=make_sampler(c, evaluator.space))
             study.optimize(evaluate, n_trials=budget)
             reached = [t.number + 1 for t in study.trials
                        if all(v <= 0 for v in t.constraints.values()) and t.values[0] <= optimum + 1e-12]

@@ -10,47 +10,33 @@ from pathlib import Path
 from .errors import UserError
 
 
-def _search_config(args: argparse.Namespace):
-    from .space import load_search_config
-
-    overrides = {k: getattr(args, k, None) for k in ("study", "n_trials", "sampler", "storage", "objective")}
-    return load_search_config(args.space, overrides)
+def _overrides(args: argparse.Namespace) -> dict:
+    return {k: getattr(args, k, None) for k in ("study", "n_trials", "sampler", "storage", "objective")}
 
 
 def cmd_search(args: argparse.Namespace) -> None:
-    from .export import export_study
-    from .objective import Objective
-    from .search import run_search, run_worker
+    from .search.run import load_config, search
 
-    cfg = _search_config(args)
-    if args.backend == "ray":
-        from .ray_backend import run_ray_search
+    if args.worker:
+        from .search.evaluate import Evaluator
+        from .search.optuna_backend import run_worker
 
-        objective = Objective(cfg, args.device)
-        study = run_ray_search(cfg, objective, address=args.address)
-    else:
-        objective = Objective(cfg, args.device)
-        if args.worker:
-            run_worker(cfg, objective, progress=False)
-            return
-        study = run_search(cfg, objective, workers=args.workers, config_path=args.space, progress=not args.quiet)
-    best = export_study(cfg, objective, study, progress=not args.quiet)
-    _print_summary(best)
+        cfg = load_config(args.space, **_overrides(args))
+        run_worker(cfg, Evaluator(cfg, args.device), progress=False)
+        return
+    result = search(args.space, device=args.device, backend=args.backend, workers=args.workers, address=args.address,
+                    progress=not args.quiet, **_overrides(args))
+    _print_summary(result.best)
 
 
 def cmd_export(args: argparse.Namespace) -> None:
-    from .export import export_study
-    from .objective import Objective
-    from .search import open_study
+    from .search.run import export
 
-    cfg = _search_config(args)
-    objective = Objective(cfg, args.device)
-    study = open_study(cfg, objective.model.config.patch_sizes, objective.metric.higher_is_better)
-    _print_summary(export_study(cfg, objective, study, progress=not args.quiet))
+    _print_summary(export(args.space, device=args.device, progress=not args.quiet, **_overrides(args)).best)
 
 
 def _print_summary(best: dict) -> None:
-    from .search import RUNS
+    from .search.config import RUNS
 
     q, c, ref = best["quality"], best["cost"], best["static_native"]["quality"]["heldout"]
     h = q["heldout"]
@@ -68,14 +54,14 @@ def _print_summary(best: dict) -> None:
 
 
 def _describe(d: dict) -> str:
-    from .schedule import Schedule
+    from .sampling.schedule import Schedule
 
     s = Schedule.from_dict(d)
     return f"{s.num_steps} {s.solver} steps, cfg {s.guidance_scale} ({s.guidance_mode}): {s.describe()}"
 
 
 def cmd_show(args: argparse.Namespace) -> None:
-    from .errors import read_json
+    from .files import read_json
 
     doc = read_json(args.path, "result file")
     if isinstance(doc, dict) and "points" in doc:
@@ -91,13 +77,13 @@ def cmd_show(args: argparse.Namespace) -> None:
 
 
 def cmd_sample(args: argparse.Namespace) -> None:
-    from .export import save_grid
-    from .objective import resolve_model
-    from .sampler import sample
-    from .schedule import Schedule
+    from .models.loading import load_model
+    from .sampling.generate import sample
+    from .sampling.schedule import Schedule
+    from .search.plots import save_grid
 
     schedule = Schedule.load(args.schedule)
-    model = resolve_model(args.model, args.device)
+    model = load_model(args.model, args.device)
     schedule.check_model(model.config, None if args.any_model else model.fingerprint(), args.schedule)
     labels = [i % model.config.num_classes for i in range(args.n)] if args.label is None else [args.label] * args.n
     images = sample(model, schedule, labels, list(range(args.seed, args.seed + args.n)), progress=not args.quiet)
@@ -107,10 +93,10 @@ def cmd_sample(args: argparse.Namespace) -> None:
 
 
 def cmd_flops(args: argparse.Namespace) -> None:
-    from . import flops
-    from .model import PRESETS
-    from .objective import resolve_model
-    from .schedule import Schedule
+    from .models import flops
+    from .models.dit import PRESETS
+    from .models.loading import load_model
+    from .sampling.schedule import Schedule
 
     if args.preset:
         if args.preset not in PRESETS:
@@ -123,7 +109,7 @@ def cmd_flops(args: argparse.Namespace) -> None:
         p = config.patch_size
         config = dataclasses.replace(config, extra_patch_sizes=tuple(q for q in (2 * p, 4 * p) if config.input_size % q == 0))
     else:
-        config = resolve_model(args.model).config
+        config = load_model(args.model).config
     print(f"{'patch':>5}  {'tokens':>6}  {'MACs':>10}  {'FLOPs':>10}  {'vs native':>9}")
     native = flops.forward_macs(config, config.patch_size)
     for p in config.patch_sizes:
@@ -140,13 +126,14 @@ def cmd_flops(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from .train import BaseTrainConfig, FlexifyConfig, config_from_json, train_base, train_flexify
+    from .training.dit import BaseTrainConfig, FlexifyConfig, train_base, train_flexify
+    from .training.loop import read_config
 
     if args.what == "base":
-        cfg = config_from_json(BaseTrainConfig, args.config, {"steps": args.steps, "data": args.data, "seed": args.seed})
+        cfg = read_config(BaseTrainConfig, args.config, {"steps": args.steps, "data": args.data, "seed": args.seed})
         train_base(cfg, args.out)
     else:
-        cfg = config_from_json(FlexifyConfig, args.config, {"steps": args.steps, "data": args.data, "seed": args.seed,
+        cfg = read_config(FlexifyConfig, args.config, {"steps": args.steps, "data": args.data, "seed": args.seed,
                                                             "base": args.base, "mode": args.mode})
         if not cfg.base:
             raise UserError("flexify: --base (a pretrained model directory) is required")
@@ -155,7 +142,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_convert(args: argparse.Namespace) -> None:
-    from .pipeline import convert_dit_pipeline
+    from .sampling.pipeline import convert_dit_pipeline
 
     convert_dit_pipeline(args.src, args.dst, tuple(args.weak))
     print(f"wrote {args.dst} (FlexiDiT pipeline, weak patch sizes {args.weak}: untrained until flexified)")

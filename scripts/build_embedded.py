@@ -19,18 +19,22 @@ import time
 from pathlib import Path
 
 import torch
-
-from flexisearch import flops
-from flexisearch.data import load_mnist
-from flexisearch.errors import atomic_write_bytes, atomic_write_json
-from flexisearch.export import save_grid
 from flexisearch.features import DigitFeatureNet
-from flexisearch.metrics import ReferenceStats, classifier_accuracy, fid_against_stats
-from flexisearch.model import FlexiDiT
-from flexisearch.objective import ASSETS, SampleSet
-from flexisearch.sampler import TrajectoryCache, sample
-from flexisearch.schedule import Schedule
-from flexisearch.train import FlexifyConfig, train_flexify
+
+from flexisearch.data.images import load_mnist
+from flexisearch.files import ASSETS, atomic_write_bytes, atomic_write_json
+from flexisearch.metrics.fid import (
+    ReferenceStats,
+    classifier_accuracy,
+    fid_against_stats,
+)
+from flexisearch.models import flops
+from flexisearch.models.dit import FlexiDiT
+from flexisearch.sampling.generate import TrajectoryCache, sample
+from flexisearch.sampling.schedule import Schedule
+from flexisearch.search.plots import save_grid
+from flexisearch.search.sample_sets import SampleSet
+from flexisearch.training.dit import FlexifyConfig, train_flexify
 
 STEPS, CFG_SCALE, N = 20, 2.0, 1000
 

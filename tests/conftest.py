@@ -16,7 +16,7 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 def random_flexidit(prediction: str = "flow", learn_sigma: bool = False, size: int = 8, extra: tuple = (4,),
                     lora_rank: int = 0, seed: int = 0):
     """A tiny FlexiDiT with all weights random (nothing zero-initialised), with weak sizes added."""
-    from flexisearch.model import FlexiDiT, FlexiDiTConfig
+    from flexisearch.models.dit import FlexiDiT, FlexiDiTConfig
 
     torch.manual_seed(seed)
     m = FlexiDiT(FlexiDiTConfig(input_size=size, in_channels=1, hidden_size=32, depth=2, num_heads=2, num_classes=3,
@@ -35,7 +35,12 @@ def tiny_model():
 def tiny_dit_pipeline():
     """DiT-XL-2-256's layout in miniature: learned sigma, 1000 classes (DiTPipeline's null id is 1000), 4-channel
     8x8 latents, a one-block VAE (8x8 images, no downsampling), DDIM with the DiT betas."""
-    from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline, DiTTransformer2DModel
+    from diffusers import (
+        AutoencoderKL,
+        DDIMScheduler,
+        DiTPipeline,
+        DiTTransformer2DModel,
+    )
 
     torch.manual_seed(0)
     transformer = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8,

@@ -14,7 +14,8 @@ from diffusers.models.embeddings import LabelEmbedding
 from safetensors.torch import save_file
 from torch import nn
 
-from flexisearch.convert import (
+from flexisearch.errors import UserError
+from flexisearch.models.convert import (
     from_diffusers_dit,
     from_original_state_dict,
     infer_original_config,
@@ -22,8 +23,7 @@ from flexisearch.convert import (
     read_checkpoint,
     to_diffusers_dit,
 )
-from flexisearch.errors import UserError
-from flexisearch.model import FlexiDiT, FlexiDiTConfig
+from flexisearch.models.dit import FlexiDiT, FlexiDiTConfig
 
 NUM_CLASSES = 5
 TOL = 1e-5

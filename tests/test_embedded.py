@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from flexisearch.model import FlexiDiT
-from flexisearch.objective import resolve_model
+from flexisearch.models.dit import FlexiDiT
+from flexisearch.models.loading import load_model
 
 ASSETS = Path(__file__).resolve().parent.parent / "flexisearch" / "assets"
 MODELS = ["dit-mnist16-base", "flexidit-mnist16-shared", "flexidit-mnist16-lora"]
@@ -31,7 +31,7 @@ def test_assets_fit_the_size_budget():
 
 def test_lora_flexify_kept_the_native_path_of_the_base():
     base = FlexiDiT.from_pretrained(ASSETS / "dit-mnist16-base")
-    lora = resolve_model("embedded:flexidit-mnist16-lora")
+    lora = load_model("embedded:flexidit-mnist16-lora")
     x, t, y = torch.randn(4, 1, 16, 16), torch.tensor([999.0, 500.0, 10.0, 0.0]), torch.tensor([0, 3, 9, 10])
     with torch.no_grad():
         assert torch.equal(base(x, t, y), lora(x, t, y, 2))
@@ -42,4 +42,4 @@ def test_unknown_embedded_name_is_a_clear_error():
     from flexisearch.errors import UserError
 
     with pytest.raises(UserError, match="no embedded model 'nope'.*flexidit-mnist16-lora"):
-        resolve_model("embedded:nope")
+        load_model("embedded:nope")

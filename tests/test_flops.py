@@ -9,8 +9,15 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from flexisearch.flops import breakdown_macs, format_count, forward_flops, forward_macs, schedule_macs, tokens
-from flexisearch.model import PRESETS, FlexiDiT, FlexiDiTConfig
+from flexisearch.models.dit import PRESETS, FlexiDiT, FlexiDiTConfig
+from flexisearch.models.flops import (
+    breakdown_macs,
+    format_count,
+    forward_flops,
+    forward_macs,
+    schedule_macs,
+    tokens,
+)
 
 CONFIGS = {
     "tiny": FlexiDiTConfig(input_size=8, in_channels=4, hidden_size=16, depth=2, num_heads=2, num_classes=5),
@@ -105,7 +112,7 @@ def test_format_count() -> None:
 
 
 def test_schedule_macs_sums_steps_and_branches():
-    from flexisearch.schedule import Schedule
+    from flexisearch.sampling.schedule import Schedule
 
     cfg = FlexiDiTConfig(input_size=16, in_channels=1, hidden_size=64, depth=2, num_heads=2, num_classes=10,
                          learn_sigma=False, prediction="flow", extra_patch_sizes=(4,))

@@ -9,7 +9,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from flexisearch.errors import UserError
-from flexisearch.inception import FID_WEIGHTS_URL, FIDInceptionV3, InceptionConfig
+from flexisearch.metrics.inception import (
+    FID_WEIGHTS_URL,
+    FIDInceptionV3,
+    InceptionConfig,
+)
 
 # Counted layer by layer from torchvision's block definitions: 27,161,264 for torchvision's Inception3
 # (1000 classes, with the auxiliary head); the auxiliary head is conv0 768*128 + BN 2*128, conv1

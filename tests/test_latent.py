@@ -9,11 +9,16 @@ from conftest import tiny_dit_pipeline
 
 from flexisearch.cli import main
 from flexisearch.errors import UserError
-from flexisearch.features import DigitFeatureNet, FeatureNetConfig
-from flexisearch.metrics import ReferenceStats, compute_reference_stats, fid_against_stats
-from flexisearch.objective import Objective, resolve_model
-from flexisearch.sampler import sample
-from flexisearch.space import load_search_config
+from flexisearch.metrics.featnet import DigitFeatureNet, FeatureNetConfig
+from flexisearch.metrics.fid import (
+    ReferenceStats,
+    compute_reference_stats,
+    fid_against_stats,
+)
+from flexisearch.models.loading import load_model
+from flexisearch.sampling.generate import sample
+from flexisearch.search.config import load_search_config
+from flexisearch.search.evaluate import Evaluator
 
 
 @pytest.fixture(scope="module")
@@ -38,10 +43,10 @@ def test_dit_spec_and_converted_pipeline_decode_with_the_checkpoint_vae(dirs):
     with torch.no_grad():
         want = original.vae.decode(latents / original.vae.config.scaling_factor).sample.clamp(-1, 1)
     for spec in (f"dit:{root / 'dit'}", str(root / "flexi")):
-        model = resolve_model(spec)
+        model = load_model(spec)
         assert model.config.patch_sizes == (2, 4) and model.config.in_channels == 4
         assert torch.allclose(model.decode_images(latents), want, atol=1e-6)
-    assert resolve_model(f"dit:{root / 'dit'}").fingerprint() == resolve_model(str(root / "flexi")).fingerprint()
+    assert load_model(f"dit:{root / 'dit'}").fingerprint() == load_model(str(root / "flexi")).fingerprint()
 
 
 def write_cfg(root, tmp_path, **over):
@@ -57,13 +62,13 @@ def write_cfg(root, tmp_path, **over):
 
 def test_objective_scores_decoded_pixels(dirs, tmp_path):
     root, _, net, stats = dirs
-    objective = Objective(write_cfg(root, tmp_path))
-    s = objective.reference
-    images = objective.samples(s, objective.search_set)
-    latents = sample(objective.model, s, list(objective.search_set.labels), list(objective.search_set.seeds))
+    evaluator = Evaluator(write_cfg(root, tmp_path))
+    s = evaluator.reference
+    images = evaluator.samples(s, evaluator.search_set)
+    latents = sample(evaluator.model, s, list(evaluator.search_set.labels), list(evaluator.search_set.seeds))
     assert images.shape == (12, 3, 8, 8) and latents.shape == (12, 4, 8, 8)
-    assert torch.equal(images, objective.model.decode_images(latents))
-    assert objective.quality(s) == pytest.approx(fid_against_stats(net, images, stats), rel=1e-6)
+    assert torch.equal(images, evaluator.model.decode_images(latents))
+    assert evaluator.quality(s) == pytest.approx(fid_against_stats(net, images, stats), rel=1e-6)
 
 
 def test_npz_statistics_match_the_directory_format(dirs):
@@ -90,15 +95,15 @@ def test_bad_npz_and_unloadable_hub_id_are_one_line_errors(dirs, tmp_path):
             ReferenceStats.from_npz(tmp_path / name, net.fingerprint())
         assert name in str(e.value) and "\n" not in str(e.value)
     with pytest.raises(UserError, match=r"dit:facebook/DiT-XL-2-256.*cannot load transformer/"):
-        resolve_model("dit:facebook/DiT-XL-2-256")  # offline in tests (HF_HUB_OFFLINE=1), not in the cache
+        load_model("dit:facebook/DiT-XL-2-256")  # offline in tests (HF_HUB_OFFLINE=1), not in the cache
     with pytest.raises(UserError, match="give reference_stats"):
-        Objective(write_cfg(root, tmp_path, reference_stats=None))
+        Evaluator(write_cfg(root, tmp_path, reference_stats=None))
 
 
 def test_fid_inception_features_and_npz_statistics_drive_the_search_metric(dirs, tmp_path):
     """The FID Inception-v3 (random weights here; the real ones download when online) plugs into the metric."""
-    from flexisearch.inception import FIDInceptionV3
-    from flexisearch.metrics import extract_features
+    from flexisearch.metrics.fid import extract_features
+    from flexisearch.metrics.inception import FIDInceptionV3
 
     root, _, _, _ = dirs
     torch.manual_seed(0)
@@ -106,9 +111,9 @@ def test_fid_inception_features_and_npz_statistics_drive_the_search_metric(dirs,
     net.save_pretrained(tmp_path / "inception.safetensors")
     feats = extract_features(net, torch.rand(24, 3, 8, 8) * 2 - 1).numpy()
     np.savez(tmp_path / "imagenet.npz", mu=feats.mean(0), sigma=np.cov(feats, rowvar=False))
-    objective = Objective(write_cfg(root, tmp_path, feature_net=str(tmp_path / "inception.safetensors"),
+    evaluator = Evaluator(write_cfg(root, tmp_path, feature_net=str(tmp_path / "inception.safetensors"),
                                     reference_stats=str(tmp_path / "imagenet.npz")))
-    images = objective.samples(objective.reference, objective.search_set)
+    images = evaluator.samples(evaluator.reference, evaluator.search_set)
     stats = ReferenceStats.from_npz(tmp_path / "imagenet.npz", net.fingerprint())
     assert stats.mu.shape == (2048,)
-    assert objective.quality(objective.reference) == pytest.approx(fid_against_stats(net, images, stats), rel=1e-6)
+    assert evaluator.quality(evaluator.reference) == pytest.approx(fid_against_stats(net, images, stats), rel=1e-6)

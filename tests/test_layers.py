@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 from diffusers.models.embeddings import get_timestep_embedding
 
-from flexisearch.layers import (
+from flexisearch.models.dit import FlexiDiT, FlexiDiTConfig
+from flexisearch.models.layers import (
     FlexiDeEmbed,
     FlexiPatchEmbed,
     pi_resize_matrix,
@@ -18,7 +19,6 @@ from flexisearch.layers import (
     sincos_2d,
     timestep_embedding,
 )
-from flexisearch.model import FlexiDiT, FlexiDiTConfig
 
 NATIVE, WEAK = 2, 4
 

@@ -15,9 +15,9 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from flexisearch.cli import main
 from flexisearch.errors import UserError
-from flexisearch.pipeline import FlexiDiTPipeline, convert_dit_pipeline
-from flexisearch.sampler import make_scheduler, sample
-from flexisearch.schedule import Schedule
+from flexisearch.sampling.generate import make_scheduler, sample
+from flexisearch.sampling.pipeline import FlexiDiTPipeline, convert_dit_pipeline
+from flexisearch.sampling.schedule import Schedule
 
 LABELS, SEEDS = [0, 1, 2, 1, 3], [5, 6, 7, 8, 9]  # 3 = the null class of random_flexidit
 
@@ -74,7 +74,7 @@ def test_save_load_round_trip(tmp_path):
     s = schedule_for(pipe, "ddpm")
     pipe.save_pretrained(tmp_path / "p")
     index = json.loads((tmp_path / "p" / "model_index.json").read_text())
-    assert index["transformer"] == ["flexisearch.model", "FlexiDiT"] and index["vae"] == [None, None]
+    assert index["transformer"] == ["flexisearch.models.dit", "FlexiDiT"] and index["vae"] == [None, None]
     back = FlexiDiTPipeline.from_pretrained(tmp_path / "p")
     back.set_progress_bar_config(disable=True)
     assert back.model_fingerprint() == pipe.model_fingerprint()

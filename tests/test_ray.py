@@ -2,8 +2,8 @@
 
 import json
 import os
-import sqlite3
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -14,7 +14,6 @@ import yaml
 from conftest import random_flexidit
 
 from flexisearch.cli import main
-
 
 
 @pytest.fixture(scope="module")

@@ -2,8 +2,13 @@ import pytest
 import torch
 from conftest import random_flexidit
 
-from flexisearch.sampler import TrajectoryCache, guided_output, make_scheduler, sample
-from flexisearch.schedule import Schedule
+from flexisearch.sampling.generate import (
+    TrajectoryCache,
+    guided_output,
+    make_scheduler,
+    sample,
+)
+from flexisearch.sampling.schedule import Schedule
 
 SOLVERS = [("flow", False, "euler"), ("flow", False, "dpm++"), ("epsilon", True, "ddpm"), ("epsilon", False, "ddim"),
            ("epsilon", True, "dpm++")]

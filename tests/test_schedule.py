@@ -3,7 +3,7 @@ import json
 import pytest
 
 from flexisearch.errors import UserError
-from flexisearch.schedule import Schedule
+from flexisearch.sampling.schedule import Schedule
 
 KW = dict(guidance_scale=2.0, solver="euler", model="abc123")
 

@@ -9,10 +9,11 @@ from conftest import random_flexidit
 
 from flexisearch.cli import main
 from flexisearch.errors import UserError
-from flexisearch.objective import Objective
-from flexisearch.schedule import Schedule
-from flexisearch.search import run_search
-from flexisearch.space import SPACE_TYPES, load_search_config, schedule_from_trial
+from flexisearch.sampling.schedule import Schedule
+from flexisearch.search.config import load_search_config
+from flexisearch.search.evaluate import Evaluator
+from flexisearch.search.optuna_backend import run_search
+from flexisearch.search.spaces import SPACES, make_space
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +68,7 @@ def test_shipped_spaces_validate():
         assert load_search_config(p).n_trials > 0
 
 
-@pytest.mark.parametrize("space_type", SPACE_TYPES)
+@pytest.mark.parametrize("space_type", SPACES)
 def test_every_space_type_builds_valid_schedules(space_type):
     cfg = load_search_config(None, {"space": {"type": space_type, "num_steps": [6, 8], "segments": 3,
                                               "branches": "separate", "guidance_scale": {"low": 1.0, "high": 3.0}}})
@@ -75,7 +76,7 @@ def test_every_space_type_builds_valid_schedules(space_type):
     seen = set()
     for _ in range(30):
         trial = study.ask()
-        s = schedule_from_trial(trial, cfg.space, 2, 4, (2, 4), "fp")
+        s = make_space(cfg.space, 2, 4, (2, 4), "fp").suggest(trial)
         assert s.num_steps in (6, 8) and set(s.cond + s.uncond) <= {2, 4} and 1.0 <= s.guidance_scale <= 3.0
         if space_type in ("threshold", "branch_threshold"):  # weak first, then native
             assert list(s.cond) == sorted(s.cond, reverse=True) and list(s.uncond) == sorted(s.uncond, reverse=True)
@@ -88,16 +89,16 @@ def test_every_space_type_builds_valid_schedules(space_type):
 
 def test_search_exports_best_and_pareto(in_tmp, model_dir):
     cfg = load_search_config(write_space(in_tmp, model_dir))
-    objective = Objective(cfg)
-    study = run_search(cfg, objective, progress=False)
-    from flexisearch.export import export_study
+    evaluator = Evaluator(cfg)
+    study = run_search(cfg, evaluator, progress=False)
+    from flexisearch.search.export import export_study
 
-    best = export_study(cfg, objective, study)
+    best = export_study(cfg, evaluator, study)
     out = in_tmp / "runs" / "t"
     doc = json.loads((out / "best.json").read_text())
     assert doc == json.loads(json.dumps(best))
     s = Schedule.from_dict(doc["schedule"])
-    s.check_model(objective.model.config, objective.fingerprint)
+    s.check_model(evaluator.model.config, evaluator.fingerprint)
     # the exported schedule is the cheapest feasible trial, and its held-out numbers come with an interval
     trials = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     feasible = [t for t in trials if all(v <= 0 for v in t.constraints.values())]
@@ -117,12 +118,12 @@ def test_search_exports_best_and_pareto(in_tmp, model_dir):
 
 def test_resume_runs_only_the_missing_trials(in_tmp, model_dir):
     cfg = load_search_config(write_space(in_tmp, model_dir, n_trials=3))
-    objective = Objective(cfg)
-    first = [t.params for t in run_search(cfg, objective, progress=False).trials
+    evaluator = Evaluator(cfg)
+    first = [t.params for t in run_search(cfg, evaluator, progress=False).trials
              if t.state == optuna.trial.TrialState.COMPLETE]
     assert len(first) == 3
     cfg5 = load_search_config(write_space(in_tmp, model_dir, n_trials=5))
-    study = run_search(cfg5, Objective(cfg5), progress=False)
+    study = run_search(cfg5, Evaluator(cfg5), progress=False)
     done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     assert len(done) == 5 and [t.params for t in done[:3]] == first
 
@@ -130,32 +131,32 @@ def test_resume_runs_only_the_missing_trials(in_tmp, model_dir):
 @pytest.mark.parametrize("sampler", ["tpe", "nsga2", "gp", "random"])
 def test_samplers_run(in_tmp, model_dir, sampler):
     cfg = load_search_config(write_space(in_tmp, model_dir, n_trials=3, sampler=sampler, study=sampler))
-    study = run_search(cfg, Objective(cfg), progress=False)
+    study = run_search(cfg, Evaluator(cfg), progress=False)
     assert len([t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]) == 3
 
 
 def test_bruteforce_enumerates_a_small_space(in_tmp, model_dir):
     cfg = load_search_config(write_space(in_tmp, model_dir, sampler="bruteforce", n_trials=8,
                                          space={"type": "per_step", "num_steps": 3}))
-    study = run_search(cfg, Objective(cfg), progress=False)
+    study = run_search(cfg, Evaluator(cfg), progress=False)
     schedules = {tuple(t.user_attrs["schedule"]["cond"]) for t in study.trials}
     assert len(schedules) == 8  # every per-step choice of 2 sizes over 3 steps
 
 
 def test_multi_objective_front(in_tmp, model_dir):
     cfg = load_search_config(write_space(in_tmp, model_dir, objective="multi", n_trials=5))
-    study = run_search(cfg, Objective(cfg), progress=False)
+    study = run_search(cfg, Evaluator(cfg), progress=False)
     assert len(study.directions) == 2 and len(study.best_trials) >= 1
 
 
 def test_unmeetable_constraint(in_tmp, model_dir):
     cfg = load_search_config(write_space(in_tmp, model_dir, metric={"name": "fid", "max": 0.001}, n_trials=2))
-    objective = Objective(cfg)
-    study = run_search(cfg, objective, progress=False)
-    from flexisearch.export import export_study
+    evaluator = Evaluator(cfg)
+    study = run_search(cfg, evaluator, progress=False)
+    from flexisearch.search.export import export_study
 
     with pytest.raises(UserError, match="no schedule met it"):
-        export_study(cfg, objective, study)
+        export_study(cfg, evaluator, study)
     assert not (in_tmp / "runs" / "t" / "best.json").exists()
 
 
@@ -178,7 +179,7 @@ def test_storage_created_by_another_process_at_the_same_time(in_tmp, model_dir, 
     """Two processes creating one fresh SQLite storage race on its version row; the loser opens it again."""
     import sqlalchemy.exc
 
-    from flexisearch.search import open_study
+    from flexisearch.search.study import open_study
 
     cfg = load_search_config(write_space(in_tmp, model_dir))
     real, calls = optuna.create_study, []
@@ -191,7 +192,7 @@ def test_storage_created_by_another_process_at_the_same_time(in_tmp, model_dir, 
         return real(**kw)
 
     monkeypatch.setattr(optuna, "create_study", racing)
-    study = open_study(cfg, (2, 4), higher_is_better=False)
+    study = open_study(cfg, Evaluator(cfg))
     assert len(calls) == 2 and study.study_name == "t"
 
 

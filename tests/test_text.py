@@ -13,7 +13,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from flexisearch.captions import (
+from flexisearch.data.captions import (
     DIGITS,
     caption_text,
     captions_for,
@@ -24,8 +24,10 @@ from flexisearch.captions import (
     shipped_thresholds,
 )
 from flexisearch.errors import UserError
-from flexisearch.flops import breakdown_macs, forward_flops
-from flexisearch.text_model import FlexiTextDiT, FlexiTextDiTConfig, load_model_dir, sample_sets
+from flexisearch.models.flops import breakdown_macs, forward_flops
+from flexisearch.models.loading import load_model_dir
+from flexisearch.models.text_dit import FlexiTextDiT, FlexiTextDiTConfig
+from flexisearch.search.sample_sets import text_sample_sets
 
 ASSETS = Path(__file__).resolve().parent.parent / "flexisearch" / "assets"
 EMBEDDED = ASSETS / "text" / "flexidit-mnist16"
@@ -65,7 +67,7 @@ def tiny_pixart(interpolation_scale, learned_sigma: bool = True, seed: int = 0):
 @pytest.mark.parametrize("interpolation_scale", [None, 0.5, 2])
 @pytest.mark.parametrize("learned_sigma", [True, False])
 def test_pixart_conversion_is_exact_at_native(interpolation_scale, learned_sigma):
-    from flexisearch.convert import from_diffusers_pixart
+    from flexisearch.models.convert import from_diffusers_pixart
 
     ref = tiny_pixart(interpolation_scale, learned_sigma)
     flexi = from_diffusers_pixart(ref, text_len=5)
@@ -89,7 +91,7 @@ def test_pixart_conversion_is_exact_at_native(interpolation_scale, learned_sigma
 def test_pixart_conversion_refuses_additional_conditions():
     from diffusers import PixArtTransformer2DModel
 
-    from flexisearch.convert import from_diffusers_pixart
+    from flexisearch.models.convert import from_diffusers_pixart
 
     m = PixArtTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8,
                                  num_layers=1, sample_size=8, cross_attention_dim=16, caption_channels=12,
@@ -142,7 +144,7 @@ def test_measurements_follow_the_pixels():
 
 
 def test_captions_are_deterministic_and_match_shipped_thresholds():
-    from flexisearch.data import load_mnist
+    from flexisearch.data.images import load_mnist
 
     images, labels = load_mnist(16, "train")
     th = fit_thresholds(images, labels)
@@ -181,7 +183,7 @@ def test_prompt_table_interface_and_roundtrip(tmp_path):
     m = tiny_text_model(lora_rank=4)
     assert m.null_class == m.config.num_classes == 5
     assert m.prompt_rows("search") == [0, 1, 2] and m.prompt_rows("heldout") == [3, 4]
-    search, held = sample_sets(m, 7, 4, 1_000_000)
+    search, held = text_sample_sets(m, 7, 4)
     assert search.labels == (0, 1, 2, 0, 1, 2, 0) and held.labels == (3, 4, 3, 4) and held.seeds[0] == 1_000_000
     m.save_pretrained(tmp_path / "m")
     back = load_model_dir(tmp_path / "m")
@@ -198,7 +200,7 @@ def test_prompt_table_interface_and_roundtrip(tmp_path):
 
 
 def test_lora_flexify_keeps_native_bit_identical_and_cross_attention_frozen():
-    from flexisearch.train import flow_pair
+    from flexisearch.training.loop import flow_pair
 
     base = tiny_text_model(extra=())
     model = base.with_patch_sizes((4,), init_std=0.02, lora_rank=4, lora_alpha=4.0)
@@ -216,7 +218,7 @@ def test_lora_flexify_keeps_native_bit_identical_and_cross_attention_frozen():
         native_before, weak_before = model(x, t, y, 2), model(x, t, y, 4)
     opt = torch.optim.AdamW(new, lr=1e-2)
     gen = torch.Generator().manual_seed(0)
-    for _ in range(3):  # the distillation step of text_model.train_text_flexify
+    for _ in range(3):  # the distillation step of training.text_dit.train_text_flexify
         xt, tt, _ = flow_pair(torch.randn(8, 1, 16, 16), gen)
         yy = torch.randint(0, 6, (8,), generator=gen)
         with torch.no_grad():
@@ -241,7 +243,13 @@ def test_random_clip_loads_through_torchmetrics_callable(tmp_path):
     from torchmetrics.multimodal.clip_score import CLIPScore
     from transformers import CLIPModel
 
-    from flexisearch.clip_model import build_tokenizer, load_clip, per_sample_scores, save_clip, tiny_clip_config
+    from flexisearch.metrics.tiny_clip import (
+        build_tokenizer,
+        load_clip,
+        per_sample_scores,
+        save_clip,
+        tiny_clip_config,
+    )
 
     torch.manual_seed(0)
     save_clip(CLIPModel(tiny_clip_config(len(build_tokenizer()), hidden=32, layers=1, heads=2, projection_dim=16)),
@@ -268,7 +276,7 @@ def test_shipped_clip_model_card():
 def _search_cfg(tmp_path, **over):
     import yaml
 
-    from flexisearch.space import load_search_config
+    from flexisearch.search.config import load_search_config
 
     doc = {"study": "text-t", "model": "embedded:text/flexidit-mnist16",
            "space": {"type": "threshold", "num_steps": 6, "guidance_scale": 2.0},
@@ -281,22 +289,18 @@ def _search_cfg(tmp_path, **over):
 
 
 def test_short_text_search_on_shipped_assets(tmp_path, monkeypatch):
-    from flexisearch.export import export_study
-    from flexisearch.objective import HELDOUT_SEED_BASE, Objective
-    from flexisearch.search import run_search
-    from flexisearch.text_model import resolve_text_model, search_sample_sets
+    from flexisearch.search.evaluate import Evaluator
+    from flexisearch.search.export import export_study
+    from flexisearch.search.optuna_backend import run_search
 
     monkeypatch.chdir(tmp_path)
     _, cfg = _search_cfg(tmp_path)
-    model = resolve_text_model(cfg.model)
-    objective = Objective(cfg, model=model)
-    # Until Objective does it itself: search and held-out prompts are distinct rows of the table.
-    objective.search_set, objective.heldout_set = search_sample_sets(model, cfg, HELDOUT_SEED_BASE)
-    search_rows, held_rows = set(objective.search_set.labels), set(objective.heldout_set.labels)
+    evaluator = Evaluator(cfg)
+    search_rows, held_rows = set(evaluator.search_set.labels), set(evaluator.heldout_set.labels)
     assert search_rows and held_rows and not search_rows & held_rows
-    assert objective.metric.name == "clip" and objective.metric.higher_is_better
-    study = run_search(cfg, objective, progress=False)
-    best = export_study(cfg, objective, study)
+    assert evaluator.metric.name == "clip" and evaluator.metric.higher_is_better
+    study = run_search(cfg, evaluator, progress=False)
+    best = export_study(cfg, evaluator, study)
     value, (low, high) = best["quality"]["heldout"]["value"], best["quality"]["heldout"]["ci95"]
     assert low <= value <= high and best["cost"]["fraction_of_static_native"] <= 1.0
     assert json.loads((tmp_path / "runs" / "text-t" / "best.json").read_text())["quality"]["metric"] == "clip"
@@ -314,8 +318,8 @@ def test_text_search_through_cli(tmp_path, monkeypatch):
 def test_clip_metric_refuses_class_models():
     from conftest import random_flexidit
 
-    from flexisearch.space import load_search_config
-    from flexisearch.text_quality import load_clip_metric
+    from flexisearch.metrics.clip import load_clip_metric
+    from flexisearch.search.config import load_search_config
 
     cfg = load_search_config(None, {"metric": {"name": "clip", "relative": 0.05}})
     with pytest.raises(UserError, match="text-conditioned"):
@@ -323,7 +327,7 @@ def test_clip_metric_refuses_class_models():
 
 
 def test_shipped_text_spaces_validate():
-    from flexisearch.space import load_search_config
+    from flexisearch.search.config import load_search_config
 
     root = Path(__file__).resolve().parent.parent / "search_spaces"
     for name in ("text-default.yaml", "pixart-alpha-256.yaml"):

@@ -5,8 +5,14 @@ import torch
 
 from flexisearch.cli import main
 from flexisearch.errors import UserError
-from flexisearch.model import FlexiDiT
-from flexisearch.train import BaseTrainConfig, FlexifyConfig, config_from_json, train_base, train_flexify
+from flexisearch.models.dit import FlexiDiT
+from flexisearch.training.dit import (
+    BaseTrainConfig,
+    FlexifyConfig,
+    train_base,
+    train_flexify,
+)
+from flexisearch.training.loop import read_config
 
 TINY = dict(data="digits8", image_size=8, hidden_size=32, depth=2, num_heads=2, batch_size=32, ckpt_every=10, lr=2e-3)
 
@@ -34,7 +40,7 @@ def test_resume_continues_where_it_stopped(tmp_path):
     cfg = BaseTrainConfig(steps=20, warmup=5, **TINY)
     train_base(cfg, tmp_path / "a")
     # a run stopped after 10 steps, then resumed, ends with the same weights as the uninterrupted run
-    import flexisearch.train as tr
+    import flexisearch.training.loop as tr
 
     class Stop(Exception):
         pass
@@ -94,10 +100,10 @@ def test_bad_inputs_are_one_line_errors(base_dir, tmp_path, capsys):
                   "config expects"))
     bad_cfg = tmp_path / "bad.json"
     bad_cfg.write_text(json.dumps({"stepz": 3}))
-    cases.append((["train", "base", "--out", str(tmp_path / "z"), "--config", str(bad_cfg)], "unknown field 'stepz'"))
+    cases.append((["train", "base", "--out", str(tmp_path / "z"), "--config", str(bad_cfg)], "unknown key 'stepz'"))
     bad_cfg2 = tmp_path / "bad2.json"
     bad_cfg2.write_text(json.dumps({"steps": "many"}))
-    cases.append((["train", "base", "--out", str(tmp_path / "z"), "--config", str(bad_cfg2)], "field 'steps'"))
+    cases.append((["train", "base", "--out", str(tmp_path / "z"), "--config", str(bad_cfg2)], "key 'steps'"))
     for argv, expect in cases:
         assert main(argv) == 2
         err = capsys.readouterr().err.strip()
@@ -113,7 +119,7 @@ def test_resume_with_another_config_is_refused(base_dir, tmp_path):
 def test_config_from_json_types(tmp_path):
     p = tmp_path / "c.json"
     p.write_text(json.dumps({"steps": 5, "lr": 1}))
-    cfg = config_from_json(BaseTrainConfig, p, {"seed": 3})
+    cfg = read_config(BaseTrainConfig, p, {"seed": 3})
     assert cfg.steps == 5 and cfg.lr == 1.0 and cfg.seed == 3
     with pytest.raises(UserError, match="not found"):
-        config_from_json(BaseTrainConfig, tmp_path / "missing.json", {})
+        read_config(BaseTrainConfig, tmp_path / "missing.json", {})

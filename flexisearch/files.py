@@ -1,0 +1,157 @@
+"""Files on disk: the one atomic writer, JSON and safetensors I/O, content fingerprints, the assets path,
+and `Pretrained`, the one save_pretrained / from_pretrained of every network the package ships.
+
+Every write goes through `atomic_write`: the content is written to a temporary path beside the target
+and renamed into place, so a reader sees the old file (or directory) or the whole new one, never half.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .errors import UserError
+
+PACKAGE = Path(__file__).parent
+ASSETS = PACKAGE / "assets"
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> None:
+    """Call write(tmp) with a temporary path beside `path` (a file or a directory), then rename it into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write data to path, flushed to disk before the rename."""
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    atomic_write(path, write)
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode())
+
+
+def read_json(path: str | os.PathLike, what: str = "file") -> Any:
+    """Parse a JSON file; a missing or malformed file is a UserError naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: {what} not found")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: not valid JSON ({e})") from None
+
+
+# ---- weights -----------------------------------------------------------------------------------
+
+def fingerprint(config: dict, state: Mapping[str, torch.Tensor], dtype: torch.dtype | None = None,
+                skip: Iterable[str] = ()) -> str:
+    """16 hex digits of sha256 over the config (as sorted JSON) and every tensor (name, then bytes, by name).
+
+    dtype casts tensors before hashing (FlexiDiTs hash float32, so a bf16 cast keeps its identity);
+    skip leaves out entries that are data, not network (a text model's prompt table)."""
+    skip = set(skip)
+    hsh = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
+    for name, tensor in sorted(state.items()):
+        if name in skip:
+            continue
+        hsh.update(name.encode())
+        t = tensor.detach().to("cpu") if dtype is None else tensor.detach().to("cpu", dtype)
+        hsh.update(t.contiguous().numpy().tobytes())
+    return hsh.hexdigest()[:16]
+
+
+def save_weights(path: str | Path, state: Mapping[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    """Write a state dict as one safetensors file, atomically."""
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata or {"format": "pt"}))
+
+
+def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: weights file not found")
+    try:
+        return load_file(str(path))
+    except Exception as e:  # safetensors raises its own error types for corrupt files
+        raise UserError(f"{path}: not a valid safetensors file ({str(e).splitlines()[0]})") from None
+
+
+def check_state(state: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor], source: str,
+                names: Mapping[str, str] | None = None) -> None:
+    """Refuse a state dict whose names or shapes differ from expected (a model built from the config).
+
+    names maps an expected key to the checkpoint's own name for it, so errors quote the latter."""
+    names = names or {}
+    for keys, where in ((set(expected) - set(state), "missing from"), (set(state) - set(expected), "unexpected in")):
+        if keys:
+            first = sorted(keys, key=lambda k: names.get(k, k))[0]
+            more = f" ({len(keys)} in all)" if len(keys) > 1 else ""
+            raise UserError(f"{source}: weight '{names.get(first, first)}' {where} the checkpoint for this config{more}")
+    for key, value in sorted(state.items()):
+        if value.shape != expected[key].shape:
+            raise UserError(f"{source}: weight '{names.get(key, key)}' has shape {tuple(value.shape)}, "
+                            f"config expects {tuple(expected[key].shape)}")
+
+
+class Pretrained:
+    """save_pretrained / from_pretrained for an nn.Module built from a config dataclass: a directory with
+    config.json and model.safetensors, plus any JSON side files a subclass names (`_side_files`).
+
+    A subclass sets `config_class` (with to_dict() and from_dict(mapping, source)) and may override
+    `_side_files` (name -> JSON object to save) and `_from_files` (build the module from its config and
+    the side files read back)."""
+
+    config_class: type
+    config: Any
+
+    def _side_files(self) -> dict[str, Any]:
+        return {}
+
+    @classmethod
+    def _from_files(cls, config: Any, directory: Path) -> Any:
+        return cls(config)
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        directory = Path(directory)
+        save_weights(directory / WEIGHTS_NAME, self.state_dict())
+        for name, doc in self._side_files().items():
+            atomic_write_json(directory / name, doc)
+        atomic_write_json(directory / CONFIG_NAME, self.config.to_dict())
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu") -> Any:
+        directory = Path(directory)
+        if not directory.is_dir():
+            raise UserError(f"{directory}: model directory not found")
+        source = str(directory / CONFIG_NAME)
+        config = cls.config_class.from_dict(read_json(directory / CONFIG_NAME, "config.json"), source)
+        state = load_weights(directory / WEIGHTS_NAME)
+        model = cls._from_files(config, directory)
+        check_state(state, model.state_dict(), str(directory / WEIGHTS_NAME))
+        model.load_state_dict(state)
+        return model.to(device).eval()

@@ -1,0 +1,92 @@
+"""The metric registry: every quality metric a search can constrain, by the name a config gives it.
+
+  fid         FID against reference statistics (the embedded digit net, or the FID Inception + .npz)
+  fid_native  FID against the static native model's own samples on the same seeds (cheaper, lower variance)
+  clip        CLIP score of text-to-image samples against their prompts (metrics.clip)
+
+A metric has name, higher_is_better, needs_native, score(images, sample_set, target) and
+score_with_ci(images, sample_set, target, n_boot, seed). A new metric is one module in metrics/ and
+one line in METRICS.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from ..errors import UserError
+from ..files import ASSETS
+from .clip import load_clip_metric
+from .featnet import DigitFeatureNet
+from .fid import (
+    ReferenceStats,
+    bootstrap_ci,
+    compute_reference_stats,
+    fid_against_stats,
+    fid_between,
+)
+from .inception import FIDInceptionV3
+
+
+class FIDMetric:
+    """FID of generated images in a feature network's space (lower is better)."""
+
+    higher_is_better = False
+
+    def __init__(self, net: Any, stats: ReferenceStats | None, name: str = "fid"):
+        self.net, self.stats, self.name = net, stats, name
+        self.needs_native = stats is None  # fid_native: compare with the static native samples
+
+    def score(self, images: torch.Tensor, sample_set: Any = None, target: torch.Tensor | None = None) -> float:
+        if self.stats is not None:
+            return fid_against_stats(self.net, images, self.stats)
+        return fid_between(self.net, images, target)
+
+    def score_with_ci(self, images: torch.Tensor, sample_set: Any, target: torch.Tensor | None, n_boot: int,
+                      seed: int = 0) -> tuple[float, float, float]:
+        """(value, low, high): the FID and a bootstrap 95% interval over the generated samples."""
+        value = self.score(images, sample_set, target)
+        stats = self.stats if self.stats is not None else compute_reference_stats(self.net, target, "native samples", "")
+        low, high = bootstrap_ci(self.net, images, stats, n_boot=n_boot, seed=seed)
+        return value, low, high
+
+
+def load_feature_net(spec: str | None) -> Any:
+    """The FID feature network: a DigitFeatureNet directory (default: the embedded one), or the FID
+    Inception-v3 ('fid-inception' downloads its weights when online; or a local .pth/.safetensors)."""
+    if spec and (spec == "fid-inception" or Path(spec).suffix in (".pth", ".pt", ".safetensors")):
+        return FIDInceptionV3.from_pretrained(spec)
+    return DigitFeatureNet.from_pretrained(spec or ASSETS / "featnet")
+
+
+def _fid_metric(cfg: Any, model: Any, native: bool) -> FIDMetric:
+    """FID with the config's feature network (default: the embedded digit net) and statistics."""
+    net = load_feature_net(cfg.feature_net).to(next(model.parameters()).device)
+    if net.config.image_size is not None and getattr(model, "decode_images", None) is None and (
+            net.config.image_size != model.config.input_size or net.config.in_channels != model.config.in_channels):
+        raise UserError(f"feature network {cfg.feature_net or 'embedded featnet'} takes {net.config.in_channels}x"
+                        f"{net.config.image_size}px images, the model makes {model.config.in_channels}x"
+                        f"{model.config.input_size}px; give feature_net and reference_stats for this model")
+    if native:
+        return FIDMetric(net, None, "fid_native")
+    ref = cfg.reference_stats
+    if ref and str(ref).endswith(".npz"):
+        return FIDMetric(net, ReferenceStats.from_npz(ref, net.fingerprint()))
+    if not ref and cfg.feature_net:
+        raise UserError(f"metric fid with feature_net {cfg.feature_net}: give reference_stats for it "
+                        "(an .npz with mu and sigma, or a directory written by ReferenceStats.save)")
+    return FIDMetric(net, ReferenceStats.load(ref or ASSETS / "ref_stats_mnist16"))
+
+
+METRICS: dict[str, Callable[[Any, Any], Any]] = {
+    "fid": lambda cfg, model: _fid_metric(cfg, model, native=False),
+    "fid_native": lambda cfg, model: _fid_metric(cfg, model, native=True),
+    "clip": load_clip_metric,
+}
+
+
+def load_metric(cfg: Any, model: Any) -> Any:
+    """The metric a search config names (cfg.metric.name), for this model."""
+    return METRICS[cfg.metric.name](cfg, model)

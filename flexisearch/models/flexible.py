@@ -1,0 +1,83 @@
+"""The shared base of every flexible DiT: growing extra patch sizes, per-size LoRA, the tokenizer front
+(patchify, positions, patch-size embedding), identity and save/load.
+
+A subclass builds `x_embedder` (layers.FlexiPatchEmbed), `patch_size_embed`, `pos_embed_<p>` buffers and
+`blocks` (each with attn and mlp made of layers.LoRALinear), and says where its de-embedding is
+(`_deembed`). Everything else here is written once for the class-conditional and the text model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..files import Pretrained, fingerprint
+
+
+class FlexibleDiT(Pretrained, nn.Module):
+    """Base class: config with patch_size, extra_patch_sizes, lora_rank, lora_alpha, num_classes."""
+
+    config: Any
+    is_text_model = False  # FlexiTextDiT: labels are rows of a prompt table
+
+    @property
+    def null_class(self) -> int:
+        """The label of the unconditional branch (the null class, or the empty caption's row)."""
+        return self.config.num_classes
+
+    def _deembed(self) -> nn.Module:
+        raise NotImplementedError
+
+    def _like(self, config: Any) -> FlexibleDiT:
+        """An empty model of the same class for another config (with_patch_sizes)."""
+        return type(self)(config)
+
+    def _add_lora(self, key: str) -> None:
+        for block in self.blocks:
+            for lin in (block.attn.qkv, block.attn.proj, block.mlp.fc1, block.mlp.fc2):
+                lin.add_adapter(key, self.config.lora_rank, self.config.lora_alpha or self.config.lora_rank)
+
+    def _add_all_lora(self) -> None:
+        if self.config.lora_rank:
+            for p in self.config.extra_patch_sizes:
+                self._add_lora(str(p))
+
+    def _tokens(self, x: torch.Tensor, patch_size: int | None) -> tuple[torch.Tensor, int, str | None]:
+        """Patchify at a supported size: (tokens with positions and patch-size embedding, p, LoRA adapter key)."""
+        p = self.config.patch_size if patch_size is None else int(patch_size)
+        if p not in self.config.patch_sizes:
+            raise ValueError(f"patch size {p} not supported; model has {self.config.patch_sizes}")
+        h = self.x_embedder(x, p) + getattr(self, f"pos_embed_{p}")
+        if p == self.config.patch_size:
+            return h, p, None
+        return h + self.patch_size_embed[str(p)], p, str(p) if self.config.lora_rank else None
+
+    def with_patch_sizes(self, extra: tuple[int, ...], init_std: float = 0.0, lora_rank: int = 0,
+                         lora_alpha: float = 0.0) -> FlexibleDiT:
+        """A copy that also supports the given larger patch sizes (and LoRA for them if lora_rank).
+
+        At init the native path is identical to this model, and a token of an upsampled patch at a
+        new size equals the native token of the original patch (PI-resize); init_std adds small
+        random weights in the directions the resize cannot reach.
+        """
+        cfg = dataclasses.replace(self.config,
+                                  extra_patch_sizes=tuple(sorted(set(self.config.extra_patch_sizes) | set(extra))),
+                                  lora_rank=lora_rank, lora_alpha=lora_alpha)
+        new = self._like(cfg)
+        _, unexpected = new.load_state_dict(self.state_dict(), strict=False)
+        if unexpected:
+            raise ValueError(f"unexpected weights when adding patch sizes: {unexpected[:3]}")
+        with torch.no_grad():
+            for p in extra:
+                if p in self.config.extra_patch_sizes:
+                    continue
+                new.x_embedder.add_patch_size(p, init_std)
+                new._deembed().add_patch_size(p, init_std)
+        return new.to(next(self.parameters()).device)
+
+    def fingerprint(self) -> str:
+        """Short content hash of config and weights (float32): schedules record the model they were made for."""
+        return fingerprint(self.config.to_dict(), self.state_dict(), torch.float32)

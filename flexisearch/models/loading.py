@@ -1,0 +1,149 @@
+"""Every way to name a model, turned into a flexible DiT on a device: the one loader of the package.
+
+Specs: `embedded:<name>` (shipped assets), a directory written by save_pretrained (FlexiDiT or
+FlexiTextDiT, whichever its config describes), a pipeline directory (`flexisearch convert`: transformer/
+and, for latent models, vae/), `dit:<hub id or DiTPipeline dir>` and `pixart:<hub id or pipeline dir>`.
+
+A latent model samples latents; every metric must see pixels. The loaders set `model.decode_images`,
+a VAEDecoder, and the search decodes every sample set once through it before scoring; PixArt models
+also get `encode_prompts` (their T5). The weak patch sizes a hub checkpoint gets here come from
+PI-resize and are untrained: flexify them before trusting a search.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from ..errors import UserError
+from ..files import ASSETS, CONFIG_NAME, read_json
+from .convert import from_diffusers_dit, from_diffusers_pixart
+from .dit import FlexiDiT
+from .flexible import FlexibleDiT
+from .text_dit import FlexiTextDiT, is_text_config
+
+
+def load_model(spec: str, device: str | torch.device = "cpu") -> FlexibleDiT:
+    """The flexible DiT a spec names (see the module docstring), in eval mode on device."""
+    if spec.startswith("pixart:"):
+        return load_pixart(spec.split(":", 1)[1], device)
+    if spec.startswith("dit:"):
+        return load_dit(spec.split(":", 1)[1], device)
+    path = Path(spec)
+    if spec.startswith("embedded:"):
+        name = spec.split(":", 1)[1]
+        path = ASSETS / name
+        if not (path / CONFIG_NAME).is_file():
+            known = sorted(p.name for p in ASSETS.iterdir() if (p / CONFIG_NAME).is_file() and p.name.startswith("flexidit"))
+            raise UserError(f"model '{spec}': no embedded model '{name}' (known: {', '.join(known) or 'none'})")
+    if (path / CONFIG_NAME).is_file():
+        return load_model_dir(path, device)
+    if (path / "transformer").is_dir():
+        return load_pipeline_transformer(path, device)
+    raise UserError(f"model '{spec}': not an embedded name (embedded:<name>), dit:<hub id> or a FlexiDiT directory")
+
+
+def load_model_dir(directory: str | Path, device: str | torch.device = "cpu") -> FlexibleDiT:
+    """FlexiTextDiT or FlexiDiT, whichever the directory's config.json describes."""
+    directory = Path(directory)
+    if is_text_config(read_json(directory / CONFIG_NAME, "config.json")):
+        return FlexiTextDiT.from_pretrained(directory, device)
+    return FlexiDiT.from_pretrained(directory, device)
+
+
+def load_pipeline_transformer(directory: str | Path, device: str | torch.device = "cpu") -> FlexibleDiT:
+    """The model of a pipeline directory (`flexisearch convert`), with its VAE as `decode_images` when the
+    pipeline has one (a pixel-space model has none)."""
+    directory = Path(directory)
+    model = load_model_dir(directory / "transformer", device)
+    if (directory / "vae").is_dir():
+        from diffusers import AutoencoderKL
+
+        model.decode_images = VAEDecoder(_component(AutoencoderKL, str(directory), "vae", str(directory)).to(device))
+    return model
+
+
+class VAEDecoder:
+    """Latents -> images in [-1, 1] (float32, CPU), in batches, scaled as diffusers' DiT and PixArt pipelines do.
+
+    A plain callable, not an nn.Module, so attaching it to a model leaves the model's weights and
+    fingerprint unchanged."""
+
+    def __init__(self, vae: Any, batch_size: int = 16):
+        self.vae = vae.eval()
+        self.batch_size = batch_size
+
+    @torch.no_grad()
+    def __call__(self, latents: torch.Tensor) -> torch.Tensor:
+        device, dtype = next(self.vae.parameters()).device, self.vae.dtype
+        scale = self.vae.config.scaling_factor
+        out = [self.vae.decode(chunk.to(device, dtype) / scale).sample.float().clamp(-1, 1).cpu()
+               for chunk in latents.split(self.batch_size)]
+        return torch.cat(out)
+
+
+def _component(cls: Any, source: str, sub: str, what: str) -> Any:
+    try:
+        return cls.from_pretrained(source, subfolder=sub)
+    except Exception as e:  # missing folder, offline without a cached copy, corrupt file: all one line
+        raise UserError(f"{what}: cannot load {sub}/ ({str(e).splitlines()[0]})") from None
+
+
+def load_dit(source: str, device: str | torch.device = "cpu", weak_patch_sizes: Sequence[int] = (4,)) -> FlexiDiT:
+    """A diffusers DiTPipeline (hub id such as facebook/DiT-XL-2-256, or a local directory) as a FlexiDiT
+    with the weak sizes added by PI-resize and its VAE as `decode_images`. Needs the weights locally
+    (or in the Hugging Face cache) or network access."""
+    from diffusers import AutoencoderKL, DiTTransformer2DModel
+
+    what = f"model 'dit:{source}'"
+    flexi = from_diffusers_dit(_component(DiTTransformer2DModel, source, "transformer", what), prediction="epsilon")
+    if weak_patch_sizes:
+        flexi = flexi.with_patch_sizes(tuple(weak_patch_sizes))
+    flexi = flexi.to(device).eval()
+    flexi.decode_images = VAEDecoder(_component(AutoencoderKL, source, "vae", what).to(device))
+    return flexi
+
+
+PIXART_COMPONENTS = "PixArt-alpha/PixArt-XL-2-512x512"  # T5 + VAE shared by the PixArt-alpha checkpoints
+
+
+def load_pixart(source: str, device: str | torch.device = "cpu", weak_patch_sizes: tuple[int, ...] = (4,),
+                text_len: int = 120) -> FlexiTextDiT:
+    """A diffusers PixArt-alpha pipeline (hub id or local directory with transformer/, and text_encoder/,
+    tokenizer/, vae/ here or in PIXART_COMPONENTS) as a FlexiTextDiT with the weak sizes added by
+    PI-resize (untrained: flexify before trusting them), a T5 prompt encoder (`encode_prompts`, used by
+    text_encoder.set_model_prompts) and a VAE decoder (`decode_images`, applied before any metric).
+    Needs the weights locally or network access; the prompt table starts empty (set_model_prompts)."""
+    from diffusers import AutoencoderKL, PixArtTransformer2DModel
+    from transformers import AutoTokenizer, T5EncoderModel
+
+    def component(cls: Any, sub: str) -> Any:
+        for repo in (source, PIXART_COMPONENTS):
+            try:
+                return cls.from_pretrained(repo, subfolder=sub)
+            except Exception as e:  # missing subfolder, offline, ...: try the shared components
+                err = e
+        raise UserError(f"pixart:{source}: cannot load {sub} ({str(err).splitlines()[0]})")
+
+    flexi = from_diffusers_pixart(component(PixArtTransformer2DModel, "transformer"), text_len=text_len)
+    if weak_patch_sizes:
+        flexi = flexi.with_patch_sizes(tuple(weak_patch_sizes))
+    flexi = flexi.to(device).eval()
+    tokenizer = component(AutoTokenizer, "tokenizer")
+    text_encoder = component(T5EncoderModel, "text_encoder").to(device).eval()
+    vae = component(AutoencoderKL, "vae").to(device).eval()
+
+    @torch.no_grad()
+    def encode_prompts(captions: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        tok = tokenizer(list(captions), padding="max_length", max_length=text_len, truncation=True,
+                        add_special_tokens=True, return_tensors="pt")
+        mask = tok["attention_mask"].to(device)
+        return text_encoder(tok["input_ids"].to(device), attention_mask=mask)[0].float().cpu(), mask.float().cpu()
+
+    flexi.encode_prompts, flexi.decode_images = encode_prompts, VAEDecoder(vae)
+    return flexi
+
+
+__all__ = ["VAEDecoder", "load_dit", "load_model", "load_model_dir", "load_pipeline_transformer", "load_pixart"]

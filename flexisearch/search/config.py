@@ -1,0 +1,165 @@
+"""Search configs (YAML in search_spaces/): the model, the space of schedules (search.spaces), the quality
+metric and its constraint, the sample budgets, the searcher, and where the run's files live.
+
+Validation is strict (validate.read_dataclass): an unknown key or a value of the wrong kind is a
+one-line UserError naming the file and the key.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..errors import UserError
+from ..metrics.registry import METRICS
+from ..sampling.schedule import GUIDANCE_MODES, Schedule
+from ..validate import key_error, read_dataclass
+from .spaces import SPACES, Choice, SpaceConfig
+
+SAMPLERS = ("tpe", "nsga2", "gp", "random", "bruteforce")
+RUNS = Path("runs")
+
+
+@dataclass(frozen=True)
+class MetricConfig:
+    name: str = "fid"
+    relative: float | None = 0.05  # quality at most this fraction worse than static native (same run)
+    max: float | None = None  # absolute bound for fid / fid_native
+    min: float | None = None  # absolute bound for clip
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    """A whole search, as read from a YAML file."""
+
+    study: str = "default"
+    model: str = "embedded:flexidit-mnist16-lora"
+    space: SpaceConfig = field(default_factory=SpaceConfig)
+    metric: MetricConfig = field(default_factory=MetricConfig)
+    objective: str = "single"  # "single": min FLOPs s.t. the constraint; "multi": (FLOPs, quality)
+    reference: dict = field(default_factory=lambda: {"num_steps": 20, "guidance_scale": 2.0, "solver": "euler"})
+    search_samples: int = 256
+    heldout_samples: int = 1024
+    bootstrap: int = 200
+    batch_size: int = 64  # samples per chunk: on CPU larger chunks run slower per sample
+    sampler: str = "tpe"
+    n_trials: int = 40
+    seed: int = 0
+    pareto_max: int = 6  # Pareto points re-scored on held-out seeds (cheapest first)
+    reference_stats: str | None = None  # FID reference statistics (.npz or a stats directory); default: the model's
+    feature_net: str | None = None  # FID: a feature-net directory, fid-inception or its .pth; CLIP: a CLIP; default: the model's
+    prompts: str | None = None  # text-to-image: prompt file (one caption per line)
+    resources: dict = field(default_factory=lambda: {"cpu": 1, "gpu": 0})  # Ray backend, per trial
+    max_concurrent: int = 2  # Ray backend
+    max_failures: int = 2  # Ray backend retries per trial
+    storage: str | None = None  # default: sqlite:///runs/<study>/study.db
+
+
+def _choice(kind: type) -> Any:
+    """Parser of a searched dimension: a value, a list of values, or {low, high, step} for a number."""
+    def ok(v: Any) -> bool:
+        return isinstance(v, (int, float) if kind is float else kind) and not isinstance(v, bool)
+
+    def parse(value: Any, key: str, source: str) -> Choice:
+        if isinstance(value, dict):
+            if kind is not float or set(value) - {"low", "high", "step"} or not {"low", "high"} <= set(value):
+                raise key_error(source, key, "a value, a list of values, or {low, high, step} for a number", value)
+            if not all(ok(v) for v in value.values()) or value["low"] > value["high"]:
+                raise key_error(source, key, "numbers with low <= high", value)
+            return Choice(low=float(value["low"]), high=float(value["high"]),
+                          step=float(value["step"]) if "step" in value else None)
+        values = value if isinstance(value, list) else [value]
+        if not values or not all(ok(v) for v in values):
+            raise key_error(source, key, f"a {kind.__name__} or a non-empty list of them", value)
+        return Choice(tuple(float(v) if kind is float else v for v in values))
+    return parse
+
+
+_CHOICES = {"num_steps": _choice(int), "guidance_scale": _choice(float), "guidance_mode": _choice(str),
+            "solver": _choice(str)}
+
+
+def load_search_config(path: str | Path | None, overrides: dict | None = None) -> SearchConfig:
+    """Read and validate a search YAML (None: the built-in defaults), then apply overrides (None: not given)."""
+    source = str(path) if path else "defaults"
+    raw: Any = {}
+    if path:
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"{path}: search space file not found")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" at line {mark.line + 1}" if mark else ""
+            raise UserError(f"{path}: not valid YAML{where}") from None
+    if isinstance(raw, dict):
+        raw = {**raw, **{k: v for k, v in (overrides or {}).items() if v is not None}}
+
+    def space(value: Any, key: str) -> SpaceConfig:
+        return read_dataclass(SpaceConfig, value, source, "space.",
+                              {k: (lambda v, kk, f=f: f(v, kk, source)) for k, f in _CHOICES.items()})
+
+    def metric(value: Any, key: str) -> MetricConfig:
+        # A metric block that gives an absolute bound drops the default relative one.
+        if isinstance(value, dict) and {"max", "min"} & set(value):
+            value = {"relative": None, **value}
+        return read_dataclass(MetricConfig, value, source, "metric.")
+
+    cfg = read_dataclass(SearchConfig, raw, source, parsers={"space": space, "metric": metric})
+    _check(cfg, source)
+    return cfg
+
+
+def _check(cfg: SearchConfig, source: str) -> None:
+    s, m = cfg.space, cfg.metric
+    if s.type not in SPACES:
+        raise key_error(source, "space.type", f"one of {list(SPACES)}", s.type)
+    if s.branches not in ("joint", "separate"):
+        raise key_error(source, "space.branches", "'joint' or 'separate'", s.branches)
+    for mode in s.guidance_mode.values:
+        if mode not in GUIDANCE_MODES:
+            raise key_error(source, "space.guidance_mode", f"values in {list(GUIDANCE_MODES)}", mode)
+    if any(n < 1 for n in s.num_steps.values):
+        raise key_error(source, "space.num_steps", "positive step counts", list(s.num_steps.values))
+    if s.segments < 1:
+        raise key_error(source, "space.segments", "at least 1", s.segments)
+    if m.name not in METRICS:
+        raise key_error(source, "metric.name", f"one of {list(METRICS)}", m.name)
+    bounds = [b for b in ("relative", "max", "min") if getattr(m, b) is not None]
+    if len(bounds) != 1:
+        raise UserError(f"{source}: key 'metric' needs exactly one of relative, max, min (has {bounds or 'none'})")
+    if m.name == "clip" and m.max is not None or m.name != "clip" and m.min is not None:
+        raise UserError(f"{source}: key 'metric': {m.name} is bounded with "
+                        f"{'min' if m.name == 'clip' else 'max'}, not {'max' if m.name == 'clip' else 'min'}")
+    if m.name == "fid_native" and m.relative is not None:
+        raise UserError(f"{source}: key 'metric.relative': fid_native of static native is 0; use metric.max")
+    if cfg.objective not in ("single", "multi"):
+        raise key_error(source, "objective", "'single' or 'multi'", cfg.objective)
+    if cfg.sampler not in SAMPLERS:
+        raise key_error(source, "sampler", f"one of {list(SAMPLERS)}", cfg.sampler)
+    if set(cfg.reference) - {"num_steps", "guidance_scale", "solver", "guidance_mode"}:
+        raise key_error(source, "reference", "keys num_steps, guidance_scale, solver, guidance_mode", cfg.reference)
+    for key in ("search_samples", "heldout_samples", "batch_size", "n_trials"):
+        if getattr(cfg, key) < 1:
+            raise key_error(source, key, "a positive integer", getattr(cfg, key))
+
+
+def reference_schedule(cfg: SearchConfig, native: int, fingerprint: str) -> Schedule:
+    """The static native schedule every constraint and FLOPs fraction is relative to."""
+    r = cfg.reference
+    return Schedule.static(native, int(r.get("num_steps", 20)), guidance_scale=float(r.get("guidance_scale", 2.0)),
+                           solver=r.get("solver", "euler"), guidance_mode=r.get("guidance_mode", "cfg"),
+                           model=fingerprint)
+
+
+def run_dir(cfg: SearchConfig) -> Path:
+    """Where a study's files go: runs/<study>/."""
+    return RUNS / cfg.study
+
+
+def storage_url(cfg: SearchConfig) -> str:
+    return cfg.storage or f"sqlite:///{run_dir(cfg) / 'study.db'}"

@@ -1,0 +1,129 @@
+"""The one trial evaluation: a schedule's exact cost, its measured quality on fixed seeds, and its
+constraint value, used by the Optuna and the Ray backend alike.
+
+An Evaluator loads the model and the quality metric once and evaluates schedules on one fixed
+set of seeds and labels shared by all trials (common random numbers), reusing trajectories that
+share a prefix. Held-out confirmation re-scores schedules on seeds the search never used, with
+more samples and a bootstrap confidence interval.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..errors import UserError
+from ..metrics.registry import load_metric
+from ..models import flops
+from ..models.flexible import FlexibleDiT
+from ..models.loading import load_model
+from ..sampling.generate import TrajectoryCache, sample
+from ..sampling.schedule import Schedule
+from .config import SearchConfig, reference_schedule
+from .sample_sets import SampleSet, search_sample_sets
+from .spaces import make_space
+
+
+@dataclass(frozen=True)
+class TrialResult:
+    """What one trial measured: the schedule, its cost (MACs, FLOPs, fraction of static native), its
+    quality on the search set and the constraint value (<= 0: the bound is met)."""
+
+    schedule: Schedule
+    cost: dict[str, float]
+    quality: float
+    violation: float
+
+    def values(self, objective: str) -> float | tuple[float, float]:
+        """The study's objective values: FLOPs fraction ("single"), or (fraction, quality) ("multi")."""
+        return self.cost["fraction"] if objective == "single" else (self.cost["fraction"], self.quality)
+
+    def report(self) -> dict[str, Any]:
+        """Plain values, as a Ray trial reports them and the study records them."""
+        return {"fraction": self.cost["fraction"], "quality": self.quality, "macs": self.cost["macs"],
+                "violation": self.violation, "schedule": json.dumps(self.schedule.to_dict())}
+
+
+class Evaluator:
+    """Evaluates schedules for one search config: cost relative to static native, quality, constraint."""
+
+    def __init__(self, cfg: SearchConfig, device: str | torch.device = "cpu", model: FlexibleDiT | None = None):
+        self.cfg = cfg
+        self.device = torch.device(device)
+        self.model = model if model is not None else load_model(cfg.model, self.device)
+        mc = self.model.config
+        self.fingerprint = self.model.fingerprint()
+        self.decode = getattr(self.model, "decode_images", None)  # latent models: VAE decode before any metric
+        self.native = mc.patch_size
+        if not mc.extra_patch_sizes:
+            raise UserError(f"model '{cfg.model}' has no weak patch size: flexify it first (flexisearch train flexify)")
+        self.weak = cfg.space.weak_patch_size or max(mc.extra_patch_sizes)
+        if self.weak not in mc.extra_patch_sizes:
+            raise UserError(f"space.weak_patch_size is {self.weak}, the model has {list(mc.extra_patch_sizes)}")
+        self.reference = reference_schedule(cfg, self.native, self.fingerprint)
+        self.reference.check_model(mc, self.fingerprint, "reference")
+        self.reference_macs = flops.schedule_macs(mc, self.reference)
+        self.metric = load_metric(cfg, self.model)
+        self.search_set, self.heldout_set = search_sample_sets(self.model, cfg)
+        self.space = make_space(cfg.space, self.native, self.weak, mc.patch_sizes, self.fingerprint)
+        self.cache = TrajectoryCache()
+        self._memo: dict[str, float] = {}
+        self._native_samples: dict[str, torch.Tensor] = {}
+
+    def samples(self, schedule: Schedule, sample_set: SampleSet, progress: bool = False) -> torch.Tensor:
+        """Images of a schedule on a sample set: a latent model's samples are decoded by its VAE."""
+        out = sample(self.model, schedule, list(sample_set.labels), list(sample_set.seeds),
+                     batch_size=self.cfg.batch_size, cache=self.cache if sample_set.name == "search" else None,
+                     cache_tag=f"{sample_set.name}|{self.fingerprint}", progress=progress)
+        return self.decode(out) if self.decode is not None else out
+
+    def cost(self, schedule: Schedule) -> dict[str, float]:
+        macs = flops.schedule_macs(self.model.config, schedule)
+        return {"macs": macs, "flops": 2 * macs, "fraction": macs / self.reference_macs}
+
+    def native_samples(self, sample_set: SampleSet) -> torch.Tensor:
+        """Samples of the static native reference on a sample set (the fid_native target)."""
+        if sample_set.name not in self._native_samples:
+            self._native_samples[sample_set.name] = self.samples(self.reference, sample_set)
+        return self._native_samples[sample_set.name]
+
+    def quality(self, schedule: Schedule, sample_set: SampleSet | None = None) -> float:
+        """The metric on the search set (memoised per schedule), or on another sample set."""
+        sample_set = sample_set or self.search_set
+        key = f"{sample_set.name}|{json.dumps(schedule.to_dict(), sort_keys=True)}"
+        if key not in self._memo:
+            images = self.samples(schedule, sample_set)
+            target = self.native_samples(sample_set) if self.metric.needs_native else None
+            self._memo[key] = self.metric.score(images, sample_set, target)
+        return self._memo[key]
+
+    def confirm(self, schedule: Schedule, progress: bool = False) -> dict[str, Any]:
+        """Held-out quality with a bootstrap 95% interval, on seeds never used during the search."""
+        images = self.samples(schedule, self.heldout_set, progress=progress)
+        target = self.native_samples(self.heldout_set) if self.metric.needs_native else None
+        value, low, high = self.metric.score_with_ci(images, self.heldout_set, target, self.cfg.bootstrap, seed=0)
+        return {"value": value, "ci95": [low, high], "n": len(self.heldout_set.seeds),
+                "seeds": [self.heldout_set.seeds[0], self.heldout_set.seeds[-1]]}
+
+    def threshold(self, reference_quality: float) -> float:
+        """The quality bound: absolute, or relative to the static native schedule measured in this run."""
+        m = self.cfg.metric
+        if m.max is not None:
+            return m.max
+        if m.min is not None:
+            return m.min
+        return reference_quality * (1 - m.relative) if self.metric.higher_is_better else reference_quality * (1 + m.relative)
+
+    def violation(self, quality: float, bound: float) -> float:
+        """Optuna constraint value: <= 0 when the bound is met."""
+        return bound - quality if self.metric.higher_is_better else quality - bound
+
+    def evaluate(self, trial: Any, bound: float) -> TrialResult:
+        """The trial's schedule (an Optuna Trial, or a FixedTrial of a Ray trial's parameters), measured."""
+        schedule = self.space.suggest(trial)
+        schedule.check_model(self.model.config, self.fingerprint, "trial")
+        quality = self.quality(schedule)
+        return TrialResult(schedule, self.cost(schedule), quality, self.violation(quality, bound))

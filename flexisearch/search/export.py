@@ -1,0 +1,90 @@
+"""Export a finished study: held-out confirmation, best.json, pareto.json and plots.
+
+The exported quality of every schedule is measured on held-out seeds (never used by the search)
+with a bootstrap interval; the search-time value is kept beside it.
+"""
+
+from __future__ import annotations
+
+import datetime
+from typing import Any
+
+import optuna
+
+from .. import __version__
+from ..errors import UserError
+from ..files import atomic_write_json
+from .config import SearchConfig, run_dir, storage_url
+from .evaluate import Evaluator
+from .plots import plot_schedule, plot_tradeoff
+from .study import reference_quality, trial_records
+
+
+def pareto_front(records: list[dict[str, Any]], higher_is_better: bool) -> list[dict[str, Any]]:
+    """Feasible-or-not non-dominated records in (FLOPs fraction, quality), cheapest first."""
+    sign = -1.0 if higher_is_better else 1.0
+    front, best = [], float("inf")
+    for r in sorted(records, key=lambda r: (r["fraction"], sign * r["quality"])):
+        if sign * r["quality"] < best:
+            front.append(r)
+            best = sign * r["quality"]
+    return front
+
+
+def best_record(records: list[dict[str, Any]], higher_is_better: bool) -> dict[str, Any] | None:
+    """The cheapest feasible schedule (ties: better quality)."""
+    sign = -1.0 if higher_is_better else 1.0
+    feasible = [r for r in records if r["feasible"]]
+    return min(feasible, key=lambda r: (r["fraction"], sign * r["quality"])) if feasible else None
+
+
+def _entry(evaluator: Evaluator, r: dict[str, Any], heldout: dict[str, Any]) -> dict[str, Any]:
+    cost = evaluator.cost(r["schedule"])
+    return {"schedule": r["schedule"].to_dict(), "trial": r["number"], "family": r["family"],
+            "cost": {"macs": cost["macs"], "flops": cost["flops"], "fraction_of_static_native": cost["fraction"],
+                     "saving": 1 - cost["fraction"], "units": "MACs per sample; flops = 2 x macs"},
+            "quality": {"metric": evaluator.metric.name, "heldout": heldout, "search": r["quality"]}}
+
+
+def export_study(cfg: SearchConfig, evaluator: Evaluator, study: optuna.Study, progress: bool = False) -> dict[str, Any]:
+    """Re-score the best schedule and the Pareto points on held-out seeds; write JSON and plots."""
+    records = trial_records(study)
+    if not records:
+        raise UserError(f"study '{cfg.study}' in {storage_url(cfg)} has no completed trials")
+    hib = evaluator.metric.higher_is_better
+    best = best_record(records, hib)
+    bound = float(study.user_attrs.get("bound", evaluator.threshold(reference_quality(study, evaluator))))
+    if best is None:
+        raise UserError(f"constraint {evaluator.metric.name} {'>=' if hib else '<='} {bound:.4g}: no schedule met it "
+                        f"in {len(records)} trials (best {evaluator.metric.name}: "
+                        f"{(max if hib else min)(r['quality'] for r in records):.4g})")
+    out = run_dir(cfg)
+    full_front = pareto_front([r for r in records if r["feasible"]] or records, hib)
+    front = full_front[: cfg.pareto_max]
+    confirmed: dict[int, dict[str, Any]] = {}
+    for r in [best] + front:
+        if r["number"] not in confirmed:
+            confirmed[r["number"]] = evaluator.confirm(r["schedule"], progress=progress)
+    native = evaluator.confirm(evaluator.reference, progress=progress)
+    calls = [v for k, v in study.user_attrs.items() if k.startswith("calls_saved_worker_")]
+    provenance = {"study": cfg.study, "storage": storage_url(cfg), "sampler": cfg.sampler, "objective": cfg.objective,
+                  "space": cfg.space.type, "n_trials": len(records), "search_samples": cfg.search_samples,
+                  "search_seeds": [0, cfg.search_samples - 1], "flexisearch": __version__,
+                  "model_calls_saved_by_prefix_reuse": sum(c[0] for c in calls),
+                  "model_calls_run": sum(c[1] for c in calls),
+                  "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    constraint = {"metric": evaluator.metric.name, "bound": bound, "relative": cfg.metric.relative,
+                  "absolute": cfg.metric.max if cfg.metric.max is not None else cfg.metric.min,
+                  "search_reference_quality": reference_quality(study, evaluator)}
+    reference = {"schedule": evaluator.reference.to_dict(), "cost": {"macs": evaluator.reference_macs},
+                 "quality": {"metric": evaluator.metric.name, "heldout": native}}
+    best_doc = {**_entry(evaluator, best, confirmed[best["number"]]), "constraint": constraint, "model": evaluator.fingerprint,
+                "model_spec": cfg.model, "static_native": reference, "provenance": provenance}
+    pareto_doc = {"model": evaluator.fingerprint, "metric": evaluator.metric.name, "constraint": constraint,
+                  "static_native": reference, "provenance": provenance,
+                  "points": [_entry(evaluator, r, confirmed[r["number"]]) for r in front]}
+    atomic_write_json(out / "best.json", best_doc)
+    atomic_write_json(out / "pareto.json", pareto_doc)
+    plot_tradeoff(records, full_front, evaluator, bound, out / "tradeoff.png")
+    plot_schedule(best["schedule"], out / "schedule.png")
+    return best_doc

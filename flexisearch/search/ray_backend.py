@@ -1,0 +1,196 @@
+"""Distributed schedule search on a Ray cluster (Ray Tune driving the same Optuna study).
+
+The driver runs Ray Tune with an OptunaSearch over the same storage as the Optuna backend, so the
+study opens in optuna-dashboard and `flexisearch export` works on it. OptunaSearch only tells
+Optuna the objective values; ConstrainedOptunaSearch also records the trial's result (schedule,
+quality constraint: study.record, as the Optuna backend does) before telling it, so constrained
+samplers see it. A trial runs the same evaluation as the Optuna backend (Evaluator.evaluate).
+
+Each Ray worker process builds its Evaluator (model, feature network, reference statistics) once
+and reuses it for every trial it runs (actors are reused); only the trial parameters travel.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import socket
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import optuna
+
+from ..errors import UserError
+from .config import SearchConfig, load_search_config, run_dir
+from .evaluate import Evaluator
+from .spaces import Space
+from .study import open_study, record, reference_quality, seed_study
+
+_WORKER_EVALUATORS: dict[str, Evaluator] = {}
+
+
+def _config_json(cfg: SearchConfig) -> str:
+    def plain(o: Any) -> Any:
+        return dataclasses.asdict(o) if dataclasses.is_dataclass(o) else o
+    return json.dumps({k: plain(v) for k, v in dataclasses.asdict(cfg).items()}, sort_keys=True, default=str)
+
+
+def _cfg_from_json(text: str) -> SearchConfig:
+    d = json.loads(text)
+    for key in ("num_steps", "guidance_scale", "guidance_mode", "solver"):
+        c = d["space"][key]
+        d["space"][key] = c["values"] if c["values"] else {k: c[k] for k in ("low", "high", "step") if c[k] is not None}
+    return load_search_config(None, d)
+
+
+def _worker_evaluator(cfg_json: str, device: str) -> Evaluator:
+    """The Evaluator of this worker process, built on its first trial."""
+    if cfg_json not in _WORKER_EVALUATORS:
+        _WORKER_EVALUATORS[cfg_json] = Evaluator(_cfg_from_json(cfg_json), device)
+    return _WORKER_EVALUATORS[cfg_json]
+
+
+def _trainable(config: dict, cfg_json: str, bound: float) -> None:
+    import ray
+    import torch
+    from ray import tune
+
+    evaluator = _worker_evaluator(cfg_json, "cuda" if torch.cuda.is_available() else "cpu")
+    result = evaluator.evaluate(optuna.trial.FixedTrial(config), bound)
+    tune.report({**result.report(), "node": ray.get_runtime_context().get_node_id(), "pid": os.getpid(),
+                 "calls_saved": evaluator.cache.calls_saved, "calls_run": evaluator.cache.calls_run})
+
+
+class _SpaceFn:
+    """Define-by-run space for OptunaSearch (a picklable callable: Tune checkpoints its searcher)."""
+
+    def __init__(self, space: Space):
+        self.space = space
+
+    def __call__(self, trial: Any) -> None:
+        self.space.suggest(trial)
+
+
+def constrained_optuna_search(**kwargs: Any) -> Any:
+    """An OptunaSearch that sets the quality constraint and the schedule on each Optuna trial."""
+    from ray.tune.search.optuna import OptunaSearch
+
+    class ConstrainedOptunaSearch(OptunaSearch):
+        def on_trial_result(self, trial_id: str, result: dict) -> None:
+            pass  # a trial reports once, at its end: there are no intermediate values to prune on
+
+        def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+            ot_trial = self._ot_trials.get(trial_id)
+            if ot_trial is not None and self._ot_study._storage.get_trial(ot_trial._trial_id).state.is_finished():
+                self._completed_trials.add(trial_id)  # told before an interruption; Tune re-ran it on restore
+                return
+            if result and ot_trial is not None and trial_id not in self._completed_trials and "violation" in result:
+                record(ot_trial, result)
+                ot_trial.set_user_attr("node", result["node"])
+                self._ot_study.set_user_attr(f"calls_saved_worker_{result['node'][:8]}_{result['pid']}",
+                                             [result["calls_saved"], result["calls_run"]])
+            super().on_trial_complete(trial_id, result, error)
+
+    return ConstrainedOptunaSearch(**kwargs)
+
+
+def check_address(address: str | None) -> str | None:
+    """Validate --address quickly, so a bad or unreachable cluster is an error, not a hang."""
+    if address in (None, "", "local"):
+        return None
+    if address == "auto":
+        return address
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise UserError(f"--address {address!r}: expected auto or HOST:PORT")
+    try:
+        socket.create_connection((host, int(port)), timeout=3).close()
+    except OSError as e:
+        raise UserError(f"--address {address}: cannot reach a Ray cluster there ({e.strerror or e})") from None
+    return address
+
+
+def _init_ray(address: str | None, cfg: SearchConfig) -> None:
+    import ray
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if address is None:
+        tmp = Path(os.environ.get("RAY_TMPDIR") or (run_dir(cfg) / "ray_tmp")).resolve()
+        if len(str(tmp)) > 40:  # Ray's socket paths below it must fit in 107 bytes (AF_UNIX)
+            tmp = Path(tempfile.gettempdir()) / f"flexisearch-ray-{os.getuid()}"
+        tmp.mkdir(parents=True, exist_ok=True)
+        ray.init(include_dashboard=False, _temp_dir=str(tmp), log_to_driver=False, configure_logging=False)
+        return
+    try:
+        ray.init(address=address, log_to_driver=False, configure_logging=False)
+    except (ConnectionError, RuntimeError) as e:
+        raise UserError(f"--address {address}: cannot connect to a Ray cluster ({str(e).splitlines()[0]})") from None
+
+
+def check_resources(resources: dict[str, float]) -> None:
+    """Refuse per-trial resources that no alive node has (Tune would wait for them forever)."""
+    import ray
+
+    need = {k.upper() if k in ("cpu", "gpu") else k: float(v) for k, v in resources.items() if v}
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    if not any(all(node.get(k, 0.0) >= v for k, v in need.items()) for node in nodes):
+        have = [{k: node.get(k, 0.0) for k in need} for node in nodes]
+        raise UserError(f"resources {resources}: no node of the cluster has them (nodes have {have})")
+
+
+def _tuner(cfg: SearchConfig, evaluator: Evaluator, study: optuna.Study, trainable: Any, name: str,
+           storage_path: str, num_samples: int) -> Any:
+    from ray import tune
+
+    multi = cfg.objective == "multi"
+    hib = evaluator.metric.higher_is_better
+    searcher = constrained_optuna_search(
+        space=_SpaceFn(evaluator.space), metric=["fraction", "quality"] if multi else "fraction",
+        mode=["min", "max" if hib else "min"] if multi else "min",
+        study_name=cfg.study, storage=study._storage, sampler=study.sampler, seed=cfg.seed)
+    return tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(search_alg=searcher, num_samples=num_samples,
+                                    max_concurrent_trials=cfg.max_concurrent, reuse_actors=True),
+        run_config=tune.RunConfig(name=name, storage_path=storage_path, verbose=0,
+                                  failure_config=tune.FailureConfig(max_failures=cfg.max_failures)))
+
+
+def run_ray_search(cfg: SearchConfig, evaluator: Evaluator, address: str | None = None) -> optuna.Study:
+    """Run the search through Ray Tune; resumes an interrupted run from runs/<study>/ray."""
+    import ray
+    from ray import tune
+
+    address = check_address(address)
+    study = seed_study(cfg, evaluator)  # created once, before any worker; the threshold family enqueued
+    bound = evaluator.threshold(reference_quality(study, evaluator))
+    study.set_user_attr("bound", bound)
+    _init_ray(address, cfg)
+    try:
+        check_resources(cfg.resources)
+        storage_path = str((run_dir(cfg) / "ray").resolve())
+        trainable = tune.with_resources(tune.with_parameters(_trainable, cfg_json=_config_json(cfg), bound=bound),
+                                        {k: v for k, v in cfg.resources.items() if v})
+        # Round 0 resumes an interrupted run (Tuner.restore); later rounds top up trials that failed
+        # for good (e.g. their node died more often than FailureConfig allows).
+        for round_ in range(cfg.max_failures + 1):
+            name = cfg.study if round_ == 0 else f"{cfg.study}-topup{round_}"
+            exp_path = os.path.join(storage_path, name)
+            remaining = cfg.n_trials - len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)))
+            if tune.Tuner.can_restore(exp_path):
+                grid = tune.Tuner.restore(exp_path, trainable, resume_errored=True).fit()
+            elif remaining > 0:
+                grid = _tuner(cfg, evaluator, study, trainable, name, storage_path, remaining).fit()
+            else:
+                break
+            if grid.num_terminated + grid.num_errors < len(grid):  # Tune stopped early: Ctrl-C
+                raise KeyboardInterrupt
+            done = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)))
+            if grid.num_errors == 0 and done >= cfg.n_trials:
+                break
+    finally:
+        ray.shutdown()
+    return open_study(cfg, evaluator)
+

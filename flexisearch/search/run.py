@@ -1,0 +1,80 @@
+"""A whole search as one call: read the config, run the trials (Optuna or Ray backend), confirm the
+best and the Pareto schedules on held-out seeds and export them. The CLI and the Python API use it."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import optuna
+
+from ..files import read_json
+from ..sampling.schedule import Schedule
+from .config import SearchConfig, load_search_config, run_dir
+from .evaluate import Evaluator
+from .export import export_study
+from .optuna_backend import run_search
+from .study import open_study
+
+
+@dataclass
+class SearchResult:
+    """A finished search: its config, the Optuna study, and the exported best.json and pareto.json."""
+
+    config: SearchConfig
+    study: optuna.Study
+    best: dict[str, Any]
+    pareto: dict[str, Any]
+
+    @property
+    def best_schedule(self) -> Schedule:
+        return Schedule.from_dict(self.best["schedule"])
+
+    @property
+    def pareto_schedules(self) -> list[Schedule]:
+        return [Schedule.from_dict(p["schedule"]) for p in self.pareto["points"]]
+
+
+def load_config(config: str | os.PathLike | SearchConfig | None, **overrides: Any) -> SearchConfig:
+    """A SearchConfig from a YAML path (None: the built-in defaults) or a SearchConfig, with top-level overrides."""
+    if isinstance(config, SearchConfig):
+        return dataclasses.replace(config, **{k: v for k, v in overrides.items() if v is not None})
+    return load_search_config(config, overrides)
+
+
+def _result(cfg: SearchConfig, study: optuna.Study) -> SearchResult:
+    out = run_dir(cfg)
+    return SearchResult(cfg, study, read_json(out / "best.json"), read_json(out / "pareto.json"))
+
+
+def search(config: str | os.PathLike | SearchConfig | None = None, *, device: str = "cpu", backend: str = "optuna",
+           workers: int = 1, address: str | None = None, progress: bool = False, **overrides: Any) -> SearchResult:
+    """Run (or resume) the search a config describes and export its results to runs/<study>/.
+
+    config: a search YAML, a SearchConfig or None (built-in defaults); overrides replace top-level keys
+    (study, n_trials, sampler, storage, objective, ...). backend "optuna" runs `workers` processes on
+    this machine; "ray" runs on the Ray cluster at `address` (None: a local one)."""
+    cfg = load_config(config, **overrides)
+    evaluator = Evaluator(cfg, device)
+    if backend == "ray":
+        from .ray_backend import run_ray_search  # Ray is imported only when asked for
+
+        study = run_ray_search(cfg, evaluator, address=address)
+    else:
+        path = str(config) if isinstance(config, (str, Path)) else None
+        study = run_search(cfg, evaluator, workers=workers, config_path=path, progress=progress)
+    export_study(cfg, evaluator, study, progress=progress)
+    return _result(cfg, study)
+
+
+def export(config: str | os.PathLike | SearchConfig | None = None, *, device: str = "cpu", progress: bool = False,
+           **overrides: Any) -> SearchResult:
+    """Re-score the best and Pareto schedules of an existing study on held-out seeds and rewrite its exports."""
+    cfg = load_config(config, **overrides)
+    evaluator = Evaluator(cfg, device)
+    study = open_study(cfg, evaluator)
+    export_study(cfg, evaluator, study, progress=progress)
+    return _result(cfg, study)

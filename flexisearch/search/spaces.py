@@ -1,0 +1,184 @@
+"""Schedule spaces: one class per space type, each proposing schedules from an Optuna trial.
+
+Every space is joint with the sampler settings (num_steps, guidance_scale, guidance_mode, solver: a
+`Choice` each) and adds its own patch-size parameters:
+  threshold         the paper's family: weak for the first fraction f of the steps
+  branch_threshold  separate fractions for the conditional and the unconditional branch
+  segments          a staircase: n segments with free breakpoints, each with its own patch size
+  per_step          a free patch size per step (per branch with branches: separate)
+Fractions (not step indices) parametrise thresholds so that a searcher's knowledge carries over
+between step counts. A space answers three questions, in the manner of Optuna's samplers: which
+schedule a trial proposes (`suggest`, define-by-run; a FixedTrial replays given parameters), the
+full grid (`grid`, for brute force), and the trial parameters of the paper's "weak for the first
+fraction f" schedule (`paper_params`). A new space type is one subclass and one line in SPACES.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import UserError
+from ..sampling.schedule import Schedule
+
+FRACTION_STEP = 0.05
+SETTINGS = ("num_steps", "guidance_scale", "guidance_mode", "solver")
+
+
+@dataclass(frozen=True)
+class Choice:
+    """A searched dimension: a list of values, or a float range with an optional step."""
+
+    values: tuple = ()
+    low: float | None = None
+    high: float | None = None
+    step: float | None = None
+
+    @property
+    def fixed(self) -> Any:
+        return self.values[0] if len(self.values) == 1 else None
+
+    def suggest(self, trial: Any, name: str) -> Any:
+        if self.values:
+            return self.values[0] if len(self.values) == 1 else trial.suggest_categorical(name, list(self.values))
+        return trial.suggest_float(name, self.low, self.high, step=self.step)
+
+    def enumerate(self) -> list:
+        if self.values:
+            return list(self.values)
+        if self.step is None:
+            raise UserError("a continuous range cannot be enumerated (give it a step, or use another sampler)")
+        n = int(round((self.high - self.low) / self.step))
+        return [round(self.low + i * self.step, 10) for i in range(n + 1)]
+
+
+@dataclass(frozen=True)
+class SpaceConfig:
+    type: str = "branch_threshold"
+    num_steps: Choice = Choice((20,))
+    guidance_scale: Choice = Choice((2.0,))
+    guidance_mode: Choice = Choice(("cfg",))
+    solver: Choice = Choice(("euler",))
+    weak_patch_size: int | None = None  # default: the model's largest extra patch size
+    segments: int = 3
+    branches: str = "joint"  # per_step / segments: "joint" (one size for both branches) or "separate"
+
+
+def _fraction(trial: Any, name: str) -> float:
+    return trial.suggest_float(name, 0.0, 1.0, step=FRACTION_STEP)
+
+
+FRACTIONS = [round(FRACTION_STEP * i, 2) for i in range(round(1 / FRACTION_STEP) + 1)]
+
+
+class Space:
+    """A family of schedules for one model: native and weak patch size, all sizes, its fingerprint."""
+
+    def __init__(self, cfg: SpaceConfig, native: int, weak: int, patch_sizes: tuple[int, ...], fingerprint: str):
+        self.cfg, self.native, self.weak = cfg, native, weak
+        self.patch_sizes, self.fingerprint = tuple(patch_sizes), fingerprint
+
+    def suggest(self, trial: Any) -> Schedule:
+        """The schedule a trial (Optuna Trial or FixedTrial) proposes."""
+        n = int(self.cfg.num_steps.suggest(trial, "num_steps"))
+        cond, uncond = self._sizes(trial, n)
+        return Schedule(cond=cond, uncond=uncond, model=self.fingerprint,
+                        guidance_scale=float(self.cfg.guidance_scale.suggest(trial, "guidance_scale")),
+                        guidance_mode=self.cfg.guidance_mode.suggest(trial, "guidance_mode"),
+                        solver=self.cfg.solver.suggest(trial, "solver"))
+
+    def grid(self) -> dict[str, list]:
+        """Every parameter's values, for Optuna's BruteForceSampler (and the size of the space)."""
+        g = {name: getattr(self.cfg, name).enumerate() for name in SETTINGS if getattr(self.cfg, name).fixed is None}
+        return {**g, **self._grid(max(self.cfg.num_steps.enumerate()))}
+
+    def paper_params(self, settings: dict[str, Any], fraction: float) -> dict[str, Any]:
+        """Trial parameters of the paper's schedule, weak for the first `fraction` of the steps."""
+        return {**settings, **self._paper(int(settings.get("num_steps", self.cfg.num_steps.fixed)), fraction)}
+
+    def _weak_first(self, k: int, n: int) -> tuple[int, ...]:
+        return (self.weak,) * k + (self.native,) * (n - k)
+
+    def _branches(self) -> tuple[str, ...]:
+        return ("cond", "uncond") if self.cfg.branches == "separate" else ("both",)
+
+    def _sizes(self, trial: Any, n: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        raise NotImplementedError
+
+    def _grid(self, n_max: int) -> dict[str, list]:
+        raise UserError(f"{self.cfg.type} spaces are not enumerable; use another sampler")
+
+    def _paper(self, n: int, fraction: float) -> dict[str, Any]:
+        raise NotImplementedError
+
+
+class ThresholdSpace(Space):
+    """The paper's family: both branches weak for the first fraction of the steps."""
+
+    def _sizes(self, trial: Any, n: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        sizes = self._weak_first(round(_fraction(trial, "weak_frac") * n), n)
+        return sizes, sizes
+
+    def _grid(self, n_max: int) -> dict[str, list]:
+        return {"weak_frac": FRACTIONS}
+
+    def _paper(self, n: int, fraction: float) -> dict[str, Any]:
+        return {"weak_frac": fraction}
+
+
+class BranchThresholdSpace(Space):
+    """Weak for the first fraction of the conditional and (another fraction) of the unconditional steps."""
+
+    def _sizes(self, trial: Any, n: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        return (self._weak_first(round(_fraction(trial, "weak_frac_cond") * n), n),
+                self._weak_first(round(_fraction(trial, "weak_frac_uncond") * n), n))
+
+    def _grid(self, n_max: int) -> dict[str, list]:
+        return {"weak_frac_cond": FRACTIONS, "weak_frac_uncond": FRACTIONS}
+
+    def _paper(self, n: int, fraction: float) -> dict[str, Any]:
+        return {"weak_frac_cond": fraction, "weak_frac_uncond": fraction}
+
+
+class PerStepSpace(Space):
+    """A free patch size per step, shared by both branches or (branches: separate) per branch."""
+
+    def _sizes(self, trial: Any, n: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        sizes = {b: tuple(int(trial.suggest_categorical(f"{b}_p{i}", list(self.patch_sizes))) for i in range(n))
+                 for b in self._branches()}
+        return sizes.get("cond", sizes.get("both")), sizes.get("uncond", sizes.get("both"))
+
+    def _grid(self, n_max: int) -> dict[str, list]:
+        return {f"{b}_p{i}": list(self.patch_sizes) for b in self._branches() for i in range(n_max)}
+
+    def _paper(self, n: int, fraction: float) -> dict[str, Any]:
+        sizes = self._weak_first(round(fraction * n), n)
+        return {f"{b}_p{i}": sizes[i] for b in self._branches() for i in range(n)}
+
+
+class SegmentsSpace(Space):
+    """A staircase: segment j uses size levels[j]; sorted cut points (fractions of the steps) separate them."""
+
+    def _sizes(self, trial: Any, n: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        m, sizes = self.cfg.segments, {}
+        for b in self._branches():
+            levels = [int(trial.suggest_categorical(f"{b}_seg{j}", list(self.patch_sizes))) for j in range(m)]
+            cuts = sorted(_fraction(trial, f"{b}_cut{j}") for j in range(m - 1))
+            bounds = [0] + [round(c * n) for c in cuts] + [n]
+            sizes[b] = tuple(levels[j] for j in range(m) for _ in range(bounds[j + 1] - bounds[j]))
+        return sizes.get("cond", sizes.get("both")), sizes.get("uncond", sizes.get("both"))
+
+    def _paper(self, n: int, fraction: float) -> dict[str, Any]:
+        m, p = self.cfg.segments, {}
+        for b in self._branches():
+            p.update({f"{b}_seg{j}": self.weak if j == 0 else self.native for j in range(m)})
+            p.update({f"{b}_cut{j}": fraction for j in range(m - 1)})
+        return p
+
+
+SPACES: dict[str, type[Space]] = {"threshold": ThresholdSpace, "branch_threshold": BranchThresholdSpace,
+                                  "segments": SegmentsSpace, "per_step": PerStepSpace}
+
+
+def make_space(cfg: SpaceConfig, native: int, weak: int, patch_sizes: tuple[int, ...], fingerprint: str) -> Space:
+    return SPACES[cfg.type](cfg, native, weak, patch_sizes, fingerprint)

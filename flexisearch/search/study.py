@@ -1,0 +1,132 @@
+"""The Optuna study of a search: its storage and sampler, the paper's schedules enqueued first, how a
+trial's result is recorded, and the completed trials read back for export.
+
+The study lives in an Optuna storage (SQLite under runs/<study>/ by default), so running the same
+command again resumes it, several worker processes (or machines, or a Ray cluster) can share it,
+and optuna-dashboard opens it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import optuna
+import sqlalchemy.exc
+from optuna.trial import TrialState
+
+from ..errors import UserError
+from ..sampling.schedule import Schedule
+from .config import SearchConfig, storage_url
+from .evaluate import Evaluator
+from .spaces import Space
+
+PAPER_FRACTIONS = (0.0, 0.2, 0.3, 0.4, 0.5, 0.6, 1.0)  # "weak for the first k steps", as fractions of the steps
+
+
+def make_sampler(cfg: SearchConfig, space: Space) -> optuna.samplers.BaseSampler:
+    seed = cfg.seed
+    if cfg.sampler == "tpe":
+        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=min(10, max(2, cfg.n_trials // 4)))
+    if cfg.sampler == "nsga2":
+        return optuna.samplers.NSGAIISampler(seed=seed, population_size=min(50, max(8, cfg.n_trials // 4)))
+    if cfg.sampler == "gp":
+        return optuna.samplers.GPSampler(seed=seed, n_startup_trials=min(10, max(2, cfg.n_trials // 4)))
+    if cfg.sampler == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    size = math.prod(len(v) for v in space.grid().values())
+    if size > 100_000:
+        raise UserError(f"sampler 'bruteforce': the space has {size} points, too many to enumerate")
+    return optuna.samplers.BruteForceSampler(seed=seed)
+
+
+def open_study(cfg: SearchConfig, evaluator: Evaluator) -> optuna.Study:
+    """Create or resume the study; created once, before any worker starts (SQLite creation races)."""
+    url = storage_url(cfg)
+    hib = evaluator.metric.higher_is_better
+    directions = ["minimize"] if cfg.objective == "single" else ["minimize", "maximize" if hib else "minimize"]
+    optuna.logging.set_verbosity(logging.WARNING)
+    for attempt in range(3):
+        try:
+            if url.startswith("sqlite:///"):
+                Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+            with warnings.catch_warnings():  # Optuna 5 flags heartbeats experimental, on every run
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                storage = optuna.storages.RDBStorage(
+                    url, heartbeat_interval=60, grace_period=180,
+                    heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2)) \
+                    if url.startswith(("sqlite", "postgresql", "mysql")) else url
+            study = optuna.create_study(study_name=cfg.study, storage=storage, directions=directions,
+                                        sampler=make_sampler(cfg, evaluator.space), load_if_exists=True)
+            break
+        except sqlalchemy.exc.IntegrityError:  # another process created the same fresh storage at the same time
+            if attempt == 2:
+                raise UserError(f"storage '{url}': cannot open (other processes keep creating it)") from None
+            time.sleep(0.5)
+        except Exception as e:  # bad URL, unreachable server, unwritable file: all user errors here
+            raise UserError(f"storage '{url}': cannot open ({str(e).splitlines()[0]})") from None
+    if [d.name.lower() for d in study.directions] != directions:
+        raise UserError(f"storage '{url}': study '{cfg.study}' exists with other objectives; use another study name")
+    return study
+
+
+def paper_params(cfg: SearchConfig, evaluator: Evaluator) -> list[dict[str, Any]]:
+    """Trial parameters of the paper's threshold schedules in this space (static native and weak included),
+    at the reference's sampler settings where the space has them."""
+    space, ref = cfg.space, evaluator.reference
+    n = ref.num_steps if ref.num_steps in space.num_steps.enumerate() else max(space.num_steps.enumerate())
+    settings: dict[str, Any] = {}
+    for name, value in (("num_steps", n), ("guidance_scale", ref.guidance_scale),
+                        ("guidance_mode", ref.guidance_mode), ("solver", ref.solver)):
+        choice = getattr(space, name)
+        if choice.fixed is None:
+            if choice.values:
+                settings[name] = value if value in choice.values else choice.values[0]
+            else:
+                settings[name] = min(max(value, choice.low), choice.high)
+    return [evaluator.space.paper_params(settings, f) for f in PAPER_FRACTIONS]
+
+
+def record(trial: Any, report: dict[str, Any]) -> None:
+    """Store a trial's result (TrialResult.report) in the study: its schedule, MACs, quality and the
+    quality constraint, which Optuna's constrained samplers and export read."""
+    trial.set_user_attr("schedule", json.loads(report["schedule"]))
+    trial.set_user_attr("macs", report["macs"])
+    trial.set_user_attr("quality", report["quality"])
+    trial.set_constraint("quality", report["violation"])
+
+
+def reference_quality(study: optuna.Study, evaluator: Evaluator) -> float:
+    """Static native quality on the search seeds: measured once per study, then read back."""
+    key = f"reference_quality:{evaluator.metric.name}"
+    if key not in study.user_attrs:
+        study.set_user_attr(key, evaluator.quality(evaluator.reference))
+    return float(study.user_attrs[key])
+
+
+def seed_study(cfg: SearchConfig, evaluator: Evaluator) -> optuna.Study:
+    """Open the study and enqueue the paper's threshold schedules (once)."""
+    study = open_study(cfg, evaluator)
+    if not study.user_attrs.get("enqueued") and cfg.sampler != "bruteforce":
+        for params in paper_params(cfg, evaluator):
+            study.enqueue_trial(params, user_attrs={"family": "threshold"}, skip_if_exists=True)
+        study.set_user_attr("enqueued", True)
+    return study
+
+
+def trial_records(study: optuna.Study) -> list[dict[str, Any]]:
+    """Completed trials as plain records (schedule, cost, quality, feasibility, family)."""
+    out = []
+    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        if "schedule" not in t.user_attrs:
+            continue
+        out.append({"number": t.number, "schedule": Schedule.from_dict(t.user_attrs["schedule"]),
+                    "fraction": t.values[0], "macs": t.user_attrs["macs"], "quality": t.user_attrs["quality"],
+                    "feasible": all(v <= 0 for v in t.constraints.values()),
+                    "family": t.user_attrs.get("family", "search"), "params": t.params})
+    return out
