@@ -19,10 +19,10 @@ import time
 from pathlib import Path
 
 import torch
-from flexisearch.features import DigitFeatureNet
 
 from flexisearch.data.images import load_mnist
 from flexisearch.files import ASSETS, atomic_write_bytes, atomic_write_json
+from flexisearch.metrics.featnet import DigitFeatureNet
 from flexisearch.metrics.fid import (
     ReferenceStats,
     classifier_accuracy,

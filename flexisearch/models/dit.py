@@ -141,13 +141,7 @@ class FlexiDiT(FlexibleDiT):
 
     def initialize_weights(self) -> None:
         """DiT's init: xavier linears, zeroed adaLN modulation and output layer."""
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                nn.init.zeros_(m.bias)
-        w = self.x_embedder.proj.weight
-        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-        nn.init.zeros_(self.x_embedder.proj.bias)
+        self._init_linears()
         nn.init.normal_(self.y_embedder.weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)

@@ -35,6 +35,16 @@ class FlexibleDiT(Pretrained, nn.Module):
         """An empty model of the same class for another config (with_patch_sizes)."""
         return type(self)(config)
 
+    def _init_linears(self) -> None:
+        """The start of DiT's and PixArt's init: xavier-uniform linears and patch embedding (as a linear), zero biases."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        w = self.x_embedder.proj.weight
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(self.x_embedder.proj.bias)
+
     def _add_lora(self, key: str) -> None:
         for block in self.blocks:
             for lin in (block.attn.qkv, block.attn.proj, block.mlp.fc1, block.mlp.fc2):

@@ -190,13 +190,7 @@ class FlexiTextDiT(FlexibleDiT):
 
     def initialize_weights(self) -> None:
         """PixArt's init: xavier linears, small timestep/caption MLPs, zero cross-attention output and de-embedding."""
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                nn.init.zeros_(m.bias)
-        w = self.x_embedder.proj.weight
-        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-        nn.init.zeros_(self.x_embedder.proj.bias)
+        self._init_linears()
         for lin in (self.t_embedder.mlp[0], self.t_embedder.mlp[2], self.t_block[1],
                     self.caption_projection.linear_1, self.caption_projection.linear_2):
             nn.init.normal_(lin.weight, std=0.02)
