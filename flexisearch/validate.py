@@ -92,6 +92,14 @@ class ConfigMixin:
 
     complete: typing.ClassVar[bool] = False  # True: a stored config must give every key (no defaults filled in)
 
+    def __post_init__(self) -> None:
+        # A float field given as an int (mlp_ratio=4) is stored as a float, so to_dict and the content
+        # fingerprint are the same before saving and after loading.
+        for name, hint in typing.get_type_hints(type(self)).items():
+            value = getattr(self, name, None)
+            if hint is float and isinstance(value, int) and not isinstance(value, bool):
+                object.__setattr__(self, name, float(value))
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
