@@ -1,19 +1,26 @@
-"""Schedule-driven sampling over diffusers schedulers.
+"""Schedule-driven sampling over diffusers schedulers: the package's one denoising loop.
+
+`denoise` is that loop: it runs steps [start, num_steps) of a schedule on latents with a scheduler
+whose timesteps are set (`prepare_scheduler`), and hands the latents to an `on_step` hook after
+every step. Both `sample` (below) and `pipeline.FlexiDiTPipeline.__call__` run it.
 
 Every step runs each CFG branch at the patch size the schedule gives it: one batched call when
-both branches share a size, one call per size otherwise. Each sample's initial noise (and the
-noise of stochastic solvers) comes from its own seed, so a sample does not depend on the batch
-it was drawn in: schedule comparisons on fixed seeds are fair (common random numbers).
+both branches share a size, one call per size otherwise. In `sample`, each sample's initial noise
+(and the noise of stochastic solvers) comes from its own seed, so a sample does not depend on the
+batch it was drawn in: schedule comparisons on fixed seeds are fair (common random numbers).
 
 A TrajectoryCache lets schedules that share their first steps share the work: same seeds and same
-first steps give the same latents, so a new schedule resumes from the longest cached prefix.
+first steps give the same latents, so a new schedule resumes (`denoise(start=...)`) from the
+longest cached prefix; the cache is filled through `on_step`.
 """
 
 from __future__ import annotations
 
 import copy
 import hashlib
+import inspect
 from collections import OrderedDict
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -26,6 +33,7 @@ from diffusers import (
 )
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
+from ..errors import UserError
 from ..models.flexible import FlexibleDiT
 from .schedule import WEAK_GUIDANCE_RATIO, Schedule
 
@@ -140,6 +148,64 @@ def initial_noise(seeds: list[int], shape: tuple[int, ...]) -> tuple[torch.Tenso
     return torch.stack([torch.randn(shape, generator=g) for g in gens]), gens
 
 
+def prepare_scheduler(scheduler: SchedulerMixin, num_steps: int, noise: torch.Tensor,
+                      device: torch.device) -> torch.Tensor:
+    """Set the scheduler's timesteps for num_steps steps; returns the starting latents on device.
+
+    The latents are the unscaled noise times the scheduler's init_noise_sigma (read after
+    set_timesteps; flow-matching schedulers have no such scale).
+    """
+    scheduler.set_timesteps(num_steps, device=device)
+    return noise.to(device) * getattr(scheduler, "init_noise_sigma", 1.0)
+
+
+StepHook = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@torch.no_grad()
+def denoise(
+    model: FlexibleDiT,
+    schedule: Schedule,
+    scheduler: SchedulerMixin,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    generator: torch.Generator | list[torch.Generator] | None,
+    *,
+    start: int = 0,
+    autocast_dtype: torch.dtype | None = None,
+    on_step: StepHook | None = None,
+) -> torch.Tensor:
+    """Run steps [start, num_steps) of the schedule on latents x; returns the final latents.
+
+    The package's one denoising loop. `scheduler` has its timesteps set (prepare_scheduler) and,
+    when start > 0, the solver state reached after step start - 1. Each step scales the input
+    (scale_model_input, if any), casts it to the model's dtype, evaluates guided_output (under
+    autocast to autocast_dtype if given) and steps the scheduler with the float32 output; the
+    scheduler gets `generator` (noise of stochastic solvers) only if its step takes one.
+    `on_step(i, t, x)` is called after each step and returns the latents to continue with.
+    Raises UserError unless the scheduler makes exactly one timestep per schedule step.
+    """
+    steps = schedule.steps()
+    if len(scheduler.timesteps) != len(steps):
+        raise UserError(f"{type(scheduler).__name__} makes {len(scheduler.timesteps)} timesteps for "
+                        f"{len(steps)} steps; a schedule needs one model evaluation per timestep")
+    device, dtype = x.device, next(model.parameters()).dtype
+    learned_variance = model.config.learn_sigma and _uses_learned_variance(scheduler)
+    step_kwargs = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
+    scales_input = hasattr(scheduler, "scale_model_input")
+    amp = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None else nullcontext()
+    model.eval()
+    for i in range(start, len(steps)):
+        t = scheduler.timesteps[i]
+        x_in = scheduler.scale_model_input(x, t) if scales_input else x
+        with amp:
+            out = guided_output(model, x_in.to(dtype), t.to(device), y, *steps[i], schedule, learned_variance)
+        x = scheduler.step(out.float(), t, x, **step_kwargs).prev_sample
+        if on_step is not None:
+            x = on_step(i, t, x)
+    return x
+
+
 @torch.no_grad()
 def sample(
     model: FlexibleDiT,
@@ -156,10 +222,11 @@ def sample(
 ) -> torch.Tensor:
     """Generate one sample per (label, seed) following the schedule; returns (N, C, H, W) on CPU.
 
-    Samples are processed in chunks of batch_size; the result of a sample depends only on its seed
-    and label. `scheduler` overrides the one named by the schedule's solver (any diffusers scheduler
-    with set_timesteps/step). `cache` reuses trajectories across calls with the same seeds, labels
-    and cache_tag (the caller's name for the sample set, e.g. 'search').
+    Samples are processed in chunks of batch_size, each by `denoise` from its longest cached
+    prefix; the result of a sample depends only on its seed and label. `scheduler` overrides the
+    one named by the schedule's solver (any diffusers scheduler with set_timesteps/step). `cache`
+    reuses trajectories across calls with the same seeds, labels and cache_tag (the caller's name
+    for the sample set, e.g. 'search').
     """
     labels = torch.as_tensor(labels, dtype=torch.long)
     if len(labels) != len(seeds):
@@ -167,12 +234,9 @@ def sample(
     cfg = model.config
     device = next(model.parameters()).device
     template = scheduler if scheduler is not None else make_scheduler(schedule.solver, cfg.prediction, cfg.learn_sigma)
-    learned_variance = cfg.learn_sigma and _uses_learned_variance(template)
-    amp = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None else nullcontext()
     steps = schedule.steps()
     shape = (cfg.in_channels, cfg.input_size, cfg.input_size)
     outputs = []
-    model.eval()
     chunks = range(0, len(seeds), batch_size)
     bar = None
     if progress:
@@ -187,26 +251,23 @@ def sample(
         done, state = cache.longest_prefix(base, steps) if cache is not None else (0, None)
         if state is None:
             sched = copy.deepcopy(template)
-            sched.set_timesteps(schedule.num_steps, device=device)
-            x, gens = initial_noise(chunk_seeds, shape)
-            # Flow-matching schedulers have neither an initial noise scale nor input scaling.
-            state = _State(x.to(device) * getattr(sched, "init_noise_sigma", 1.0), sched, gens)
+            noise, gens = initial_noise(chunk_seeds, shape)
+            state = _State(prepare_scheduler(sched, schedule.num_steps, noise, device), sched, gens)
         if cache is not None:
             cache.calls_saved += sum(_calls_per_step(schedule, *s) for s in steps[:done])
         if bar is not None:
             bar.update(done)
-        x, sched = state.x, state.scheduler
-        for i in range(done, len(steps)):
-            t = sched.timesteps[i]
-            x_in = sched.scale_model_input(x, t) if hasattr(sched, "scale_model_input") else x
-            with amp:
-                out = guided_output(model, x_in, t.to(device), y, *steps[i], schedule, learned_variance)
-            x = sched.step(out.float(), t, x, generator=state.generators).prev_sample
+
+        def after_step(i: int, t: torch.Tensor, x: torch.Tensor, base: str = base, state: _State = state) -> torch.Tensor:
             if cache is not None:
                 cache.calls_run += _calls_per_step(schedule, *steps[i])
-                cache.put(base, steps[: i + 1], _State(x, sched, state.generators))
+                cache.put(base, steps[: i + 1], _State(x, state.scheduler, state.generators))
             if bar is not None:
                 bar.update(1)
+            return x
+
+        x = denoise(model, schedule, state.scheduler, state.x, y, state.generators, start=done,
+                    autocast_dtype=autocast_dtype, on_step=after_step)
         outputs.append(x.float().cpu())
     if bar is not None:
         bar.close()

@@ -5,10 +5,12 @@ An exported best.json (or any schedule file, docs/schedule.md) drives the pipeli
     pipe = FlexiDiTPipeline.from_pretrained("flexidit-xl-256")
     images = pipe([207, 360], schedule="runs/study/best.json").images
 
-Each step runs the conditional and unconditional branch at the sizes the schedule gives them,
-through the library's own `generate.guided_output`; with per-sample `seeds` the result is exactly
-that of `generate.sample`. A schedule made for another model, step count, guidance scale or solver
-is refused unless the call opts in to adapting it (see `FlexiDiTPipeline.__call__`).
+The denoising loop is the package's one loop, `generate.denoise`, which `generate.sample` runs
+too: each step runs the conditional and unconditional branch at the sizes the schedule gives them
+(`generate.guided_output`); the pipeline's progress bar and `callback_on_step_end` go through the
+loop's per-step hook. With per-sample `seeds` the result is exactly that of `generate.sample`. A
+schedule made for another model, step count, guidance scale or solver is refused unless the call
+opts in to adapting it (see `FlexiDiTPipeline.__call__`).
 
 Saving and loading. diffusers saves and loads a component only if its class derives from one of
 the bases in `pipeline_loading_utils.LOADABLE_CLASSES` (ModelMixin, SchedulerMixin, transformers'
@@ -32,7 +34,6 @@ pipeline's `device`, `dtype` and `to` are defined here. Model CPU offload is not
 
 from __future__ import annotations
 
-import inspect
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -48,12 +49,7 @@ from ..errors import UserError
 from ..files import atomic_write, read_json
 from ..models.convert import from_diffusers_dit
 from ..models.dit import FlexiDiT, FlexiDiTConfig
-from .generate import (
-    _uses_learned_variance,
-    guided_output,
-    initial_noise,
-    make_scheduler,
-)
+from .generate import denoise, initial_noise, make_scheduler, prepare_scheduler
 from .schedule import SOLVERS, Schedule
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
@@ -296,27 +292,21 @@ class FlexiDiTPipeline(DiffusionPipeline):
                                          adapt_guidance=adapt_guidance, allow_solver_mismatch=allow_solver_mismatch,
                                          allow_model_mismatch=allow_model_mismatch)
         model, cfg, scheduler = self.transformer, self.transformer.config, self.scheduler
-        device, dtype = self._execution_device, self.dtype
+        device = self._execution_device
         y = self._class_ids(class_labels)
         shape = (len(y), cfg.in_channels, cfg.input_size, cfg.input_size)
         latents, generator = self._initial_latents(shape, seeds, generator, latents, device)
+        latents = prepare_scheduler(scheduler, schedule.num_steps, latents, device)
 
-        scheduler.set_timesteps(schedule.num_steps, device=device)
-        if len(scheduler.timesteps) != schedule.num_steps:
-            raise UserError(f"{type(scheduler).__name__} makes {len(scheduler.timesteps)} timesteps for "
-                            f"{schedule.num_steps} steps; a schedule needs one model evaluation per timestep")
-        latents = latents * getattr(scheduler, "init_noise_sigma", 1.0)  # flow schedulers have no such scale
-        learned_variance = cfg.learn_sigma and _uses_learned_variance(scheduler)
-        step_kwargs = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
-        scales_input = hasattr(scheduler, "scale_model_input")
-        model.eval()
-        for i, (t, sizes) in enumerate(zip(self.progress_bar(scheduler.timesteps), schedule.steps())):
-            x_in = scheduler.scale_model_input(latents, t) if scales_input else latents
-            out = guided_output(model, x_in.to(dtype), t.to(device), y, *sizes, schedule, learned_variance)
-            latents = scheduler.step(out.float(), t, latents, **step_kwargs).prev_sample
-            if callback_on_step_end is not None:
-                returned = callback_on_step_end(self, i, t, dict.fromkeys(callback_on_step_end_tensor_inputs, latents))
-                latents = returned.pop("latents", latents)
+        with self.progress_bar(total=schedule.num_steps) as bar:
+            def on_step(i: int, t: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+                if callback_on_step_end is not None:
+                    returned = callback_on_step_end(self, i, t, dict.fromkeys(callback_on_step_end_tensor_inputs, latents))
+                    latents = returned.pop("latents", latents)
+                bar.update()
+                return latents
+
+            latents = denoise(model, schedule, scheduler, latents, y, generator, on_step=on_step)
 
         if output_type == "latent":
             images = latents
