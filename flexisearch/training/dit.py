@@ -20,7 +20,7 @@ from ..data.images import load_dataset
 from ..errors import UserError
 from ..files import atomic_write_json
 from ..models.dit import FlexiDiT, FlexiDiTConfig
-from .loop import drop_labels, flow_pair, train_loop
+from .loop import drop_labels, ema_copy, flow_pair, pretrain_flow, train_loop
 
 
 @dataclass(frozen=True)
@@ -73,25 +73,7 @@ def train_base(config: BaseTrainConfig, out_dir: str | Path) -> FlexiDiT:
         input_size=config.image_size, in_channels=images.shape[1], hidden_size=config.hidden_size,
         depth=config.depth, num_heads=config.num_heads, patch_size=config.patch_size,
         num_classes=int(labels.max()) + 1, learn_sigma=False, prediction="flow"))
-    ema = FlexiDiT(model.config)
-    ema.load_state_dict(model.state_dict())
-    ema.requires_grad_(False)
-    null = model.null_class
-
-    def loss_fn(gen: torch.Generator) -> torch.Tensor:
-        idx = torch.randint(len(images), (config.batch_size,), generator=gen)
-        xt, t, target = flow_pair(images[idx], gen)
-        y = drop_labels(labels[idx], config.class_dropout, null, gen)
-        return ((model(xt, t, y) - target) ** 2).mean()
-
-    t0 = time.time()
-    train_loop("pretrain", out_dir, config, model, ema, [{"params": list(model.parameters())}], loss_fn,
-          config.steps, config.lr, config.warmup)
-    ema.save_pretrained(out_dir / "model")
-    model.save_pretrained(out_dir / "raw")
-    atomic_write_json(out_dir / "train_info.json", {"kind": "base", "config": dataclasses.asdict(config),
-                                                    "wall_s_last_session": round(time.time() - t0, 1)})
-    return ema.eval()
+    return pretrain_flow("pretrain", out_dir, config, model, images, labels, config.class_dropout)
 
 
 def train_flexify(config: FlexifyConfig, out_dir: str | Path) -> FlexiDiT:
@@ -114,9 +96,7 @@ def train_flexify(config: FlexifyConfig, out_dir: str | Path) -> FlexiDiT:
     model = base.with_patch_sizes(config.weak_patch_sizes, init_std=config.residual_init_std,
                                   lora_rank=config.lora_rank if lora else 0, lora_alpha=float(config.lora_rank))
     model.train()
-    ema = FlexiDiT(model.config)
-    ema.load_state_dict(model.state_dict())
-    ema.requires_grad_(False)
+    ema = ema_copy(model)
     new = [p for n, p in model.named_parameters() if "residual" in n or "patch_size_embed" in n or "lora_" in n]
     new_ids = {id(p) for p in new}
     old = [p for p in model.parameters() if id(p) not in new_ids]

@@ -96,7 +96,8 @@ class Checkpoint:
 
 
 def train_loop(name: str, out_dir: Path, config: Any, model: FlexibleDiT, ema: FlexibleDiT | None,
-          param_groups: list[dict], loss_fn: Callable[[torch.Generator], torch.Tensor], total_steps: int, base_lr: float, warmup: int) -> list[float]:
+               param_groups: list[dict], loss_fn: Callable[[torch.Generator], torch.Tensor], total_steps: int,
+               base_lr: float, warmup: int) -> list[float]:
     """Shared training loop: AdamW, LR schedule, EMA with warm-up, logging, checkpoint/resume."""
     out_dir.mkdir(parents=True, exist_ok=True)
     opt = torch.optim.AdamW(param_groups, lr=base_lr, weight_decay=0.0)
@@ -133,3 +134,32 @@ def train_loop(name: str, out_dir: Path, config: Any, model: FlexibleDiT, ema: F
                 log.flush()
                 ckpt.save(step + 1, model, ema, opt, gen, config)
     return losses
+
+
+def ema_copy(model: FlexibleDiT) -> FlexibleDiT:
+    """A frozen copy of the model that train_loop keeps as the exponential moving average."""
+    ema = model._like(model.config)
+    ema.load_state_dict(model.state_dict())
+    return ema.requires_grad_(False)
+
+
+def pretrain_flow(name: str, out_dir: Path, config: Any, model: FlexibleDiT, images: torch.Tensor,
+                  labels: torch.Tensor, dropout: float) -> FlexibleDiT:
+    """Rectified-flow pretraining at the native patch size with label dropout to the null label (classifier-free
+    guidance); writes out_dir/model (EMA), out_dir/raw and train_info.json, and returns the EMA model."""
+    ema = ema_copy(model)
+
+    def loss_fn(gen: torch.Generator) -> torch.Tensor:
+        idx = torch.randint(len(images), (config.batch_size,), generator=gen)
+        xt, t, target = flow_pair(images[idx], gen)
+        y = drop_labels(labels[idx], dropout, model.null_class, gen)
+        return ((model(xt, t, y) - target) ** 2).mean()
+
+    t0 = time.time()
+    train_loop(name, out_dir, config, model, ema, [{"params": list(model.parameters())}], loss_fn,
+               config.steps, config.lr, config.warmup)
+    ema.eval().save_pretrained(out_dir / "model")
+    model.eval().save_pretrained(out_dir / "raw")
+    atomic_write_json(out_dir / "train_info.json", {"kind": name, "config": dataclasses.asdict(config),
+                                                    "wall_s_last_session": round(time.time() - t0, 1)})
+    return ema

@@ -16,7 +16,7 @@ from ..errors import UserError
 from ..files import atomic_write_json
 from ..models.text_dit import FlexiTextDiT, FlexiTextDiTConfig
 from ..models.text_encoder import MINILM, MINILM_DIM, set_model_prompts
-from .loop import drop_labels, flow_pair, train_loop
+from .loop import drop_labels, flow_pair, pretrain_flow, train_loop
 
 
 @dataclass(frozen=True)
@@ -77,25 +77,7 @@ def train_text_base(config: TextBaseTrainConfig, out_dir: str | Path) -> FlexiTe
                              caption_channels=MINILM_DIM, text_len=config.text_len, text_encoder=MINILM)
     model = FlexiTextDiT(cfg)
     set_model_prompts(model, unique)
-    ema = FlexiTextDiT(model.config, model.captions)
-    ema.load_state_dict(model.state_dict())
-    ema.requires_grad_(False)
-    null = model.null_class
-
-    def loss_fn(gen: torch.Generator) -> torch.Tensor:
-        idx = torch.randint(len(images), (config.batch_size,), generator=gen)
-        xt, t, target = flow_pair(images[idx], gen)
-        y = drop_labels(rows[idx], config.caption_dropout, null, gen)
-        return ((model(xt, t, y) - target) ** 2).mean()
-
-    t0 = time.time()
-    train_loop("text-pretrain", out_dir, config, model, ema, [{"params": list(model.parameters())}], loss_fn,
-          config.steps, config.lr, config.warmup)
-    ema.eval().save_pretrained(out_dir / "model")
-    model.eval().save_pretrained(out_dir / "raw")
-    atomic_write_json(out_dir / "train_info.json", {"kind": "text-base", "config": dataclasses.asdict(config),
-                                                    "wall_s_last_session": round(time.time() - t0, 1)})
-    return ema.eval()
+    return pretrain_flow("text-pretrain", out_dir, config, model, images, rows, config.caption_dropout)
 
 
 def train_text_flexify(config: TextFlexifyConfig, out_dir: str | Path) -> FlexiTextDiT:
@@ -129,7 +111,7 @@ def train_text_flexify(config: TextFlexifyConfig, out_dir: str | Path) -> FlexiT
 
     t0 = time.time()
     train_loop("text-flexify-lora", out_dir, config, model, None, [{"params": new}], loss_fn, config.steps, config.lr,
-          warmup=20)
+               warmup=20)
     model.eval().save_pretrained(out_dir / "model")
     atomic_write_json(out_dir / "train_info.json", {"kind": "text-flexify", "config": dataclasses.asdict(config),
                                                     "wall_s_last_session": round(time.time() - t0, 1)})
