@@ -13,10 +13,13 @@ from flexisearch.metrics.featnet import DigitFeatureNet, FeatureNetConfig
 from flexisearch.metrics.fid import (
     ReferenceStats,
     compute_reference_stats,
+    extract_features,
     fid_against_stats,
+    frechet_distance_np,
 )
 from flexisearch.models.loading import load_model
 from flexisearch.sampling.generate import sample
+from flexisearch.sampling.schedule import Schedule
 from flexisearch.search.config import load_search_config
 from flexisearch.search.evaluate import Evaluator
 
@@ -60,15 +63,33 @@ def write_cfg(root, tmp_path, **over):
     return load_search_config(p)
 
 
+def decoded_search_samples(original, evaluator, schedule, n=12):
+    """What the search should score, built without the Evaluator: n samples on seeds 0..n-1 with labels cycling
+    over the classes, decoded by the original DiTPipeline's VAE as diffusers' DiTPipeline does."""
+    labels = [i % evaluator.model.config.num_classes for i in range(n)]
+    latents = sample(evaluator.model, schedule, labels, list(range(n)))
+    with torch.no_grad():
+        images = original.vae.decode(latents / original.vae.config.scaling_factor).sample.clamp(-1, 1)
+    return latents, images
+
+
+def independent_fid(net, images, mu, sigma):
+    """FID from the net's features with numpy's covariance and scipy's sqrtm (no torchmetrics, no ReferenceStats)."""
+    feats = extract_features(net, images).numpy()
+    return frechet_distance_np(feats.mean(0), np.cov(feats, rowvar=False), np.asarray(mu), np.asarray(sigma))
+
+
 def test_objective_scores_decoded_pixels(dirs, tmp_path):
-    root, _, net, stats = dirs
+    root, original, net, _ = dirs
     evaluator = Evaluator(write_cfg(root, tmp_path))
-    s = evaluator.reference
-    images = evaluator.samples(s, evaluator.search_set)
-    latents = sample(evaluator.model, s, list(evaluator.search_set.labels), list(evaluator.search_set.seeds))
+    s = Schedule.static(2, 4, guidance_scale=2.0, solver="ddim", model=evaluator.fingerprint)  # the reference
+    latents, images = decoded_search_samples(original, evaluator, s)
     assert images.shape == (12, 3, 8, 8) and latents.shape == (12, 4, 8, 8)
-    assert torch.equal(images, evaluator.model.decode_images(latents))
-    assert evaluator.quality(s) == pytest.approx(fid_against_stats(net, images, stats), rel=1e-6)
+    assert torch.allclose(evaluator.samples(s, evaluator.search_set), images, atol=1e-5)
+    npz = np.load(root / "stats.npz")
+    want = independent_fid(net, images, npz["mu"], npz["sigma"])
+    assert want > 0 and evaluator.quality(s) == pytest.approx(want, rel=1e-4, abs=0)
+    assert evaluator.quality(evaluator.reference) == evaluator.quality(s)
 
 
 def test_npz_statistics_match_the_directory_format(dirs):
@@ -102,10 +123,9 @@ def test_bad_npz_and_unloadable_hub_id_are_one_line_errors(dirs, tmp_path):
 
 def test_fid_inception_features_and_npz_statistics_drive_the_search_metric(dirs, tmp_path):
     """The FID Inception-v3 (random weights here; the real ones download when online) plugs into the metric."""
-    from flexisearch.metrics.fid import extract_features
     from flexisearch.metrics.inception import FIDInceptionV3
 
-    root, _, _, _ = dirs
+    root, original, _, _ = dirs
     torch.manual_seed(0)
     net = FIDInceptionV3()
     net.save_pretrained(tmp_path / "inception.safetensors")
@@ -113,7 +133,9 @@ def test_fid_inception_features_and_npz_statistics_drive_the_search_metric(dirs,
     np.savez(tmp_path / "imagenet.npz", mu=feats.mean(0), sigma=np.cov(feats, rowvar=False))
     evaluator = Evaluator(write_cfg(root, tmp_path, feature_net=str(tmp_path / "inception.safetensors"),
                                     reference_stats=str(tmp_path / "imagenet.npz")))
-    images = evaluator.samples(evaluator.reference, evaluator.search_set)
-    stats = ReferenceStats.from_npz(tmp_path / "imagenet.npz", net.fingerprint())
-    assert stats.mu.shape == (2048,)
-    assert evaluator.quality(evaluator.reference) == pytest.approx(fid_against_stats(net, images, stats), rel=1e-6)
+    s = Schedule.static(2, 4, guidance_scale=2.0, solver="ddim", model=evaluator.fingerprint)  # the reference
+    _, images = decoded_search_samples(original, evaluator, s)
+    assert ReferenceStats.from_npz(tmp_path / "imagenet.npz", net.fingerprint()).mu.shape == (2048,)
+    want = independent_fid(net, images, feats.mean(0), np.cov(feats, rowvar=False))
+    # random Inception weights make tiny features (FID ~1e-12 here): compare relatively, with no absolute slack
+    assert want > 0 and evaluator.quality(evaluator.reference) == pytest.approx(want, rel=1e-4, abs=0)

@@ -144,9 +144,47 @@ def test_bruteforce_enumerates_a_small_space(in_tmp, model_dir):
 
 
 def test_multi_objective_front(in_tmp, model_dir):
-    cfg = load_search_config(write_space(in_tmp, model_dir, objective="multi", n_trials=5))
-    study = run_search(cfg, Evaluator(cfg), progress=False)
-    assert len(study.directions) == 2 and len(study.best_trials) >= 1
+    """A multi-objective search exports pareto.json: the non-dominated feasible trials, cheapest first, with
+    FLOPs fractions and qualities that match the trials, and held-out intervals around their values."""
+    from flexisearch.models.flops import schedule_macs
+    from flexisearch.search.export import export_study
+
+    cfg = load_search_config(write_space(in_tmp, model_dir, objective="multi", n_trials=10, pareto_max=20,
+                                         sampler="random", metric={"max": 10.0}))
+    evaluator = Evaluator(cfg)
+    study = run_search(cfg, evaluator, progress=False)
+    assert len(study.directions) == 2
+    export_study(cfg, evaluator, study)
+    pareto = json.loads((in_tmp / "runs" / "t" / "pareto.json").read_text())
+    config = random_flexidit(size=16).config
+    reference = Schedule.static(2, 4, guidance_scale=2.0, solver="euler", model=evaluator.fingerprint)
+
+    def fraction(d):
+        return schedule_macs(config, Schedule.from_dict(d)) / schedule_macs(config, reference)
+
+    # what the study holds, measured independently of the values the search reported: (FLOPs fraction, fid_native)
+    trials = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(trials) == 10
+    measured = [(fraction(t.user_attrs["schedule"]), t.user_attrs["quality"]) for t in trials]
+    for t, (f, q) in zip(trials, measured):
+        assert t.values == pytest.approx([f, q])  # objectives: FLOPs fraction, then quality
+    feasible = {(f, q) for f, q in measured if q <= 10.0}
+    front = sorted(p for p in feasible
+                   if not any(g <= p[0] and r <= p[1] and (g, r) != p for g, r in feasible))
+    assert pareto["constraint"]["bound"] == 10.0 and pareto["metric"] == "fid_native"
+    points = pareto["points"]
+    got = [(p["cost"]["fraction_of_static_native"], p["quality"]["search"]) for p in points]
+    for p, (f, q) in zip(points, got):
+        assert f == pytest.approx(fraction(p["schedule"]), rel=1e-12)
+        assert (f, q) in feasible  # a feasible trial of the study
+        assert not any(g <= f and r <= q and (g, r) != (f, q) for g, r in feasible)  # dominated by none
+        h = p["quality"]["heldout"]
+        # static native against its own samples: fid_native is 0 up to float noise (e.g. -2e-6), its interval [0, x]
+        assert h["ci95"][0] - 1e-4 <= h["value"] <= h["ci95"][1] + 1e-4 and h["n"] == 30
+    assert [f for f, _ in got] == sorted(f for f, _ in got) and len({f for f, _ in got}) == len(got)
+    assert len(got) == len(front) and [x for p in got for x in p] == pytest.approx([x for p in front for x in p])
+    # static native, something cheaper, dominated feasible trials, and infeasible ones
+    assert len(front) >= 2 and len(feasible) > len(front) and len(feasible) < len(set(measured))
 
 
 def test_unmeetable_constraint(in_tmp, model_dir):

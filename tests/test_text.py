@@ -289,15 +289,20 @@ def _search_cfg(tmp_path, **over):
 
 
 def test_short_text_search_on_shipped_assets(tmp_path, monkeypatch):
+    from flexisearch.models.text_dit import FlexiTextDiT
     from flexisearch.search.evaluate import Evaluator
     from flexisearch.search.export import export_study
     from flexisearch.search.optuna_backend import run_search
 
     monkeypatch.chdir(tmp_path)
     _, cfg = _search_cfg(tmp_path)
-    evaluator = Evaluator(cfg)
+    evaluator = Evaluator(cfg)  # the search config names the shipped text model
+    assert isinstance(evaluator.model, FlexiTextDiT)
+    # Search and held-out prompts are distinct rows of the table, with distinct captions.
     search_rows, held_rows = set(evaluator.search_set.labels), set(evaluator.heldout_set.labels)
     assert search_rows and held_rows and not search_rows & held_rows
+    caps = evaluator.model.captions
+    assert not {caps[y] for y in search_rows} & {caps[y] for y in held_rows}
     assert evaluator.metric.name == "clip" and evaluator.metric.higher_is_better
     study = run_search(cfg, evaluator, progress=False)
     best = export_study(cfg, evaluator, study)
