@@ -100,3 +100,119 @@ def test_cache_evicts_to_stay_under_budget():
     s = Schedule.static(2, 6, guidance_scale=2.0, solver="euler", model="x")
     sample(m, s, [0, 1], [0, 1], cache=cache)
     assert len(cache._store) == 3 and cache._bytes <= cache.max_bytes
+
+
+# ---- schedulers built from a solver name --------------------------------------------------------
+def test_ddpm_variance_follows_learn_sigma_and_defaults_to_fixed_small():
+    assert make_scheduler("ddpm", "epsilon").config.variance_type == "fixed_small"  # default: no learned sigma
+    assert make_scheduler("ddpm", "epsilon", learn_sigma=False).config.variance_type == "fixed_small"
+    assert make_scheduler("ddpm", "epsilon", True).config.variance_type == "learned_range"
+
+
+def test_flow_euler_timesteps_are_uniform_over_1000_training_steps_without_shift():
+    sched = make_scheduler("euler", "flow")
+    sched.set_timesteps(4)
+    # rectified flow, 1000 training steps, shift 1: t runs uniformly from 1000 down to 1, sigma = t / 1000
+    assert sched.timesteps.tolist() == pytest.approx([1000.0, 667.0, 334.0, 1.0])
+    assert sched.sigmas.tolist() == pytest.approx([1.0, 0.667, 0.334, 0.001, 0.0], abs=1e-6)
+
+
+def test_flow_dpm_solver_uses_unshifted_flow_sigmas_and_velocity_prediction():
+    sched = make_scheduler("dpm++", "flow")
+    assert sched.config.prediction_type == "flow_prediction"
+    sched.set_timesteps(4)
+    # flow sigmas, no shift: sigma_i = (1 - 1/1000) (1 - i/4), then 0; timesteps = floor(1000 sigma_i)
+    assert sched.sigmas.tolist() == pytest.approx([0.999, 0.74925, 0.4995, 0.24975, 0.0], abs=1e-6)
+    assert sched.timesteps.tolist() == [999, 749, 499, 249]
+
+
+def test_unknown_solver_error_names_solver_and_objective():
+    with pytest.raises(ValueError, match=r"^solver 'euler' is not available for epsilon models$"):
+        make_scheduler("euler", "epsilon")
+    with pytest.raises(ValueError, match=r"^solver 'ddim' is not available for flow models$"):
+        make_scheduler("ddim", "flow")
+
+
+def test_learned_variance_type_scheduler_gets_the_variance_channels():
+    from diffusers import DDPMScheduler
+
+    seen = []
+
+    class Spy(DDPMScheduler):
+        def step(self, model_output, timestep, sample, generator=None, return_dict=True):
+            seen.append(model_output.shape[1])
+            return super().step(model_output, timestep, sample, generator=generator, return_dict=return_dict)
+
+    m = random_flexidit("epsilon", learn_sigma=True)  # 1 latent channel + 1 variance channel
+    s = Schedule.static(2, 2, guidance_scale=2.0, solver="ddpm", model="x")
+    sample(m, s, [0], [0], scheduler=Spy(variance_type="learned"))
+    assert seen == [2, 2]
+    seen.clear()
+    sample(m, s, [0], [0], scheduler=Spy(variance_type="fixed_small"))  # a fixed variance: only the mean
+    assert seen == [1, 1]
+
+
+def test_without_guidance_variance_channels_only_when_the_scheduler_learns_them():
+    m = random_flexidit("epsilon", learn_sigma=True)
+    s = Schedule.static(2, 1, guidance_scale=1.0, solver="ddpm", model="x")
+    x, t, y = torch.randn(2, 1, 8, 8), torch.tensor(500), torch.tensor([0, 1])
+    with torch.no_grad():
+        full = m(x, torch.tensor([500, 500]), y, 2)
+        learned = guided_output(m, x, t, y, 2, 2, s, True)
+        fixed = guided_output(m, x, t, y, 2, 2, s, False)
+    assert full.shape[1] == 2
+    assert learned.shape == (2, 2, 8, 8) and torch.allclose(learned, full, atol=1e-6)
+    assert fixed.shape == (2, 1, 8, 8) and torch.allclose(fixed, full[:, :1], atol=1e-6)
+
+
+# ---- the trajectory cache: counters, prefixes, budget ---------------------------------------------
+STATE_BYTES = 2 * (1 * 8 * 8) * 4 * 2  # 2 samples x 1x8x8 float32 latents, x2 for the solver history
+
+
+def test_fresh_cache_counts_exactly_the_calls_it_ran():
+    m = random_flexidit()
+    cache = TrajectoryCache()
+    assert (cache.calls_run, cache.calls_saved) == (0, 0)
+    s = Schedule(cond=(4, 2, 2), uncond=(4, 4, 2), guidance_scale=2.0, solver="euler", model="x")
+    sample(m, s, [0, 1], [0, 1], cache=cache)
+    assert (cache.calls_run, cache.calls_saved) == (1 + 2 + 1, 0)  # shared size: one batched call
+
+
+def test_schedules_sharing_only_their_first_step_reuse_it():
+    m = random_flexidit()
+    cache = TrajectoryCache()
+    a = Schedule.static(4, 3, guidance_scale=2.0, solver="euler", model="x")
+    b = Schedule.weak_first(1, 3, 4, 2, guidance_scale=2.0, solver="euler", model="x")
+    sample(m, a, [0, 1], [0, 1], cache=cache)
+    got = sample(m, b, [0, 1], [0, 1], cache=cache)
+    assert cache.calls_saved == 1 and cache.calls_run == 3 + 2
+    assert torch.equal(got, sample(m, b, [0, 1], [0, 1]))
+
+
+def test_cache_evicts_least_recently_used_state():
+    m = random_flexidit()
+    cache = TrajectoryCache(max_bytes=2 * STATE_BYTES)  # room for two states
+    s = Schedule.static(2, 3, guidance_scale=2.0, solver="euler", model="x")
+    first = sample(m, s, [0, 1], [0, 1], cache=cache)  # states after steps 1, 2, 3; the oldest goes
+    again = sample(m, s, [0, 1], [0, 1], cache=cache)
+    assert cache.calls_saved == 3 and cache.calls_run == 3  # the final state was kept: nothing reruns
+    assert torch.equal(first, again)
+
+
+def test_a_state_of_exactly_the_budget_is_cached():
+    m = random_flexidit()
+    cache = TrajectoryCache(max_bytes=STATE_BYTES)
+    s = Schedule.static(2, 2, guidance_scale=2.0, solver="euler", model="x")
+    sample(m, s, [0, 1], [0, 1], cache=cache)
+    sample(m, s, [0, 1], [0, 1], cache=cache)
+    assert cache.calls_saved == 2 and cache.calls_run == 2
+
+
+def test_a_state_over_the_budget_is_skipped_and_evicts_nothing():
+    m = random_flexidit()
+    cache = TrajectoryCache(max_bytes=STATE_BYTES * 3 // 4)  # one 1-sample state fits, a 2-sample one does not
+    s = Schedule.static(2, 1, guidance_scale=2.0, solver="euler", model="x")
+    sample(m, s, [0], [0], cache=cache, cache_tag="one")
+    sample(m, s, [0, 1], [0, 1], cache=cache, cache_tag="two")
+    sample(m, s, [0], [0], cache=cache, cache_tag="one")
+    assert cache.calls_saved == 1 and cache.calls_run == 2

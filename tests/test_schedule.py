@@ -77,3 +77,65 @@ def test_check_model(tiny_model):
         Schedule.weak_first(2, 4, 8, 2, guidance_scale=2.0, solver="euler", model=fp).check_model(tiny_model.config, fp)
     with pytest.raises(UserError, match="'ddpm'.*flow model"):
         ok.replace(solver="ddpm").check_model(tiny_model.config, fp)
+
+
+def _message(fn, *args, **kw) -> str:
+    with pytest.raises(UserError) as e:
+        fn(*args, **kw)
+    return str(e.value)
+
+
+def test_invalid_schedule_built_in_code_names_schedule_as_source():
+    msg = _message(Schedule, cond=(2, 2), uncond=(2,), **KW)
+    assert msg == "schedule: field 'uncond' has 1 entries, expected num_steps=2"
+    assert _message(Schedule, cond=(2,), uncond=(2,), guidance_scale=2.0, solver="heun",
+                    model="abc123").startswith("schedule: field 'solver': ")
+
+
+def test_branch_split_names_the_conditional_k():
+    assert _message(Schedule.branch_split, 7, 1, 5, 4, 2, **KW) == "schedule: k_cond=7 must be within 0..5"
+    assert _message(Schedule.branch_split, -1, 1, 5, 4, 2, **KW) == "schedule: k_cond=-1 must be within 0..5"
+
+
+def test_check_model_default_source_and_full_message():
+    from flexisearch.models.dit import FlexiDiTConfig
+
+    cfg = FlexiDiTConfig(input_size=8, in_channels=1, hidden_size=16, depth=1, num_heads=2, num_classes=3,
+                         learn_sigma=False, prediction="flow", extra_patch_sizes=(4,))
+    s = Schedule.static(2, 2, guidance_scale=2.0, solver="euler", model="someone-else")
+    assert _message(s.check_model, cfg, "fp1") == (
+        "schedule: field 'model' is 'someone-else', but the model's fingerprint is 'fp1' "
+        "(schedule made for another model)")
+    assert _message(s.check_model, cfg, "fp1", source="run.json").startswith("run.json: field 'model'")
+    s.check_model(cfg, None)  # no fingerprint to compare: only sizes and solver are checked
+
+
+def test_from_dict_default_source_and_top_level_errors():
+    d = Schedule.static(2, 3, **KW).to_dict()
+    del d["solver"]
+    assert _message(Schedule.from_dict, d) == "schedule: field '(top level)': 'solver' is a required property"
+    assert _message(Schedule.from_dict, [2, 2]).startswith("schedule: field '(top level)': ")
+    assert _message(Schedule.from_dict, d, "x.json").startswith("x.json: field '(top level)'")
+
+
+@pytest.mark.parametrize("bad", [True, False, 0, -2, 2.5, "3", None])
+def test_resample_rejects_non_positive_integers(bad):
+    s = Schedule.weak_first(2, 6, 4, 2, **KW)
+    assert _message(s.resample, bad) == f"schedule: cannot resample to {bad!r} steps, expected an integer >= 1"
+
+
+def test_resample_keeps_weak_share_per_phase():
+    # weak (4) on the first third of the trajectory, native (2) after: every resampling keeps the weak
+    # steps at the start, as many as the first third holds (rounded to whole steps).
+    s = Schedule.branch_split(2, 4, 6, 4, 2, **KW)
+    r = s.resample(3)
+    assert r.cond == (4, 2, 2)  # 1/3 of 3 steps
+    assert r.uncond == (4, 4, 2)  # 2/3 of 3 steps
+    assert (r.guidance_scale, r.solver, r.model) == (2.0, "euler", "abc123")
+    r12 = s.resample(12)
+    assert r12.cond == (4,) * 4 + (2,) * 8 and r12.uncond == (4,) * 8 + (2,) * 4
+    assert s.resample(6) == s
+    # alternating sizes stay alternating (no aliasing), a single step takes the size covering more of the run
+    alt = Schedule(cond=(4, 2, 4, 2), uncond=(4, 2, 4, 2), **KW)
+    assert alt.resample(8).cond == (4, 4, 2, 2, 4, 4, 2, 2)
+    assert Schedule.weak_first(4, 6, 4, 2, **KW).resample(1).cond == (4,)

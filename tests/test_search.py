@@ -1,6 +1,9 @@
 """Search spaces, the Optuna backend, held-out confirmation and export, on a tiny random 16x16 model."""
 
 import json
+import os
+import sys
+import time
 
 import optuna
 import pytest
@@ -234,10 +237,38 @@ def test_storage_created_by_another_process_at_the_same_time(in_tmp, model_dir, 
     assert len(calls) == 2 and study.study_name == "t"
 
 
-def test_cli_search_two_workers(in_tmp, model_dir, capsys):
+def test_cli_search_two_workers(in_tmp, model_dir, capsys, monkeypatch):
+    """--workers 2: the worker process runs trials too; each process records its model calls under its pid."""
+    import flexisearch.search.optuna_backend as backend
+
+    real, waited = backend._trial_fn, []
+
+    def first_trial_waits(cfg, evaluator, bound):  # the trial function of this process (the worker's is the real one)
+        fn = real(cfg, evaluator, bound)
+
+        def trial_fn(trial):
+            # This tiny model's trials take milliseconds, less than the worker process takes to start: as with
+            # trials slower than a start-up, this process's first trial waits until the worker has completed one.
+            if not waited:
+                waited.append(trial.number)
+                deadline = time.time() + 120
+                while (not trial.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+                       and time.time() < deadline):
+                    time.sleep(0.2)
+            return fn(trial)
+
+        return trial_fn
+
+    monkeypatch.setattr(backend, "_trial_fn", first_trial_waits)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(sys.path))  # the worker imports flexisearch from where we do
     p = write_space(in_tmp, model_dir, n_trials=6)
     assert main(["search", "--space", str(p), "--workers", "2", "--quiet"]) == 0
     out = capsys.readouterr().out
     assert "best.json" in out and "FLOPs saving" in out
     study = optuna.load_study(study_name="t", storage="sqlite:///runs/t/study.db")
-    assert len([t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]) == 6
+    # Each process stops once the study holds n_trials completed trials; the other may then be finishing one.
+    assert 6 <= len([t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]) <= 7
+    assert not [t for t in study.trials if t.state == optuna.trial.TrialState.RUNNING]
+    calls = {int(k.rsplit("_", 1)[1]): v for k, v in study.user_attrs.items() if k.startswith("calls_saved_worker_")}
+    assert len(calls) == 2 and os.getpid() in calls  # this process and another one
+    assert all(run > 0 for saved, run in calls.values())  # each ran the model for trials of its own
