@@ -263,3 +263,135 @@ def test_fid_inception_corrupt_cache_names_the_cached_file(monkeypatch):
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url", corrupt)
     message = one_line_error(FIDInceptionV3.from_pretrained, "fid-inception")
     assert "checkpoints/pt_inception-2015-12-05-6726825d.pth: not loadable" in message
+
+
+# ---- independent reference forward pass ----------------------------------------------------
+# pytorch-fid's FID Inception-v3 rebuilt from the published architecture (torchvision's Inception3 blocks with
+# pytorch-fid's FIDInceptionA/C/E_1/E_2 patches) in plain tensor ops, reading the weights by state-dict name.
+# Strides and paddings come from torchvision's block definitions, not from the module under test.
+
+def _ref_conv(sd, name, x, stride=1, padding=0):
+    """torchvision's BasicConv2d: conv (no bias), BatchNorm in eval mode with eps 0.001, ReLU."""
+    x = F.conv2d(x, sd[f"{name}.conv.weight"], None, stride=stride, padding=padding)
+    x = F.batch_norm(x, sd[f"{name}.bn.running_mean"], sd[f"{name}.bn.running_var"], sd[f"{name}.bn.weight"],
+                     sd[f"{name}.bn.bias"], training=False, eps=0.001)
+    return F.relu(x)
+
+
+def _ref_tf_avg_pool(x):
+    return F.avg_pool2d(x, kernel_size=3, stride=1, padding=1, count_include_pad=False)
+
+
+def _ref_inception_a(sd, p, x):  # FIDInceptionA
+    c = lambda n, t, **kw: _ref_conv(sd, f"{p}.{n}", t, **kw)  # noqa: E731
+    branch1x1 = c("branch1x1", x)
+    branch5x5 = c("branch5x5_2", c("branch5x5_1", x), padding=2)
+    branch3x3dbl = c("branch3x3dbl_3", c("branch3x3dbl_2", c("branch3x3dbl_1", x), padding=1), padding=1)
+    branch_pool = c("branch_pool", _ref_tf_avg_pool(x))
+    return torch.cat([branch1x1, branch5x5, branch3x3dbl, branch_pool], 1)
+
+
+def _ref_inception_b(sd, p, x):  # torchvision InceptionB
+    c = lambda n, t, **kw: _ref_conv(sd, f"{p}.{n}", t, **kw)  # noqa: E731
+    branch3x3 = c("branch3x3", x, stride=2)
+    branch3x3dbl = c("branch3x3dbl_3", c("branch3x3dbl_2", c("branch3x3dbl_1", x), padding=1), stride=2)
+    branch_pool = F.max_pool2d(x, kernel_size=3, stride=2)
+    return torch.cat([branch3x3, branch3x3dbl, branch_pool], 1)
+
+
+def _ref_inception_c(sd, p, x):  # FIDInceptionC
+    c = lambda n, t, **kw: _ref_conv(sd, f"{p}.{n}", t, **kw)  # noqa: E731
+    branch1x1 = c("branch1x1", x)
+    branch7x7 = c("branch7x7_1", x)
+    branch7x7 = c("branch7x7_2", branch7x7, padding=(0, 3))
+    branch7x7 = c("branch7x7_3", branch7x7, padding=(3, 0))
+    branch7x7dbl = c("branch7x7dbl_1", x)
+    branch7x7dbl = c("branch7x7dbl_2", branch7x7dbl, padding=(3, 0))
+    branch7x7dbl = c("branch7x7dbl_3", branch7x7dbl, padding=(0, 3))
+    branch7x7dbl = c("branch7x7dbl_4", branch7x7dbl, padding=(3, 0))
+    branch7x7dbl = c("branch7x7dbl_5", branch7x7dbl, padding=(0, 3))
+    branch_pool = c("branch_pool", _ref_tf_avg_pool(x))
+    return torch.cat([branch1x1, branch7x7, branch7x7dbl, branch_pool], 1)
+
+
+def _ref_inception_d(sd, p, x):  # torchvision InceptionD
+    c = lambda n, t, **kw: _ref_conv(sd, f"{p}.{n}", t, **kw)  # noqa: E731
+    branch3x3 = c("branch3x3_2", c("branch3x3_1", x), stride=2)
+    branch7x7x3 = c("branch7x7x3_1", x)
+    branch7x7x3 = c("branch7x7x3_2", branch7x7x3, padding=(0, 3))
+    branch7x7x3 = c("branch7x7x3_3", branch7x7x3, padding=(3, 0))
+    branch7x7x3 = c("branch7x7x3_4", branch7x7x3, stride=2)
+    branch_pool = F.max_pool2d(x, kernel_size=3, stride=2)
+    return torch.cat([branch3x3, branch7x7x3, branch_pool], 1)
+
+
+def _ref_inception_e(sd, p, x, pool):  # FIDInceptionE_1 (pool: TF average) and FIDInceptionE_2 (pool: max)
+    c = lambda n, t, **kw: _ref_conv(sd, f"{p}.{n}", t, **kw)  # noqa: E731
+    branch1x1 = c("branch1x1", x)
+    branch3x3 = c("branch3x3_1", x)
+    branch3x3 = torch.cat([c("branch3x3_2a", branch3x3, padding=(0, 1)),
+                           c("branch3x3_2b", branch3x3, padding=(1, 0))], 1)
+    branch3x3dbl = c("branch3x3dbl_2", c("branch3x3dbl_1", x), padding=1)
+    branch3x3dbl = torch.cat([c("branch3x3dbl_3a", branch3x3dbl, padding=(0, 1)),
+                              c("branch3x3dbl_3b", branch3x3dbl, padding=(1, 0))], 1)
+    branch_pool = c("branch_pool", pool(x))
+    return torch.cat([branch1x1, branch3x3, branch3x3dbl, branch_pool], 1)
+
+
+def _ref_fid_features(sd, images01):
+    """pytorch-fid's InceptionV3([3]) (resize_input, normalize_input) on images in [0, 1]: pool3 features."""
+    x = F.interpolate(images01, size=(299, 299), mode="bilinear", align_corners=False)
+    x = 2 * x - 1
+    # block 0
+    x = _ref_conv(sd, "Conv2d_1a_3x3", x, stride=2)
+    x = _ref_conv(sd, "Conv2d_2a_3x3", x)
+    x = _ref_conv(sd, "Conv2d_2b_3x3", x, padding=1)
+    x = F.max_pool2d(x, kernel_size=3, stride=2)
+    # block 1
+    x = _ref_conv(sd, "Conv2d_3b_1x1", x)
+    x = _ref_conv(sd, "Conv2d_4a_3x3", x)
+    x = F.max_pool2d(x, kernel_size=3, stride=2)
+    # block 2
+    x = _ref_inception_a(sd, "Mixed_5b", x)
+    x = _ref_inception_a(sd, "Mixed_5c", x)
+    x = _ref_inception_a(sd, "Mixed_5d", x)
+    x = _ref_inception_b(sd, "Mixed_6a", x)
+    for name in ("Mixed_6b", "Mixed_6c", "Mixed_6d", "Mixed_6e"):
+        x = _ref_inception_c(sd, name, x)
+    # block 3
+    x = _ref_inception_d(sd, "Mixed_7a", x)
+    x = _ref_inception_e(sd, "Mixed_7b", x, _ref_tf_avg_pool)
+    x = _ref_inception_e(sd, "Mixed_7c", x, lambda t: F.max_pool2d(t, kernel_size=3, stride=1, padding=1))
+    return F.adaptive_avg_pool2d(x, output_size=(1, 1)).flatten(1)
+
+
+def test_features_match_an_independent_reference_forward_pass():
+    """Random weights and random BatchNorm statistics (every branch and channel distinct): the module's features
+    and logits equal the reference built from the published architecture, so a wrong branch order in any block's
+    concatenation, a wrong pool variant, stride, padding or normalisation is caught."""
+    torch.manual_seed(3)
+    net = FIDInceptionV3()
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, nn.Conv2d):
+                m.weight.normal_(0, math.sqrt(2 / m.weight[0].numel()))
+            elif isinstance(m, nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.normal_(0, 0.3)
+                m.running_mean.normal_(0, 0.3)
+                m.running_var.uniform_(0.5, 1.5)
+            elif isinstance(m, nn.Linear):
+                m.weight.normal_(0, 0.05)
+                m.bias.normal_(0, 0.1)
+    sd = net.state_dict()
+    images01 = torch.rand(2, 3, 75, 75, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        want = _ref_fid_features(sd, images01)
+        got = net.features(images01 * 2 - 1)
+        logits = net(images01 * 2 - 1)
+    assert got.shape == want.shape == (2, 2048)
+    assert want.std() > 0.1 and (want[0] - want[1]).abs().max() > 1e-2  # non-degenerate features
+    # float32 summation order differs between the two only in rounding: ~1e-6 of the feature scale
+    assert (got - want).abs().max() <= 1e-5 * want.abs().max(), (got - want).abs().max()
+    want_logits = F.linear(want, sd["fc.weight"], sd["fc.bias"])
+    assert (logits - want_logits).abs().max() <= 1e-5 * want_logits.abs().max()
