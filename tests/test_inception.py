@@ -30,8 +30,9 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def random_inception(seed: int = 0) -> FIDInceptionV3:
-    """Random weights and BatchNorm statistics scaled (He init) so activations stay O(1) through the net."""
+def random_inception(seed: int = 0, spread: float = 0.2, shift: float = 0.1) -> FIDInceptionV3:
+    """Random weights and BatchNorm statistics scaled (He init) so activations stay O(1) through the net:
+    BN scales and running variances uniform in 1 +- spread, biases and running means N(0, shift^2)."""
     torch.manual_seed(seed)
     net = FIDInceptionV3()
     with torch.no_grad():
@@ -39,11 +40,14 @@ def random_inception(seed: int = 0) -> FIDInceptionV3:
             if isinstance(m, nn.Conv2d):
                 m.weight.normal_(0, math.sqrt(2 / m.weight[0].numel()))
             elif isinstance(m, nn.BatchNorm2d):
-                m.weight.uniform_(0.8, 1.2)
-                m.bias.normal_(0, 0.1)
-                m.running_mean.normal_(0, 0.1)
-                m.running_var.uniform_(0.8, 1.2)
+                m.weight.uniform_(1 - spread, 1 + spread)
+                m.bias.normal_(0, shift)
+                m.running_mean.normal_(0, shift)
+                m.running_var.uniform_(1 - spread, 1 + spread)
                 m.num_batches_tracked.fill_(7)
+            elif isinstance(m, nn.Linear):
+                m.weight.normal_(0, 0.05)
+                m.bias.normal_(0, 0.1)
     return net
 
 
@@ -369,20 +373,7 @@ def test_features_match_an_independent_reference_forward_pass():
     """Random weights and random BatchNorm statistics (every branch and channel distinct): the module's features
     and logits equal the reference built from the published architecture, so a wrong branch order in any block's
     concatenation, a wrong pool variant, stride, padding or normalisation is caught."""
-    torch.manual_seed(3)
-    net = FIDInceptionV3()
-    with torch.no_grad():
-        for m in net.modules():
-            if isinstance(m, nn.Conv2d):
-                m.weight.normal_(0, math.sqrt(2 / m.weight[0].numel()))
-            elif isinstance(m, nn.BatchNorm2d):
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.normal_(0, 0.3)
-                m.running_mean.normal_(0, 0.3)
-                m.running_var.uniform_(0.5, 1.5)
-            elif isinstance(m, nn.Linear):
-                m.weight.normal_(0, 0.05)
-                m.bias.normal_(0, 0.1)
+    net = random_inception(seed=3, spread=0.5, shift=0.3)  # wide: every branch and channel distinct
     sd = net.state_dict()
     images01 = torch.rand(2, 3, 75, 75, generator=torch.Generator().manual_seed(4))
     with torch.no_grad():

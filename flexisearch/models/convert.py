@@ -42,6 +42,16 @@ def _load(config: FlexiDiTConfig, state: dict[str, torch.Tensor], source: str,
 
 # ---- diffusers ------------------------------------------------------------------------------
 
+def _geometry(cfg: Any, sd: dict[str, torch.Tensor], out_channels: int) -> dict[str, Any]:
+    """The FlexiDiTConfig fields a diffusers DiT or PixArt transformer config determines (sizes, norm eps, sigma)."""
+    hidden = cfg.num_attention_heads * cfg.attention_head_dim
+    return {"input_size": cfg.sample_size, "in_channels": cfg.in_channels, "hidden_size": hidden,
+            "depth": cfg.num_layers, "num_heads": cfg.num_attention_heads,
+            "mlp_ratio": sd["transformer_blocks.0.ff.net.0.proj.weight"].shape[0] / hidden,
+            "patch_size": cfg.patch_size, "learn_sigma": out_channels == 2 * cfg.in_channels,
+            "mlp_norm_eps": cfg.norm_eps}
+
+
 def from_diffusers_dit(model: DiTTransformer2DModel, prediction: str = "epsilon") -> FlexiDiT:
     """FlexiDiT (native patch size only, float32, same device) with the outputs of a diffusers DiT.
 
@@ -78,24 +88,11 @@ def from_diffusers_dit(model: DiTTransformer2DModel, prediction: str = "epsilon"
     if rows != num_classes + 1:
         raise UserError(f"diffusers DiT: label table has {rows} rows for {num_classes} classes; "
                         "a null-class row (class dropout > 0) is needed for classifier-free guidance")
-    hidden = cfg.num_attention_heads * cfg.attention_head_dim
     out_channels = model.out_channels
     if out_channels not in (cfg.in_channels, 2 * cfg.in_channels):
         raise UserError(f"diffusers DiT: out_channels {out_channels} is neither in_channels nor 2 x in_channels")
-    config = FlexiDiTConfig(
-        input_size=cfg.sample_size,
-        in_channels=cfg.in_channels,
-        hidden_size=hidden,
-        depth=cfg.num_layers,
-        num_heads=cfg.num_attention_heads,
-        mlp_ratio=sd["transformer_blocks.0.ff.net.0.proj.weight"].shape[0] / hidden,
-        patch_size=cfg.patch_size,
-        num_classes=num_classes,
-        learn_sigma=out_channels == 2 * cfg.in_channels,
-        prediction=prediction,
-        timestep_freq_shift=1.0,
-        mlp_norm_eps=cfg.norm_eps,
-    )
+    config = FlexiDiTConfig(**_geometry(cfg, sd, out_channels), num_classes=num_classes, prediction=prediction,
+                            timestep_freq_shift=1.0)
     state = {
         "x_embedder.proj.weight": take("pos_embed.proj.weight"),
         "x_embedder.proj.bias": take("pos_embed.proj.bias"),
@@ -338,18 +335,10 @@ def from_diffusers_pixart(model: Any, text_len: int = 120, text_encoder: str = "
 
     interpolation = cfg.interpolation_scale if cfg.interpolation_scale is not None else max(cfg.sample_size // 64, 1)
     config = FlexiTextDiTConfig(
-        input_size=cfg.sample_size,
-        in_channels=cfg.in_channels,
-        hidden_size=hidden,
-        depth=cfg.num_layers,
-        num_heads=cfg.num_attention_heads,
-        mlp_ratio=sd["transformer_blocks.0.ff.net.0.proj.weight"].shape[0] / hidden,
-        patch_size=cfg.patch_size,
+        **_geometry(cfg, sd, model.out_channels),
         num_classes=0,
-        learn_sigma=model.out_channels == 2 * cfg.in_channels,
         prediction=prediction,
         timestep_freq_shift=0.0,  # PixArt: Timesteps(flip_sin_to_cos=True, downscale_freq_shift=0)
-        mlp_norm_eps=cfg.norm_eps,
         caption_channels=cfg.caption_channels,
         text_len=text_len,
         interpolation_scale=float(interpolation),
