@@ -13,12 +13,12 @@ import os
 import shutil
 import uuid
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
-
-import torch
-from safetensors.torch import load_file, save_file
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
 
 from .errors import UserError
+
+if TYPE_CHECKING:  # torch is imported where tensors are read or written, so `flexisearch show` starts fast
+    import torch
 
 PACKAGE = Path(__file__).parent
 ASSETS = PACKAGE / "assets"
@@ -87,11 +87,15 @@ def fingerprint(config: dict, state: Mapping[str, torch.Tensor], dtype: torch.dt
 
 def save_weights(path: str | Path, state: Mapping[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
     """Write a state dict as one safetensors file, atomically."""
+    from safetensors.torch import save_file
+
     tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
     atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata or {"format": "pt"}))
 
 
 def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: weights file not found")
