@@ -19,9 +19,9 @@ from pathlib import Path
 import torch
 
 from flexisearch.models.dit import FlexiDiT, FlexiDiTConfig
-from flexisearch.search.config import load_search_config
-from flexisearch.search.evaluate import Evaluator
-from flexisearch.search.optuna_backend import run_search
+from flexisearch.optimize.config import load_search_config
+from flexisearch.optimize.evaluate import Evaluator
+from flexisearch.optimize.optuna_backend import run_search
 
 
 def main() -> None:
@@ -46,7 +46,7 @@ def main() -> None:
         evaluator.quality(evaluator.reference)  # reference sampled before timing, as in both backends' first step
         t0 = time.perf_counter()
         if backend == "ray":
-            from flexisearch.search.ray_backend import run_ray_search
+            from flexisearch.optimize.ray_backend import run_ray_search
 
             run_ray_search(cfg, evaluator)
         else:

@@ -25,10 +25,10 @@ from pathlib import Path
 
 import optuna
 
+from flexisearch.optimize.config import load_search_config
+from flexisearch.optimize.evaluate import Evaluator
+from flexisearch.optimize.study import make_sampler
 from flexisearch.sampling.schedule import Schedule
-from flexisearch.search.config import load_search_config
-from flexisearch.search.evaluate import Evaluator
-from flexisearch.search.study import make_sampler
 
 
 def bench_default() -> None:

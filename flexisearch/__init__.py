@@ -7,7 +7,7 @@ The public API, imported lazily (so `import flexisearch` and `flexisearch show` 
     images = fs.sample(fs.load_model("embedded:flexidit-mnist16-lora"), result.best_schedule, [3, 7], [0, 1])
 
 Layers, lowest first (imports only point down): errors, files, validate, data, models, metrics,
-sampling, search, training, cli. See docs/architecture.md.
+sampling, optimize (the search), training, cli. See docs/architecture.md.
 """
 
 from __future__ import annotations
@@ -25,9 +25,9 @@ _API = {
     "Schedule": "sampling.schedule",
     "sample": "sampling.generate", "TrajectoryCache": "sampling.generate",
     "FlexiDiTPipeline": "sampling.pipeline",
-    "SearchConfig": "search.config", "load_search_config": "search.config",
-    "Evaluator": "search.evaluate",
-    "SearchResult": "search.run", "search": "search.run", "export": "search.run",
+    "SearchConfig": "optimize.config", "load_search_config": "optimize.config",
+    "Evaluator": "optimize.evaluate",
+    "SearchResult": "optimize.run", "search": "optimize.run", "export": "optimize.run",
 }
 __all__ = ["__version__", *_API]
 

@@ -15,11 +15,11 @@ def _overrides(args: argparse.Namespace) -> dict:
 
 
 def cmd_search(args: argparse.Namespace) -> None:
-    from .search.run import load_config, search
+    from .optimize.run import load_config, search
 
     if args.worker:
-        from .search.evaluate import Evaluator
-        from .search.optuna_backend import run_worker
+        from .optimize.evaluate import Evaluator
+        from .optimize.optuna_backend import run_worker
 
         cfg = load_config(args.space, **_overrides(args))
         run_worker(cfg, Evaluator(cfg, args.device), progress=False)
@@ -30,13 +30,13 @@ def cmd_search(args: argparse.Namespace) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> None:
-    from .search.run import export
+    from .optimize.run import export
 
     _print_summary(export(args.space, device=args.device, progress=not args.quiet, **_overrides(args)).best)
 
 
 def _print_summary(best: dict) -> None:
-    from .search.config import RUNS
+    from .optimize.config import RUNS
 
     q, c, ref = best["quality"], best["cost"], best["static_native"]["quality"]["heldout"]
     h = q["heldout"]
@@ -78,9 +78,9 @@ def cmd_show(args: argparse.Namespace) -> None:
 
 def cmd_sample(args: argparse.Namespace) -> None:
     from .models.loading import load_model
+    from .optimize.plots import save_grid
     from .sampling.generate import sample
     from .sampling.schedule import Schedule
-    from .search.plots import save_grid
 
     schedule = Schedule.load(args.schedule)
     model = load_model(args.model, args.device)

@@ -30,10 +30,10 @@ from flexisearch.metrics.fid import (
 )
 from flexisearch.models import flops
 from flexisearch.models.dit import FlexiDiT
+from flexisearch.optimize.plots import save_grid
+from flexisearch.optimize.sample_sets import SampleSet
 from flexisearch.sampling.generate import TrajectoryCache, sample
 from flexisearch.sampling.schedule import Schedule
-from flexisearch.search.plots import save_grid
-from flexisearch.search.sample_sets import SampleSet
 from flexisearch.training.dit import FlexifyConfig, train_flexify
 
 STEPS, CFG_SCALE, N = 20, 2.0, 1000

@@ -22,9 +22,9 @@ MODULES=(
     flexisearch/sampling/generate.py   # generation: the denoising loop and the prefix cache
     flexisearch/models/flops.py        # FLOP counts
     flexisearch/models/layers.py       # flexible layers
-    flexisearch/search/evaluate.py     # the trial evaluation and constraints
-    flexisearch/search/spaces.py       # search spaces
-    flexisearch/search/export.py       # results export
+    flexisearch/optimize/evaluate.py     # the trial evaluation and constraints
+    flexisearch/optimize/spaces.py       # search spaces
+    flexisearch/optimize/export.py       # results export
 )
 
 cd "$(dirname "$0")/.."

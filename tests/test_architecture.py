@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 PKG = Path(__file__).resolve().parent.parent / "flexisearch"
-LAYERS = ["errors", "files", "validate", "data", "models", "metrics", "sampling", "search", "training", "cli"]
+LAYERS = ["errors", "files", "validate", "data", "models", "metrics", "sampling", "optimize", "training", "cli"]
 
 
 def modules() -> dict[str, Path]:
@@ -90,15 +90,15 @@ def test_the_check_sees_imports_inside_functions(tmp_path, monkeypatch):
     """The checker itself: an upward import hidden in a function, and a loop through relative imports, are found."""
     pkg = tmp_path / "flexisearch"
     (pkg / "models").mkdir(parents=True)
-    (pkg / "search").mkdir()
-    for d in (pkg, pkg / "models", pkg / "search"):
+    (pkg / "optimize").mkdir()
+    for d in (pkg, pkg / "models", pkg / "optimize"):
         (d / "__init__.py").write_text("")
-    (pkg / "models" / "a.py").write_text("def f():\n    from ..search import b\n")
-    (pkg / "search" / "b.py").write_text("from ..models.a import f\n")
+    (pkg / "models" / "a.py").write_text("def f():\n    from ..optimize import b\n")
+    (pkg / "optimize" / "b.py").write_text("from ..models.a import f\n")
     monkeypatch.setattr(sys.modules[__name__], "PKG", pkg)
     graph = imports(modules())
-    assert graph["flexisearch.models.a"] == {"flexisearch.search", "flexisearch.search.b"}
-    assert graph["flexisearch.search.b"] == {"flexisearch.models.a"}
+    assert graph["flexisearch.models.a"] == {"flexisearch.optimize", "flexisearch.optimize.b"}
+    assert graph["flexisearch.optimize.b"] == {"flexisearch.models.a"}
     with pytest.raises(AssertionError):
         test_no_upward_import()
     with pytest.raises(pytest.fail.Exception, match="import loop"):

@@ -19,10 +19,10 @@ from conftest import random_flexidit
 from flexisearch.cli import main
 from flexisearch.errors import UserError
 from flexisearch.models import flops
+from flexisearch.optimize.config import load_search_config
+from flexisearch.optimize.evaluate import Evaluator
 from flexisearch.sampling.generate import TrajectoryCache, sample
 from flexisearch.sampling.schedule import Schedule
-from flexisearch.search.config import load_search_config
-from flexisearch.search.evaluate import Evaluator
 
 STEPS, GUIDANCE = 4, 2.0
 
@@ -46,8 +46,8 @@ def native_schedule(native: int, fingerprint: str) -> Schedule:
 def fid_run(tmp_path_factory):
     """A 3-trial search of a random 16x16 1-channel model (the embedded FID reference fits it) with
     metric fid, relative 0.05, exported to runs/t/ under a temporary directory."""
-    from flexisearch.search.export import export_study
-    from flexisearch.search.optuna_backend import run_search
+    from flexisearch.optimize.export import export_study
+    from flexisearch.optimize.optuna_backend import run_search
 
     root = tmp_path_factory.mktemp("fidrun")
     model = random_flexidit(size=16)
@@ -115,8 +115,8 @@ def embedded_text(tmp_path_factory):
 
 
 def test_relative_clip_bound_is_below_the_reference_and_static_native_is_best(embedded_text, monkeypatch):
-    from flexisearch.search.export import export_study
-    from flexisearch.search.optuna_backend import run_search
+    from flexisearch.optimize.export import export_study
+    from flexisearch.optimize.optuna_backend import run_search
 
     root, cfg, evaluator = embedded_text
     monkeypatch.chdir(root)

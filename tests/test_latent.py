@@ -18,10 +18,10 @@ from flexisearch.metrics.fid import (
     frechet_distance_np,
 )
 from flexisearch.models.loading import load_model
+from flexisearch.optimize.config import load_search_config
+from flexisearch.optimize.evaluate import Evaluator
 from flexisearch.sampling.generate import sample
 from flexisearch.sampling.schedule import Schedule
-from flexisearch.search.config import load_search_config
-from flexisearch.search.evaluate import Evaluator
 
 
 @pytest.fixture(scope="module")

@@ -16,8 +16,8 @@ import yaml
 from conftest import random_flexidit
 
 from flexisearch.cli import main
-from flexisearch.search.config import load_search_config
-from flexisearch.search.evaluate import Evaluator
+from flexisearch.optimize.config import load_search_config
+from flexisearch.optimize.evaluate import Evaluator
 
 
 @pytest.fixture(scope="module")

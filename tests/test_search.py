@@ -12,11 +12,11 @@ from conftest import random_flexidit
 
 from flexisearch.cli import main
 from flexisearch.errors import UserError
+from flexisearch.optimize.config import load_search_config
+from flexisearch.optimize.evaluate import Evaluator
+from flexisearch.optimize.optuna_backend import run_search
+from flexisearch.optimize.spaces import SPACES, make_space
 from flexisearch.sampling.schedule import Schedule
-from flexisearch.search.config import load_search_config
-from flexisearch.search.evaluate import Evaluator
-from flexisearch.search.optuna_backend import run_search
-from flexisearch.search.spaces import SPACES, make_space
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +94,7 @@ def test_search_exports_best_and_pareto(in_tmp, model_dir):
     cfg = load_search_config(write_space(in_tmp, model_dir))
     evaluator = Evaluator(cfg)
     study = run_search(cfg, evaluator, progress=False)
-    from flexisearch.search.export import export_study
+    from flexisearch.optimize.export import export_study
 
     best = export_study(cfg, evaluator, study)
     out = in_tmp / "runs" / "t"
@@ -150,7 +150,7 @@ def test_multi_objective_front(in_tmp, model_dir):
     """A multi-objective search exports pareto.json: the non-dominated feasible trials, cheapest first, with
     FLOPs fractions and qualities that match the trials, and held-out intervals around their values."""
     from flexisearch.models.flops import schedule_macs
-    from flexisearch.search.export import export_study
+    from flexisearch.optimize.export import export_study
 
     cfg = load_search_config(write_space(in_tmp, model_dir, objective="multi", n_trials=10, pareto_max=20,
                                          sampler="random", metric={"max": 10.0}))
@@ -194,7 +194,7 @@ def test_unmeetable_constraint(in_tmp, model_dir):
     cfg = load_search_config(write_space(in_tmp, model_dir, metric={"name": "fid", "max": 0.001}, n_trials=2))
     evaluator = Evaluator(cfg)
     study = run_search(cfg, evaluator, progress=False)
-    from flexisearch.search.export import export_study
+    from flexisearch.optimize.export import export_study
 
     with pytest.raises(UserError, match="no schedule met it"):
         export_study(cfg, evaluator, study)
@@ -220,7 +220,7 @@ def test_storage_created_by_another_process_at_the_same_time(in_tmp, model_dir, 
     """Two processes creating one fresh SQLite storage race on its version row; the loser opens it again."""
     import sqlalchemy.exc
 
-    from flexisearch.search.study import open_study
+    from flexisearch.optimize.study import open_study
 
     cfg = load_search_config(write_space(in_tmp, model_dir))
     real, calls = optuna.create_study, []
@@ -239,7 +239,7 @@ def test_storage_created_by_another_process_at_the_same_time(in_tmp, model_dir, 
 
 def test_cli_search_two_workers(in_tmp, model_dir, capsys, monkeypatch):
     """--workers 2: the worker process runs trials too; each process records its model calls under its pid."""
-    import flexisearch.search.optuna_backend as backend
+    import flexisearch.optimize.optuna_backend as backend
 
     real, waited = backend._trial_fn, []
 
@@ -272,3 +272,19 @@ def test_cli_search_two_workers(in_tmp, model_dir, capsys, monkeypatch):
     calls = {int(k.rsplit("_", 1)[1]): v for k, v in study.user_attrs.items() if k.startswith("calls_saved_worker_")}
     assert len(calls) == 2 and os.getpid() in calls  # this process and another one
     assert all(run > 0 for saved, run in calls.values())  # each ran the model for trials of its own
+
+
+def test_public_api_search_and_export(in_tmp, model_dir):
+    """flexisearch.search / export: the documented Python entry points give what the CLI writes."""
+    import flexisearch as fs
+
+    p = write_space(in_tmp, model_dir, n_trials=3, study="api")
+    result = fs.search(p)
+    assert result.best == json.loads((in_tmp / "runs" / "api" / "best.json").read_text())
+    assert result.pareto == json.loads((in_tmp / "runs" / "api" / "pareto.json").read_text())
+    assert len([t for t in result.study.trials if t.state == optuna.trial.TrialState.COMPLETE]) == 3
+    assert result.best_schedule == Schedule.from_dict(result.best["schedule"])
+    again = fs.export(p)
+    assert again.best_schedule == result.best_schedule and again.best["trial"] == result.best["trial"]
+    with pytest.raises(AttributeError):
+        fs.no_such_name  # noqa: B018

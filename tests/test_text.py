@@ -27,7 +27,7 @@ from flexisearch.errors import UserError
 from flexisearch.models.flops import breakdown_macs, forward_flops
 from flexisearch.models.loading import load_model_dir
 from flexisearch.models.text_dit import FlexiTextDiT, FlexiTextDiTConfig
-from flexisearch.search.sample_sets import text_sample_sets
+from flexisearch.optimize.sample_sets import text_sample_sets
 
 ASSETS = Path(__file__).resolve().parent.parent / "flexisearch" / "assets"
 EMBEDDED = ASSETS / "text" / "flexidit-mnist16"
@@ -276,7 +276,7 @@ def test_shipped_clip_model_card():
 def _search_cfg(tmp_path, **over):
     import yaml
 
-    from flexisearch.search.config import load_search_config
+    from flexisearch.optimize.config import load_search_config
 
     doc = {"study": "text-t", "model": "embedded:text/flexidit-mnist16",
            "space": {"type": "threshold", "num_steps": 6, "guidance_scale": 2.0},
@@ -290,9 +290,9 @@ def _search_cfg(tmp_path, **over):
 
 def test_short_text_search_on_shipped_assets(tmp_path, monkeypatch):
     from flexisearch.models.text_dit import FlexiTextDiT
-    from flexisearch.search.evaluate import Evaluator
-    from flexisearch.search.export import export_study
-    from flexisearch.search.optuna_backend import run_search
+    from flexisearch.optimize.evaluate import Evaluator
+    from flexisearch.optimize.export import export_study
+    from flexisearch.optimize.optuna_backend import run_search
 
     monkeypatch.chdir(tmp_path)
     _, cfg = _search_cfg(tmp_path)
@@ -324,7 +324,7 @@ def test_clip_metric_refuses_class_models():
     from conftest import random_flexidit
 
     from flexisearch.metrics.clip import load_clip_metric
-    from flexisearch.search.config import load_search_config
+    from flexisearch.optimize.config import load_search_config
 
     cfg = load_search_config(None, {"metric": {"name": "clip", "relative": 0.05}})
     with pytest.raises(UserError, match="text-conditioned"):
@@ -332,7 +332,7 @@ def test_clip_metric_refuses_class_models():
 
 
 def test_shipped_text_spaces_validate():
-    from flexisearch.search.config import load_search_config
+    from flexisearch.optimize.config import load_search_config
 
     root = Path(__file__).resolve().parent.parent / "search_spaces"
     for name in ("text-default.yaml", "pixart-alpha-256.yaml"):

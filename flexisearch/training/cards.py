@@ -12,9 +12,9 @@ from ..metrics.clip import DEFAULT_CLIP, CLIPMetric
 from ..metrics.tiny_clip import zero_shot
 from ..models import flops
 from ..models.text_dit import FlexiTextDiT
+from ..optimize.sample_sets import text_sample_sets
 from ..sampling.generate import sample
 from ..sampling.schedule import Schedule
-from ..search.sample_sets import text_sample_sets
 
 
 def model_card(model_dir: str | Path, n_per_prompt: int = 10, steps: int = 20, guidance: float = 2.0,
