@@ -216,3 +216,20 @@ def test_a_state_over_the_budget_is_skipped_and_evicts_nothing():
     sample(m, s, [0, 1], [0, 1], cache=cache, cache_tag="two")
     sample(m, s, [0], [0], cache=cache, cache_tag="one")
     assert cache.calls_saved == 1 and cache.calls_run == 2
+
+
+def test_starting_latents_are_scaled_by_the_schedulers_initial_sigma():
+    """A sigma-parametrised scheduler (Euler on DiT's betas) starts from noise * sqrt(sigma_max^2 + 1): computed here
+    from the betas, not read from the scheduler."""
+    import numpy as np
+    from diffusers import EulerDiscreteScheduler
+
+    from flexisearch.sampling.generate import prepare_scheduler
+
+    sched = EulerDiscreteScheduler(num_train_timesteps=1000, beta_schedule="linear", beta_start=0.0001, beta_end=0.02)
+    noise = torch.randn(2, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    x = prepare_scheduler(sched, 5, noise, torch.device("cpu"))
+    alpha_bar = np.cumprod(1 - np.linspace(0.0001, 0.02, 1000))[-1]  # the first of 5 linspace timesteps is t = 999
+    expected = ((1 - alpha_bar) / alpha_bar + 1) ** 0.5
+    assert len(sched.timesteps) == 5 and expected > 100
+    torch.testing.assert_close(x, noise * expected, rtol=1e-4, atol=0)  # diffusers computes sigmas in float32

@@ -139,3 +139,10 @@ def test_resample_keeps_weak_share_per_phase():
     alt = Schedule(cond=(4, 2, 4, 2), uncond=(4, 2, 4, 2), **KW)
     assert alt.resample(8).cond == (4, 4, 2, 2, 4, 4, 2, 2)
     assert Schedule.weak_first(4, 6, 4, 2, **KW).resample(1).cond == (4,)
+
+
+def test_branch_split_accepts_every_step_weak_and_refuses_more():
+    s = Schedule.branch_split(4, 4, 4, 4, 2, guidance_scale=2.0, solver="euler", model="m")
+    assert s.cond == s.uncond == (4, 4, 4, 4)
+    with pytest.raises(UserError, match="k_uncond=5 must be within 0..4"):
+        Schedule.branch_split(0, 5, 4, 4, 2, guidance_scale=2.0, solver="euler", model="m")
