@@ -134,7 +134,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         train_base(cfg, args.out)
     else:
         cfg = read_config(FlexifyConfig, args.config, {"steps": args.steps, "data": args.data, "seed": args.seed,
-                                                            "base": args.base, "mode": args.mode})
+                                                       "base": args.base, "mode": args.mode})
         if not cfg.base:
             raise UserError("flexify: --base (a pretrained model directory) is required")
         train_flexify(cfg, args.out)

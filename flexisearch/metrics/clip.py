@@ -1,7 +1,7 @@
 """CLIP score of generated images against their prompts: the quality a text-to-image search constrains.
 
 `load_clip_metric(cfg, model)` (called by registry.load_metric for metric name "clip") returns a
-metric with the interface the Objective uses: name, higher_is_better, needs_native, score(images,
+metric with the interface the Evaluator uses: name, higher_is_better, needs_native, score(images,
 sample_set, target) and score_with_ci(images, sample_set, target, n_boot, seed).
 
 Which prompt an image was generated for: a text model's sample labels are rows of its prompt table

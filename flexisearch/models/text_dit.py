@@ -19,7 +19,7 @@ token embeddings (`prompt_embeds`, rows x text_len x caption_channels) and masks
 caption plus a last row for the empty caption, and y indexes the rows. `config.num_classes` is the
 number of caption rows, `null_class` the empty caption's row. Rows [0, num_search_prompts) are the
 prompts a search may use, rows [num_search_prompts, num_classes) are held out for confirmation
-(`sample_sets` builds both sample sets); `captions[row]` is the caption text a CLIP metric needs.
+(optimize.sample_sets builds both sample sets); `captions[row]` is the caption text a CLIP metric needs.
 `set_prompts` swaps in a new table (e.g. prompts from a file), `forward_text` takes arbitrary
 encoder states. The fingerprint covers the network only (config without the table size, and the
 weights, not the table): a schedule belongs to the network and stays valid for any prompts.

@@ -32,9 +32,7 @@ _WORKER_EVALUATORS: dict[str, Evaluator] = {}
 
 
 def _config_json(cfg: SearchConfig) -> str:
-    def plain(o: Any) -> Any:
-        return dataclasses.asdict(o) if dataclasses.is_dataclass(o) else o
-    return json.dumps({k: plain(v) for k, v in dataclasses.asdict(cfg).items()}, sort_keys=True, default=str)
+    return json.dumps(dataclasses.asdict(cfg), sort_keys=True, default=str)  # asdict recurses into the space
 
 
 def _cfg_from_json(text: str) -> SearchConfig:

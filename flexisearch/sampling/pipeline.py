@@ -277,7 +277,7 @@ class FlexiDiTPipeline(DiffusionPipeline):
             callback_on_step_end: called as fn(pipe, step, timestep, {name: tensor}) after every
                 step; a returned "latents" replaces the latents.
             seeds: one seed per image, instead of generator/latents: the noise and result of an image
-                depend only on its seed and label, as in sampler.sample (identical output).
+                depend only on its seed and label, as in generate.sample (identical output).
             allow_solver_mismatch, allow_model_mismatch: accept a schedule searched with another
                 solver, or for another model fingerprint.
         """

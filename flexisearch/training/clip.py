@@ -101,7 +101,7 @@ def train_clip(config: CLIPTrainConfig, out_dir: str | Path) -> dict:
                            "steps": config.steps, "wall_s": round(wall, 1), "cpu_s": round(cpu, 1),
                            "final_loss": round(sum(losses[-100:]) / len(losses[-100:]), 4),
                            "threads": torch.get_num_threads(),
-                           "command": f"OMP_NUM_THREADS=1 python -m flexisearch.clip_model train --out {out_dir} "
+                           "command": f"OMP_NUM_THREADS=1 python scripts/build_assets.py clip-train --out {out_dir} "
                                       f"--steps {config.steps}"},
                  "parameters": sum(p.numel() for p in model.parameters())})
     atomic_write_json(out_dir / "model_card.json", card)
