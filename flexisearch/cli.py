@@ -15,14 +15,20 @@ def _overrides(args: argparse.Namespace) -> dict:
 
 
 def cmd_search(args: argparse.Namespace) -> None:
-    from .optimize.run import load_config, search
+    from .optimize.run import search
 
-    if args.worker:
+    if args.worker:  # started by `search --workers N`: the config is the study's own
         from .optimize.evaluate import Evaluator
         from .optimize.optuna_backend import run_worker
+        from .optimize.study import stored_config
 
-        cfg = load_config(args.space, **_overrides(args))
-        run_worker(cfg, Evaluator(cfg, args.device), progress=False)
+        cfg = stored_config(args.storage, args.study)
+        if cfg is None:
+            raise UserError(f"--worker: no study '{args.study}' with a stored config in {args.storage}")
+        try:
+            run_worker(cfg, Evaluator(cfg, args.device), progress=False)
+        except KeyboardInterrupt:  # the process that started this one says it
+            raise SystemExit(130) from None
         return
     result = search(args.space, device=args.device, backend=args.backend, workers=args.workers, address=args.address,
                     progress=not args.quiet, **_overrides(args))

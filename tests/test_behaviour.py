@@ -242,14 +242,21 @@ def test_cli_export_rewrites_best_with_the_same_schedule(exported, monkeypatch, 
     before = load_doc(out / "best.json")
     pareto_before = load_doc(out / "pareto.json")
     stamps = {name: (out / name).stat().st_mtime_ns for name in ("best.json", "pareto.json")}
-    # --study picks the study, whatever the space file calls it
+    # --study picks the study, whatever the space file calls it; what the study was searched with is its own
     other = yaml.safe_load((root / "space.yaml").read_text())
-    (root / "other.yaml").write_text(yaml.safe_dump({**other, "study": "not-searched"}))
+    (root / "other.yaml").write_text(yaml.safe_dump({**other, "study": "not-searched", "sampler": "random",
+                                                     "heldout_samples": other["heldout_samples"] + 5}))
+    assert main(["export", "--space", str(root / "other.yaml"), "--study", "not-searched"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "flexisearch: error: study 'not-searched': not found in sqlite:///runs/not-searched/study.db "
+        "(run `flexisearch search` first)"]
+    assert not (root / "runs" / "not-searched").exists()
     assert main(["export", "--space", str(root / "other.yaml"), "--study", "t", "--quiet"]) == 0
     assert all((out / name).stat().st_mtime_ns > t for name, t in stamps.items())  # both files written again
     after = load_doc(out / "best.json")
     assert after["schedule"] == before["schedule"] and after["trial"] == before["trial"]
-    assert after["cost"] == before["cost"] and after["quality"]["search"] == before["quality"]["search"]
+    assert after["cost"] == before["cost"] and after["quality"] == before["quality"]
+    assert after["provenance"]["sampler"] == before["provenance"]["sampler"] == "tpe"
     assert [p["schedule"] for p in load_doc(out / "pareto.json")["points"]] == \
         [p["schedule"] for p in pareto_before["points"]]
     stdout = capsys.readouterr().out

@@ -2,6 +2,8 @@
 
 import json
 import os
+import signal
+import subprocess
 import sys
 import time
 
@@ -238,7 +240,8 @@ def test_storage_created_by_another_process_at_the_same_time(in_tmp, model_dir, 
 
 
 def test_cli_search_two_workers(in_tmp, model_dir, capsys, monkeypatch):
-    """--workers 2: the worker process runs trials too; each process records its model calls under its pid."""
+    """--workers 2: the worker process runs trials too (each process records its model calls under its pid),
+    with the command line's overrides, and the two together run exactly n_trials trials."""
     import flexisearch.optimize.optuna_backend as backend
 
     real, waited = backend._trial_fn, []
@@ -261,17 +264,110 @@ def test_cli_search_two_workers(in_tmp, model_dir, capsys, monkeypatch):
 
     monkeypatch.setattr(backend, "_trial_fn", first_trial_waits)
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(sys.path))  # the worker imports flexisearch from where we do
-    p = write_space(in_tmp, model_dir, n_trials=6)
-    assert main(["search", "--space", str(p), "--workers", "2", "--quiet"]) == 0
+    p = write_space(in_tmp, model_dir, n_trials=9)
+    assert main(["search", "--space", str(p), "--workers", "2", "--n-trials", "6", "--quiet"]) == 0
     out = capsys.readouterr().out
     assert "best.json" in out and "FLOPs saving" in out
     study = optuna.load_study(study_name="t", storage="sqlite:///runs/t/study.db")
-    # Each process stops once the study holds n_trials completed trials; the other may then be finishing one.
-    assert 6 <= len([t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]) <= 7
+    assert len([t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]) == 6
     assert not [t for t in study.trials if t.state == optuna.trial.TrialState.RUNNING]
     calls = {int(k.rsplit("_", 1)[1]): v for k, v in study.user_attrs.items() if k.startswith("calls_saved_worker_")}
     assert len(calls) == 2 and os.getpid() in calls  # this process and another one
     assert all(run > 0 for saved, run in calls.values())  # each ran the model for trials of its own
+
+
+BLOCKING_SEARCH = """
+import sys, time
+from pathlib import Path
+from flexisearch.cli import main
+from flexisearch.optimize.evaluate import Evaluator
+measure, calls = Evaluator.quality, []
+
+def quality(self, schedule):  # call 1 is the reference; the third trial (call 4) blocks until signalled
+    calls.append(schedule)
+    if len(calls) == 4:
+        Path("blocked").touch()
+        while True:
+            time.sleep(0.05)
+    return measure(self, schedule)
+
+Evaluator.quality = quality
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def _completed(study_name):
+    study = optuna.load_study(study_name=study_name, storage=f"sqlite:///runs/{study_name}/study.db")
+    return study, [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL])
+def test_interrupted_search_resumes_to_the_uninterrupted_result(in_tmp, model_dir, sig):
+    """Ctrl-C (one line, exit 130) or SIGKILL in the middle of a trial, then the same command again: exactly
+    n_trials complete trials, the interrupted schedule run again, and the best of an uninterrupted run."""
+    space = {"type": "per_step", "num_steps": 3}  # 8 schedules: bruteforce runs each once, so bests are comparable
+    whole = write_space(in_tmp, model_dir, "whole.yaml", study="whole", sampler="bruteforce", n_trials=8, space=space)
+    assert main(["search", "--space", str(whole), "--quiet"]) == 0
+    p = write_space(in_tmp, model_dir, study="cut", sampler="bruteforce", n_trials=8, space=space)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    proc = subprocess.Popen([sys.executable, "-c", BLOCKING_SEARCH, "search", "--space", str(p), "--quiet"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (in_tmp / "blocked").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.1)
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=60)
+    study, done = _completed("cut")
+    states = [t.state.name for t in study.trials]
+    assert len(done) == 2 and not (in_tmp / "runs" / "cut" / "best.json").exists()
+    if sig == signal.SIGINT:
+        assert proc.returncode == 130 and out == ""
+        assert err.splitlines() == ["flexisearch: interrupted; run the same command again to resume"]
+        assert states == ["COMPLETE", "COMPLETE", "WAITING"]  # back in the queue, with what it had suggested
+    else:
+        assert proc.returncode == -signal.SIGKILL and states == ["COMPLETE", "COMPLETE", "RUNNING"]
+    interrupted = study.trials[2].params
+    assert interrupted
+    assert main(["search", "--space", str(p), "--quiet"]) == 0
+    study, done = _completed("cut")
+    # the same trial (number 2, same parameters) ran again; nothing failed, nothing ran twice
+    assert [t.number for t in study.trials] == [t.number for t in done] == list(range(8))
+    assert study.trials[2].params == interrupted and len({json.dumps(t.params, sort_keys=True) for t in done}) == 8
+    best = {name: json.loads((in_tmp / "runs" / name / "best.json").read_text()) for name in ("whole", "cut")}
+    assert best["cut"]["schedule"] == best["whole"]["schedule"]
+
+
+CLAIM_TRIALS = """
+import json, os, sys, time
+import optuna
+from flexisearch.optimize.study import open_storage
+url, go = sys.argv[1], sys.argv[2]
+study = optuna.load_study(study_name="claims", storage=open_storage(url))
+print("ready", flush=True)
+while not os.path.exists(go):  # start together, so that the claims overlap
+    time.sleep(0.01)
+print(json.dumps([study.ask({"x": optuna.distributions.IntDistribution(0, 999)}).number for _ in range(40)]))
+"""
+
+
+def test_processes_sharing_a_sqlite_study_never_run_the_same_trial(tmp_path):
+    """Four processes asking for trials of one SQLite study (the --workers setup): each enqueued trial (the
+    paper's schedules) and each new trial goes to exactly one process."""
+    from flexisearch.optimize.study import open_storage
+
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    study = optuna.create_study(study_name="claims", storage=open_storage(url))
+    for x in range(80):
+        study.enqueue_trial({"x": x})
+    go = tmp_path / "go"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    procs = [subprocess.Popen([sys.executable, "-c", CLAIM_TRIALS, url, str(go)], env=env, stdout=subprocess.PIPE,
+                              text=True) for _ in range(4)]
+    assert [p.stdout.readline() for p in procs] == ["ready\n"] * 4
+    go.touch()
+    claimed = [n for p in procs for n in json.loads(p.communicate(timeout=120)[0])]
+    assert all(p.returncode == 0 for p in procs)
+    assert sorted(claimed) == list(range(160))  # 160 asks, 160 distinct trials: none handed out twice
 
 
 def test_public_api_search_and_export(in_tmp, model_dir):

@@ -7,6 +7,7 @@ one-line UserError naming the file and the key.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -82,9 +83,9 @@ _CHOICES = {"num_steps": _choice(int), "guidance_scale": _choice(float), "guidan
             "solver": _choice(str)}
 
 
-def load_search_config(path: str | Path | None, overrides: dict | None = None) -> SearchConfig:
+def load_search_config(path: str | Path | None, overrides: dict | None = None, source: str = "defaults") -> SearchConfig:
     """Read and validate a search YAML (None: the built-in defaults), then apply overrides (None: not given)."""
-    source = str(path) if path else "defaults"
+    source = str(path) if path else source
     raw: Any = {}
     if path:
         path = Path(path)
@@ -112,6 +113,21 @@ def load_search_config(path: str | Path | None, overrides: dict | None = None) -
     cfg = read_dataclass(SearchConfig, raw, source, parsers={"space": space, "metric": metric})
     _check(cfg, source)
     return cfg
+
+
+def config_dict(cfg: SearchConfig) -> dict[str, Any]:
+    """The config as the YAML that gives it back (config_from_dict): stored with the study, sent to workers."""
+    d = dataclasses.asdict(cfg)
+    for key in _CHOICES:
+        c = d["space"][key]
+        d["space"][key] = list(c["values"]) if c["values"] else {
+            k: c[k] for k in ("low", "high", "step") if c[k] is not None}
+    return d
+
+
+def config_from_dict(d: dict[str, Any], source: str) -> SearchConfig:
+    """A config_dict read back, checked as a YAML file is."""
+    return load_search_config(None, d, source)
 
 
 def _check(cfg: SearchConfig, source: str) -> None:

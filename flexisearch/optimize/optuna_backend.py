@@ -1,9 +1,16 @@
 """The Optuna backend: trials in this process, or in `workers` processes on this machine sharing the
-study's storage (each process is `flexisearch search --worker` with the same config)."""
+study's storage (each process is `flexisearch search --worker` with the same config).
+
+No trial is lost and none is run twice: a trial interrupted by Ctrl-C goes back to the queue, one whose
+process was killed is found on the next run (its process is gone, or its heartbeat stopped) and queued
+again, and a trial asked for once n_trials others are complete or running goes back too, so the study
+ends with exactly n_trials complete trials however many processes share it.
+"""
 
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 
@@ -13,49 +20,78 @@ from optuna.trial import TrialState
 from ..errors import UserError
 from .config import SearchConfig, storage_url
 from .evaluate import Evaluator
-from .study import open_study, record, reference_quality, seed_study
+from .study import WORKER, open_study, record, reference_quality, release, release_trials, seed_study
+
+
+class _Stop(BaseException):
+    """Ends study.optimize from inside a trial that was put back in the queue (study.release), so that no
+    one tells Optuna a result for it: Optuna catches Exception and KeyboardInterrupt in a trial, not this."""
+
+
+class _StudyFull(_Stop):
+    """The study already had n_trials complete or running trials when this one was asked for."""
+
+
+class _Interrupted(_Stop):
+    """Ctrl-C during a trial."""
 
 
 def _trial_fn(cfg: SearchConfig, evaluator: Evaluator, bound: float):
     """The callable study.optimize runs: one trial evaluation, recorded in the study."""
     def fn(trial: optuna.Trial) -> float | tuple[float, float]:
-        result = evaluator.evaluate(trial, bound)
-        record(trial, result.report())
+        ahead = trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING))
+        if sum(t.number < trial.number for t in ahead) >= cfg.n_trials:
+            release(trial.study, trial)  # another process took the last place
+            raise _StudyFull
+        trial.set_user_attr("worker", WORKER)
+        try:
+            result = evaluator.evaluate(trial, bound)
+            record(trial, result.report())
+        except KeyboardInterrupt:
+            release(trial.study, trial)
+            raise _Interrupted from None
         return result.values(cfg.objective)
     return fn
 
 
 def run_worker(cfg: SearchConfig, evaluator: Evaluator, progress: bool = True) -> optuna.Study:
-    """Run trials in this process until the study holds cfg.n_trials finished trials."""
+    """Run trials in this process until the study holds cfg.n_trials complete trials."""
     study = open_study(cfg, evaluator)
+    release_trials(study)
     bound = evaluator.threshold(reference_quality(study, evaluator))
     study.set_user_attr("bound", bound)
-    done = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
-    remaining = max(0, cfg.n_trials - done)
-    if remaining:
-        study.optimize(_trial_fn(cfg, evaluator, bound), n_trials=remaining, show_progress_bar=progress,
-                       callbacks=[optuna.study.MaxTrialsCallback(cfg.n_trials, states=(TrialState.COMPLETE,))],
-                       catch=(RuntimeError,))
+    remaining = max(0, cfg.n_trials - len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))))
+    try:
+        if remaining:
+            study.optimize(_trial_fn(cfg, evaluator, bound), n_trials=remaining, show_progress_bar=progress,
+                           callbacks=[optuna.study.MaxTrialsCallback(cfg.n_trials, states=(TrialState.COMPLETE,))],
+                           catch=(RuntimeError,))
+    except _StudyFull:
+        pass
+    except _Interrupted:
+        raise KeyboardInterrupt from None
     study.set_user_attr(f"calls_saved_worker_{os.getpid()}", [evaluator.cache.calls_saved, evaluator.cache.calls_run])
     return study
 
 
-def run_search(cfg: SearchConfig, evaluator: Evaluator, workers: int = 1, config_path: str | None = None,
-               progress: bool = True) -> optuna.Study:
-    """Seed the study, then run it with `workers` processes on this machine sharing the storage."""
+def run_search(cfg: SearchConfig, evaluator: Evaluator, workers: int = 1, progress: bool = True) -> optuna.Study:
+    """Seed the study, then run it with `workers` processes on this machine sharing the storage; the other
+    processes read the config from the study (study.stored_config), overrides included."""
+    if workers > 1 and storage_url(cfg).startswith("sqlite") and workers > 4:
+        raise UserError("--workers: SQLite serves at most 4 local workers; use a PostgreSQL or journal storage")
     seed_study(cfg, evaluator)
     procs = []
     if workers > 1:
-        if storage_url(cfg).startswith("sqlite") and workers > 4:
-            raise UserError("--workers: SQLite serves at most 4 local workers; use a PostgreSQL or journal storage")
         cmd = [sys.executable, "-m", "flexisearch.cli", "search", "--worker", "--storage", storage_url(cfg),
-               "--study", cfg.study]
-        if config_path:
-            cmd += ["--space", config_path]
+               "--study", cfg.study, "--device", str(evaluator.device)]
         env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 2) // workers)))
         procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL) for _ in range(workers - 1)]
     try:
         study = run_worker(cfg, evaluator, progress=progress)
+    except KeyboardInterrupt:  # a Ctrl-C reaches the workers too; a signal to this process alone is passed on
+        for p in procs:
+            p.send_signal(signal.SIGINT)
+        raise
     finally:
         for p in procs:
             p.wait()

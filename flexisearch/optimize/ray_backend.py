@@ -12,7 +12,7 @@ and reuses it for every trial it runs (actors are reused); only the trial parame
 
 from __future__ import annotations
 
-import dataclasses
+import datetime
 import json
 import os
 import socket
@@ -23,30 +23,18 @@ from typing import Any
 import optuna
 
 from ..errors import UserError
-from .config import SearchConfig, load_search_config, run_dir
+from .config import SearchConfig, config_dict, config_from_dict, run_dir
 from .evaluate import Evaluator
 from .spaces import Space
-from .study import open_study, record, reference_quality, seed_study
+from .study import WORKER, open_study, record, reference_quality, release_trials, seed_study
 
 _WORKER_EVALUATORS: dict[str, Evaluator] = {}
-
-
-def _config_json(cfg: SearchConfig) -> str:
-    return json.dumps(dataclasses.asdict(cfg), sort_keys=True, default=str)  # asdict recurses into the space
-
-
-def _cfg_from_json(text: str) -> SearchConfig:
-    d = json.loads(text)
-    for key in ("num_steps", "guidance_scale", "guidance_mode", "solver"):
-        c = d["space"][key]
-        d["space"][key] = c["values"] if c["values"] else {k: c[k] for k in ("low", "high", "step") if c[k] is not None}
-    return load_search_config(None, d)
 
 
 def _worker_evaluator(cfg_json: str, device: str) -> Evaluator:
     """The Evaluator of this worker process, built on its first trial."""
     if cfg_json not in _WORKER_EVALUATORS:
-        _WORKER_EVALUATORS[cfg_json] = Evaluator(_cfg_from_json(cfg_json), device)
+        _WORKER_EVALUATORS[cfg_json] = Evaluator(config_from_dict(json.loads(cfg_json), "the driver's config"), device)
     return _WORKER_EVALUATORS[cfg_json]
 
 
@@ -79,11 +67,14 @@ def constrained_optuna_search(**kwargs: Any) -> Any:
         def on_trial_result(self, trial_id: str, result: dict) -> None:
             pass  # a trial reports once, at its end: there are no intermediate values to prune on
 
+        def suggest(self, trial_id: str) -> dict | None:
+            params = super().suggest(trial_id)
+            if trial_id in self._ot_trials:  # released and queued again if this driver dies (study.release_trials)
+                self._ot_trials[trial_id].set_user_attr("worker", WORKER)
+            return params
+
         def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
             ot_trial = self._ot_trials.get(trial_id)
-            if ot_trial is not None and self._ot_study._storage.get_trial(ot_trial._trial_id).state.is_finished():
-                self._completed_trials.add(trial_id)  # told before an interruption; Tune re-ran it on restore
-                return
             if result and ot_trial is not None and trial_id not in self._completed_trials and "violation" in result:
                 record(ot_trial, result)
                 ot_trial.set_user_attr("node", result["node"])
@@ -157,38 +148,34 @@ def _tuner(cfg: SearchConfig, evaluator: Evaluator, study: optuna.Study, trainab
 
 
 def run_ray_search(cfg: SearchConfig, evaluator: Evaluator, address: str | None = None) -> optuna.Study:
-    """Run the search through Ray Tune; resumes an interrupted run from runs/<study>/ray."""
+    """Run the search through Ray Tune. The Optuna study is the only state read back: a run resumes an
+    interrupted one by running the trials the study lacks (Tune's own saved state, pickles, is never read)."""
     import ray
     from ray import tune
 
     address = check_address(address)
     study = seed_study(cfg, evaluator)  # created once, before any worker; the threshold family enqueued
+    release_trials(study)  # those a killed driver left running are queued again
     bound = evaluator.threshold(reference_quality(study, evaluator))
     study.set_user_attr("bound", bound)
     _init_ray(address, cfg)
     try:
         check_resources(cfg.resources)
         storage_path = str((run_dir(cfg) / "ray").resolve())
-        trainable = tune.with_resources(tune.with_parameters(_trainable, cfg_json=_config_json(cfg), bound=bound),
-                                        {k: v for k, v in cfg.resources.items() if v})
-        # Round 0 resumes an interrupted run (Tuner.restore); later rounds top up trials that failed
-        # for good (e.g. their node died more often than FailureConfig allows).
+        trainable = tune.with_resources(
+            tune.with_parameters(_trainable, cfg_json=json.dumps(config_dict(cfg), sort_keys=True), bound=bound),
+            {k: v for k, v in cfg.resources.items() if v})
+        # Round 0 runs the trials the study lacks; later rounds top up trials that failed for good (e.g. their
+        # node died more often than FailureConfig allows). Each round is a new Tune experiment.
         for round_ in range(cfg.max_failures + 1):
-            name = cfg.study if round_ == 0 else f"{cfg.study}-topup{round_}"
-            exp_path = os.path.join(storage_path, name)
             remaining = cfg.n_trials - len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)))
-            if tune.Tuner.can_restore(exp_path):
-                grid = tune.Tuner.restore(exp_path, trainable, resume_errored=True).fit()
-            elif remaining > 0:
-                grid = _tuner(cfg, evaluator, study, trainable, name, storage_path, remaining).fit()
-            else:
+            if remaining <= 0:
                 break
+            name = f"{cfg.study}-{datetime.datetime.now():%Y%m%d-%H%M%S}-{os.getpid()}-{round_}"
+            grid = _tuner(cfg, evaluator, study, trainable, name, storage_path, remaining).fit()
             if grid.num_terminated + grid.num_errors < len(grid):  # Tune stopped early: Ctrl-C
+                release_trials(study, mine=True)
                 raise KeyboardInterrupt
-            done = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)))
-            if grid.num_errors == 0 and done >= cfg.n_trials:
-                break
     finally:
         ray.shutdown()
     return open_study(cfg, evaluator)
-

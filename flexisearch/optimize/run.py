@@ -6,18 +6,18 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import optuna
 
+from ..errors import UserError
 from ..files import read_json
 from ..sampling.schedule import Schedule
-from .config import SearchConfig, load_search_config, run_dir
+from .config import SearchConfig, load_search_config, run_dir, storage_url
 from .evaluate import Evaluator
 from .export import export_study
 from .optuna_backend import run_search
-from .study import open_study
+from .study import open_study, stored_config
 
 
 @dataclass
@@ -64,16 +64,19 @@ def search(config: str | os.PathLike | SearchConfig | None = None, *, device: st
 
         study = run_ray_search(cfg, evaluator, address=address)
     else:
-        path = str(config) if isinstance(config, (str, Path)) else None
-        study = run_search(cfg, evaluator, workers=workers, config_path=path, progress=progress)
+        study = run_search(cfg, evaluator, workers=workers, progress=progress)
     export_study(cfg, evaluator, study, progress=progress)
     return _result(cfg, study)
 
 
 def export(config: str | os.PathLike | SearchConfig | None = None, *, device: str = "cpu", progress: bool = False,
            **overrides: Any) -> SearchResult:
-    """Re-score the best and Pareto schedules of an existing study on held-out seeds and rewrite its exports."""
-    cfg = load_config(config, **overrides)
+    """Re-score the best and Pareto schedules of an existing study on held-out seeds and rewrite its exports.
+    The config and overrides name the study; what it was searched with is read from the study itself."""
+    named = load_config(config, **overrides)
+    cfg = stored_config(storage_url(named), named.study)
+    if cfg is None:
+        raise UserError(f"study '{named.study}': not found in {storage_url(named)} (run `flexisearch search` first)")
     evaluator = Evaluator(cfg, device)
     study = open_study(cfg, evaluator)
     export_study(cfg, evaluator, study, progress=progress)

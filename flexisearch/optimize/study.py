@@ -11,25 +11,35 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
+import socket
 import time
 import warnings
 from pathlib import Path
 from typing import Any
 
 import optuna
+import sqlalchemy
 import sqlalchemy.exc
 from optuna.trial import TrialState
 
 from ..errors import UserError
 from ..sampling.schedule import Schedule
-from .config import SearchConfig, storage_url
+from .config import SearchConfig, config_dict, config_from_dict, storage_url
 from .evaluate import Evaluator
 from .spaces import Space
 
 PAPER_FRACTIONS = (0.0, 0.2, 0.3, 0.4, 0.5, 0.6, 1.0)  # "weak for the first k steps", as fractions of the steps
+WORKER = f"{socket.gethostname()}:{os.getpid()}"  # recorded with each trial this process runs
 
 
 def make_sampler(cfg: SearchConfig, space: Space) -> optuna.samplers.BaseSampler:
+    with warnings.catch_warnings():  # Optuna flags GP and brute force experimental, on every run
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return _sampler(cfg, space)
+
+
+def _sampler(cfg: SearchConfig, space: Space) -> optuna.samplers.BaseSampler:
     seed = cfg.seed
     if cfg.sampler == "tpe":
         return optuna.samplers.TPESampler(seed=seed, n_startup_trials=min(10, max(2, cfg.n_trials // 4)))
@@ -45,6 +55,36 @@ def make_sampler(cfg: SearchConfig, space: Space) -> optuna.samplers.BaseSampler
     return optuna.samplers.BruteForceSampler(seed=seed)
 
 
+def _sqlite_claims_atomic(storage: optuna.storages.RDBStorage) -> None:
+    """Begin every SQLite transaction with BEGIN IMMEDIATE. SQLite ignores SELECT ... FOR UPDATE and pysqlite
+    begins a transaction only at the first write, so two processes can both read an enqueued trial as WAITING
+    and both run it (Optuna's claim is read-then-write); with the write lock taken first, only one claims it."""
+    @sqlalchemy.event.listens_for(storage.engine, "connect")
+    def _no_implicit_begin(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.isolation_level = None
+
+    @sqlalchemy.event.listens_for(storage.engine, "begin")
+    def _begin_immediate(connection: sqlalchemy.Connection) -> None:
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+    storage.engine.dispose()  # connections opened before the listeners are not reused
+
+
+def open_storage(url: str) -> optuna.storages.BaseStorage | str:
+    """The study's storage: a database with heartbeats (a trial whose process died is re-run), or a URL Optuna
+    opens itself (journal files)."""
+    if not url.startswith(("sqlite", "postgresql", "mysql")):
+        return url
+    with warnings.catch_warnings():  # Optuna 5 flags heartbeats experimental, on every run
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        storage = optuna.storages.RDBStorage(
+            url, heartbeat_interval=60, grace_period=180,
+            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2))
+    if url.startswith("sqlite"):
+        _sqlite_claims_atomic(storage)
+    return storage
+
+
 def open_study(cfg: SearchConfig, evaluator: Evaluator) -> optuna.Study:
     """Create or resume the study; created once, before any worker starts (SQLite creation races)."""
     url = storage_url(cfg)
@@ -55,13 +95,7 @@ def open_study(cfg: SearchConfig, evaluator: Evaluator) -> optuna.Study:
         try:
             if url.startswith("sqlite:///"):
                 Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
-            with warnings.catch_warnings():  # Optuna 5 flags heartbeats experimental, on every run
-                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                storage = optuna.storages.RDBStorage(
-                    url, heartbeat_interval=60, grace_period=180,
-                    heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2)) \
-                    if url.startswith(("sqlite", "postgresql", "mysql")) else url
-            study = optuna.create_study(study_name=cfg.study, storage=storage, directions=directions,
+            study = optuna.create_study(study_name=cfg.study, storage=open_storage(url), directions=directions,
                                         sampler=make_sampler(cfg, evaluator.space), load_if_exists=True)
             break
         except sqlalchemy.exc.IntegrityError:  # another process created the same fresh storage at the same time
@@ -101,6 +135,39 @@ def record(trial: Any, report: dict[str, Any]) -> None:
     trial.set_constraint("quality", report["violation"])
 
 
+def release(study: optuna.Study, trial: optuna.Trial | optuna.trial.FrozenTrial) -> bool:
+    """Put a RUNNING trial back in the queue with its number and the parameters it has so far: the next
+    process to ask for a trial runs it first (Optuna hands out waiting trials lowest number first).
+    Optuna has no public call for this; its storage's own state transition is used."""
+    try:
+        return study._storage.set_trial_state_values(trial._trial_id, TrialState.WAITING)
+    except optuna.exceptions.UpdateFinishedTrialError:  # it finished meanwhile
+        return False
+
+
+def _process_gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # another user's process
+        return False
+    return False
+
+
+def release_trials(study: optuna.Study, mine: bool = False) -> int:
+    """Put back in the queue the trials left RUNNING by a process of this machine that is gone (killed), and
+    with mine=True those of this process (it is stopping). Trials of other machines are failed and queued
+    again by their heartbeat (open_storage) once it is stale."""
+    released = 0
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        host, _, pid = str(t.user_attrs.get("worker", "")).rpartition(":")
+        if host == socket.gethostname() and pid.isdigit() and (
+                int(pid) == os.getpid() if mine else _process_gone(int(pid))):
+            released += release(study, t)
+    return released
+
+
 def reference_quality(study: optuna.Study, evaluator: Evaluator) -> float:
     """Static native quality on the search seeds: measured once per study, then read back."""
     key = f"reference_quality:{evaluator.metric.name}"
@@ -109,9 +176,25 @@ def reference_quality(study: optuna.Study, evaluator: Evaluator) -> float:
     return float(study.user_attrs[key])
 
 
+def stored_config(url: str, name: str) -> SearchConfig | None:
+    """The config study `name` was last searched with (seed_study stores it; None: no such study, or one from
+    before configs were stored). Worker processes and export read it, so they use what the search used."""
+    if url.startswith("sqlite:///") and not Path(url[len("sqlite:///"):]).is_file():
+        return None  # opening it would create it
+    try:
+        study = optuna.load_study(study_name=name, storage=open_storage(url))
+    except KeyError:
+        return None
+    except Exception as e:
+        raise UserError(f"storage '{url}': cannot open ({str(e).splitlines()[0]})") from None
+    stored = study.user_attrs.get("config")
+    return None if stored is None else config_from_dict({**stored, "storage": url}, f"study '{name}' in {url}")
+
+
 def seed_study(cfg: SearchConfig, evaluator: Evaluator) -> optuna.Study:
-    """Open the study and enqueue the paper's threshold schedules (once)."""
+    """Open the study, store its config and enqueue the paper's threshold schedules (once)."""
     study = open_study(cfg, evaluator)
+    study.set_user_attr("config", config_dict(cfg))
     if not study.user_attrs.get("enqueued") and cfg.sampler != "bruteforce":
         for params in paper_params(cfg, evaluator):
             study.enqueue_trial(params, user_attrs={"family": "threshold"}, skip_if_exists=True)
