@@ -6,7 +6,9 @@ import argparse
 import os
 import sys
 from pathlib import Path
+from typing import NoReturn
 
+from . import __version__
 from .errors import UserError
 
 
@@ -26,37 +28,42 @@ def cmd_search(args: argparse.Namespace) -> None:
         if cfg is None:
             raise UserError(f"--worker: no study '{args.study}' with a stored config in {args.storage}")
         try:
-            run_worker(cfg, Evaluator(cfg, args.device), progress=False)
+            run_worker(cfg, Evaluator(cfg, _device(args.device)), progress=False)
         except KeyboardInterrupt:  # the process that started this one says it
             raise SystemExit(130) from None
         return
-    result = search(args.space, device=args.device, backend=args.backend, workers=args.workers, address=args.address,
+    result = search(args.space, device=_device(args.device), backend=args.backend, workers=args.workers, address=args.address,
                     progress=not args.quiet, **_overrides(args))
-    _print_summary(result.best)
+    print("\n".join(_summary(result.best)))
 
 
 def cmd_export(args: argparse.Namespace) -> None:
     from .optimize.run import export
 
-    _print_summary(export(args.space, device=args.device, progress=not args.quiet, **_overrides(args)).best)
+    print("\n".join(_summary(export(args.space, device=_device(args.device), progress=not args.quiet,
+                                   **_overrides(args)).best)))
 
 
-def _print_summary(best: dict) -> None:
+def _reference(doc: dict) -> str:
+    """The static native schedule every FLOPs fraction of a result is relative to, in words."""
+    r = doc["static_native"]["schedule"]
+    return f"static native, {r['num_steps']} steps, CFG {r['guidance_scale']:g}"
+
+
+def _summary(best: dict) -> list[str]:
     from .optimize.config import RUNS
 
     q, c, ref = best["quality"], best["cost"], best["static_native"]["quality"]["heldout"]
     h = q["heldout"]
     rows = [("schedule", _describe(best["schedule"])),
-            ("FLOPs vs static native", f"{c['fraction_of_static_native']:.3f}  (saving {100 * c['saving']:.1f}%)"),
+            ("FLOPs", f"{c['fraction_of_static_native']:.3f} of {_reference(best)}  (saving {100 * c['saving']:.1f}%)"),
             (f"{q['metric']} held-out", f"{h['value']:.3f}  [{h['ci95'][0]:.3f}, {h['ci95'][1]:.3f}]  n={h['n']}"),
             (f"{q['metric']} static native", f"{ref['value']:.3f}  [{ref['ci95'][0]:.3f}, {ref['ci95'][1]:.3f}]"),
             (f"{q['metric']} search seeds", f"{q['search']:.3f}  (bound {best['constraint']['bound']:.3f})"),
             ("model calls saved by prefix reuse", str(best["provenance"]["model_calls_saved_by_prefix_reuse"]))]
     width = max(len(r[0]) for r in rows)
-    for k, v in rows:
-        print(f"{k:<{width}}  {v}")
-    print(f"best.json: {RUNS / best['provenance']['study'] / 'best.json'}")
-    print(f"FLOPs saving: {100 * c['saving']:.1f}%")
+    return [*(f"{k:<{width}}  {v}" for k, v in rows), f"best.json: {RUNS / best['provenance']['study'] / 'best.json'}",
+            f"FLOPs saving: {100 * c['saving']:.1f}%"]
 
 
 def _describe(d: dict) -> str:
@@ -70,16 +77,25 @@ def cmd_show(args: argparse.Namespace) -> None:
     from .files import read_json
 
     doc = read_json(args.path, "result file")
+    try:
+        lines = _show(doc)
+    except (KeyError, TypeError, IndexError, ValueError) as e:
+        raise UserError(f"{args.path}: not a complete best.json, pareto.json or schedule ({type(e).__name__}: {e})") from None
+    print("\n".join(lines))
+
+
+def _show(doc: object) -> list[str]:
     if isinstance(doc, dict) and "points" in doc:
-        print(f"{'FLOPs':>7}  {'saving':>7}  {doc['metric'] + ' held-out':>22}  schedule")
+        lines = [f"{'FLOPs':>7}  {'saving':>7}  {doc['metric'] + ' held-out':>22}  schedule   "
+                 f"(FLOPs: fraction of {_reference(doc)})"]
         for p in doc["points"]:
             h = p["quality"]["heldout"]
-            print(f"{p['cost']['fraction_of_static_native']:7.3f}  {100 * p['cost']['saving']:6.1f}%  "
-                  f"{h['value']:8.3f} [{h['ci95'][0]:.2f},{h['ci95'][1]:.2f}]  {_describe(p['schedule'])}")
-    elif isinstance(doc, dict) and "static_native" in doc:
-        _print_summary(doc)
-    else:
-        print(_describe(doc))
+            lines.append(f"{p['cost']['fraction_of_static_native']:7.3f}  {100 * p['cost']['saving']:6.1f}%  "
+                         f"{h['value']:8.3f} [{h['ci95'][0]:.2f},{h['ci95'][1]:.2f}]  {_describe(p['schedule'])}")
+        return lines
+    if isinstance(doc, dict) and "static_native" in doc:
+        return _summary(doc)
+    return [_describe(doc)]
 
 
 def cmd_sample(args: argparse.Namespace) -> None:
@@ -88,13 +104,19 @@ def cmd_sample(args: argparse.Namespace) -> None:
     from .sampling.generate import sample
     from .sampling.schedule import Schedule
 
+    out = Path(args.out)
+    if out.is_dir() or out.suffix.lower() != ".png":
+        raise UserError(f"--out {args.out}: expected a .png file name")
     schedule = Schedule.load(args.schedule)
-    model = load_model(args.model, args.device)
+    model = load_model(args.model, _device(args.device))
     schedule.check_model(model.config, None if args.any_model else model.fingerprint(), args.schedule)
-    labels = [i % model.config.num_classes for i in range(args.n)] if args.label is None else [args.label] * args.n
+    classes = model.config.num_classes
+    if args.label is not None and not 0 <= args.label < classes:
+        raise UserError(f"--label {args.label}: this model has classes 0 to {classes - 1}")
+    labels = [i % classes for i in range(args.n)] if args.label is None else [args.label] * args.n
     images = sample(model, schedule, labels, list(range(args.seed, args.seed + args.n)), progress=not args.quiet)
     decode = getattr(model, "decode_images", None)  # latent models: pixels through their VAE
-    save_grid(decode(images) if decode is not None else images, Path(args.out), nrow=args.nrow)
+    save_grid(decode(images) if decode is not None else images, out, nrow=args.nrow)
     print(f"wrote {args.out}")
 
 
@@ -116,19 +138,21 @@ def cmd_flops(args: argparse.Namespace) -> None:
         config = dataclasses.replace(config, extra_patch_sizes=tuple(q for q in (2 * p, 4 * p) if config.input_size % q == 0))
     else:
         config = load_model(args.model).config
+    schedule = Schedule.load(args.schedule) if args.schedule else None
+    if schedule is not None:  # refused before anything is printed
+        schedule.check_model(config, None, args.schedule)
     print(f"{'patch':>5}  {'tokens':>6}  {'MACs':>10}  {'FLOPs':>10}  {'vs native':>9}")
     native = flops.forward_macs(config, config.patch_size)
     for p in config.patch_sizes:
         m = flops.forward_macs(config, p)
         print(f"{p:>5}  {flops.tokens(config, p):>6}  {flops.format_count(m):>10}  {flops.format_count(2 * m):>10}  {m / native:9.3f}")
-    if args.schedule:
-        s = Schedule.load(args.schedule)
-        s.check_model(config, None, args.schedule)
+    if schedule is not None:
+        s = schedule
         m = flops.schedule_macs(config, s)
         ref = flops.schedule_macs(config, Schedule.static(config.patch_size, s.num_steps, guidance_scale=s.guidance_scale,
                                                           solver=s.solver, model=s.model))
         print(f"schedule {args.schedule}: {flops.format_count(m)} MACs = {flops.format_count(2 * m)} FLOPs per sample, "
-              f"{m / ref:.3f} of static native at {s.num_steps} steps")
+              f"{m / ref:.3f} vs static native, {s.num_steps} steps, CFG {s.guidance_scale:g}")
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -154,23 +178,60 @@ def cmd_convert(args: argparse.Namespace) -> None:
     print(f"wrote {args.dst} (FlexiDiT pipeline, weak patch sizes {args.weak}: untrained until flexified)")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with the project's convention for bad input: one line on stderr, exit 2 (no usage block)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _positive(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:  # not a number, or more digits than Python converts
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a positive integer")
+    return n
+
+
+def _device(value: str | None) -> str:
+    """--device: cpu, cuda or cuda:N (None: cuda when there is one); refused before any work starts."""
+    import torch
+
+    if value is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(value)
+    except (RuntimeError, ValueError):
+        raise UserError(f"--device {value!r}: expected cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {value}: CUDA is not available on this machine")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UserError(f"--device {value}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if device.type not in ("cpu", "cuda"):
+        raise UserError(f"--device {value!r}: expected cpu, cuda or cuda:N")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="flexisearch", description=__doc__)
+    ap = _Parser(prog="flexisearch", description=__doc__)
+    ap.add_argument("--version", action="version", version=f"flexisearch {__version__}")
     sub = ap.add_subparsers(dest="command", required=True)
 
     def study_args(p: argparse.ArgumentParser) -> None:
         p.add_argument("--space", help="search config YAML (default: search_spaces/default.yaml if present, else built-in)")
         p.add_argument("--study", help="study name (results in runs/<study>/)")
         p.add_argument("--storage", help="Optuna storage URL (default sqlite:///runs/<study>/study.db)")
-        p.add_argument("--device", default="cuda" if _cuda() else "cpu")
+        p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when there is one, else cpu)")
         p.add_argument("--quiet", action="store_true", help="no progress bars")
         p.add_argument("--objective", choices=["single", "multi"], help="as the study was searched")
 
     p = sub.add_parser("search", help="search schedules (the main job); resumes an existing study")
     study_args(p)
-    p.add_argument("--n-trials", type=int)
+    p.add_argument("--n-trials", type=_positive, help="complete trials the study should hold (a rerun adds the missing ones)")
     p.add_argument("--sampler", choices=["tpe", "nsga2", "gp", "random", "bruteforce"])
-    p.add_argument("--workers", type=int, default=1, help="worker processes on this machine sharing the storage")
+    p.add_argument("--workers", type=_positive, default=1, help="worker processes on this machine sharing the storage")
     p.add_argument("--backend", choices=["optuna", "ray"], default="optuna")
     p.add_argument("--address", help="Ray cluster address (auto or HOST:PORT); default: a local cluster")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -187,13 +248,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sample", help="sample a grid with a schedule and save a PNG")
     p.add_argument("--schedule", required=True)
     p.add_argument("--model", default="embedded:flexidit-mnist16-lora")
-    p.add_argument("--n", type=int, default=64)
-    p.add_argument("--nrow", type=int, default=8)
-    p.add_argument("--label", type=int)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="runs/samples.png")
+    p.add_argument("--n", type=_positive, default=64, help="images (default 64)")
+    p.add_argument("--nrow", type=_positive, default=8, help="images per grid row (default 8)")
+    p.add_argument("--label", type=int, help="class of every image (default: 0, 1, 2, ... in turn)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the first image; image i uses seed + i")
+    p.add_argument("--out", default="runs/samples.png", help="PNG file to write (default runs/samples.png)")
     p.add_argument("--any-model", action="store_true", help="accept a schedule made for another model")
-    p.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when there is one, else cpu)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(fn=cmd_sample)
 
@@ -222,12 +283,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weak", type=int, nargs="+", default=[4], help="weak patch sizes to add (default: 4)")
     p.set_defaults(fn=cmd_convert)
     return ap
-
-
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -55,15 +55,40 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode())
 
 
-def read_json(path: str | os.PathLike, what: str = "file") -> Any:
-    """Parse a JSON file; a missing or malformed file is a UserError naming it."""
+MAX_TEXT_BYTES = 64 << 20  # configs, schedules and results are kilobytes
+
+
+def read_text(path: str | os.PathLike, what: str = "file") -> str:
+    """A UTF-8 text file's content; missing, a directory, unreadable, too large or binary is a UserError."""
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{path}: is a directory, expected a {what}")
     if not path.is_file():
         raise UserError(f"{path}: {what} not found")
     try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}: not valid JSON ({e})") from None
+        if path.stat().st_size > MAX_TEXT_BYTES:
+            raise UserError(f"{path}: {path.stat().st_size} bytes, expected a {what} of at most {MAX_TEXT_BYTES}")
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not a text file (not UTF-8), expected a {what}") from None
+    except OSError as e:
+        raise UserError(f"{path}: cannot read ({e.strerror})") from None
+
+
+def _no_constant(name: str) -> None:
+    raise ValueError(f"{name} is not a number JSON allows")
+
+
+def read_json(path: str | os.PathLike, what: str = "file") -> Any:
+    """Parse a JSON file; a missing or malformed file, NaN or Infinity, or nesting too deep for Python is a
+    UserError naming it."""
+    text = read_text(path, what)
+    try:
+        return json.loads(text, parse_constant=_no_constant)
+    except RecursionError:
+        raise UserError(f"{path}: not valid JSON (nested too deeply)") from None
+    except ValueError as e:  # JSONDecodeError, NaN / Infinity, an integer longer than Python converts
+        raise UserError(f"{path}: not valid JSON ({str(e).splitlines()[0]})") from None
 
 
 # ---- weights -----------------------------------------------------------------------------------
@@ -155,7 +180,10 @@ class Pretrained:
         source = str(directory / CONFIG_NAME)
         config = cls.config_class.from_dict(read_json(directory / CONFIG_NAME, "config.json"), source)
         state = load_weights(directory / WEIGHTS_NAME)
+        import torch
+
+        with torch.device("meta"):  # shapes first: a config the weights do not match allocates nothing
+            check_state(state, cls._from_files(config, directory).state_dict(), str(directory / WEIGHTS_NAME))
         model = cls._from_files(config, directory)
-        check_state(state, model.state_dict(), str(directory / WEIGHTS_NAME))
         model.load_state_dict(state)
         return model.to(device).eval()

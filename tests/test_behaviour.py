@@ -272,7 +272,7 @@ def test_cli_show_best_and_pareto(exported, monkeypatch, capsys):
     out = capsys.readouterr().out
     assert s.describe() in out
     fraction = independent_fraction(model.config, s)
-    assert re.search(rf"FLOPs vs static native\s+{fraction:.3f}", out), out
+    assert re.search(rf"FLOPs\s+{fraction:.3f} of static native, \d+ steps, CFG [0-9.]+ ", out), out
     assert f"saving {100 * (1 - fraction):.1f}%" in out
 
     pareto = load_doc(root / "runs" / "t" / "pareto.json")
@@ -313,7 +313,7 @@ def test_cli_flops_of_a_schedule_and_of_the_dit_preset(exported, monkeypatch, ca
     s = Schedule.load(root / "runs" / "t" / "best.json")
     assert main(["flops", "--model", str(root / "model"), "--schedule", "runs/t/best.json"]) == 0
     out = capsys.readouterr().out
-    m = re.search(r"([0-9.]+) of static native at (\d+) steps", out)
+    m = re.search(r"([0-9.]+) vs static native, (\d+) steps, CFG ", out)
     assert m, out
     assert int(m.group(2)) == s.num_steps
     assert float(m.group(1)) == pytest.approx(independent_fraction(model.config, s), abs=5e-4)

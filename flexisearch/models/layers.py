@@ -21,7 +21,7 @@ def resize_matrix(p_from: int, p_to: int) -> torch.Tensor:
 
     Half-pixel centres (align_corners=False), as jax.image.resize upsamples in FlexiViT.
     """
-    eye = torch.eye(p_from * p_from, dtype=torch.float64).reshape(-1, 1, p_from, p_from)
+    eye = torch.eye(p_from * p_from, dtype=torch.float64, device="cpu").reshape(-1, 1, p_from, p_from)  # cached: never meta
     cols = F.interpolate(eye, size=(p_to, p_to), mode="bilinear", align_corners=False)
     return cols.reshape(p_from * p_from, p_to * p_to).T.contiguous()
 
@@ -163,8 +163,8 @@ class FlexiPatchEmbed(nn.Module):
 
     def add_patch_size(self, p: int, init_std: float = 0.0) -> None:
         """Register patch size p; init_std > 0 fills the residual with small null-space noise."""
-        k = null_space_basis(resize_matrix(self.native, p).T)  # (p^2, r)
-        coeff = torch.randn(self.hidden, self.in_channels, k.shape[1], dtype=torch.float64) * init_std
+        k = null_space_basis(resize_matrix(self.native, p).T).to(self.proj.weight.device)  # (p^2, r)
+        coeff = torch.randn(self.hidden, self.in_channels, k.shape[1], dtype=torch.float64, device=k.device) * init_std
         res = (coeff @ k.T).reshape(self.hidden, self.in_channels, p, p)
         self.residual[str(p)] = nn.Parameter(res.to(self.proj.weight))
 

@@ -8,6 +8,7 @@ one-line UserError naming the file and the key.
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,12 +16,14 @@ from typing import Any
 import yaml
 
 from ..errors import UserError
+from ..files import read_text
 from ..metrics.registry import METRICS
 from ..sampling.schedule import GUIDANCE_MODES, Schedule
 from ..validate import key_error, read_dataclass
 from .spaces import SPACES, Choice, SpaceConfig
 
 SAMPLERS = ("tpe", "nsga2", "gp", "random", "bruteforce")
+STUDY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")  # a folder name under runs/, never a path
 RUNS = Path("runs")
 
 
@@ -88,15 +91,15 @@ def load_search_config(path: str | Path | None, overrides: dict | None = None, s
     source = str(path) if path else source
     raw: Any = {}
     if path:
-        path = Path(path)
-        if not path.is_file():
-            raise UserError(f"{path}: search space file not found")
+        text = read_text(path, "search space file")
         try:
-            raw = yaml.safe_load(path.read_text()) or {}
+            raw = yaml.safe_load(text) or {}
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             where = f" at line {mark.line + 1}" if mark else ""
             raise UserError(f"{path}: not valid YAML{where}") from None
+        except RecursionError:
+            raise UserError(f"{path}: not valid YAML (nested too deeply)") from None
     if isinstance(raw, dict):
         raw = {**raw, **{k: v for k, v in (overrides or {}).items() if v is not None}}
 
@@ -159,7 +162,9 @@ def _check(cfg: SearchConfig, source: str) -> None:
         raise key_error(source, "sampler", f"one of {list(SAMPLERS)}", cfg.sampler)
     if set(cfg.reference) - {"num_steps", "guidance_scale", "solver", "guidance_mode"}:
         raise key_error(source, "reference", "keys num_steps, guidance_scale, solver, guidance_mode", cfg.reference)
-    for key in ("search_samples", "heldout_samples", "batch_size", "n_trials"):
+    if not STUDY_NAME.fullmatch(cfg.study):
+        raise key_error(source, "study", "a name of letters, digits and ._- starting with a letter or digit", cfg.study)
+    for key in ("search_samples", "heldout_samples", "batch_size", "n_trials", "bootstrap"):
         if getattr(cfg, key) < 1:
             raise key_error(source, key, "a positive integer", getattr(cfg, key))
 

@@ -3,7 +3,6 @@ best and the Pareto schedules on held-out seeds and export them. The CLI and the
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -13,7 +12,7 @@ import optuna
 from ..errors import UserError
 from ..files import read_json
 from ..sampling.schedule import Schedule
-from .config import SearchConfig, load_search_config, run_dir, storage_url
+from .config import SearchConfig, config_dict, config_from_dict, load_search_config, run_dir, storage_url
 from .evaluate import Evaluator
 from .export import export_study
 from .optuna_backend import run_search
@@ -40,8 +39,9 @@ class SearchResult:
 
 def load_config(config: str | os.PathLike | SearchConfig | None, **overrides: Any) -> SearchConfig:
     """A SearchConfig from a YAML path (None: the built-in defaults) or a SearchConfig, with top-level overrides."""
-    if isinstance(config, SearchConfig):
-        return dataclasses.replace(config, **{k: v for k, v in overrides.items() if v is not None})
+    if isinstance(config, SearchConfig):  # checked as a YAML file is
+        return config_from_dict({**config_dict(config), **{k: v for k, v in overrides.items() if v is not None}},
+                                "config argument")
     return load_search_config(config, overrides)
 
 

@@ -17,9 +17,10 @@ from typing import Any
 import jsonschema
 
 from ..errors import UserError
-from ..files import PACKAGE, atomic_write_json
+from ..files import PACKAGE, atomic_write_json, read_json
 
 SCHEMA_VERSION = 1
+MAX_GUIDANCE = 100.0  # larger guidance scales only saturate images (the schema says so too)
 SCHEMA_PATH = PACKAGE / "schemas" / "schedule.v1.json"
 SOLVERS = {"flow": ("euler", "dpm++"), "epsilon": ("ddpm", "ddim", "dpm++")}
 GUIDANCE_MODES = ("cfg", "weak_guidance")
@@ -132,6 +133,8 @@ class Schedule:
         if err is not None:
             where = "/".join(str(p) for p in err.absolute_path) or "(top level)"
             raise UserError(f"{source}: field '{where}': {err.message}")
+        if not d["guidance_scale"] <= MAX_GUIDANCE:  # NaN too (JSON Schema cannot say "finite")
+            raise UserError(f"{source}: field 'guidance_scale': {d['guidance_scale']} is not a number in [0, {MAX_GUIDANCE}]")
         for name in ("cond", "uncond"):
             if len(d[name]) != d["num_steps"]:
                 raise UserError(f"{source}: field '{name}' has {len(d[name])} entries, expected num_steps={d['num_steps']}")
@@ -148,13 +151,7 @@ class Schedule:
     @classmethod
     def load(cls, path: str | Path) -> Schedule:
         """Read a schedule file; also accepts an exported best.json (its 'schedule' entry)."""
-        path = Path(path)
-        if not path.is_file():
-            raise UserError(f"{path}: schedule file not found")
-        try:
-            d = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise UserError(f"{path}: not valid JSON ({e})") from None
+        d = read_json(path, "schedule file")
         if isinstance(d, dict) and isinstance(d.get("schedule"), dict):
             d = d["schedule"]
         return cls.from_dict(d, str(path))
