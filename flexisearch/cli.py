@@ -73,6 +73,16 @@ def _describe(d: dict) -> str:
     return f"{s.num_steps} {s.solver} steps, cfg {s.guidance_scale} ({s.guidance_mode}): {s.describe()}"
 
 
+def cmd_spaces(args: argparse.Namespace) -> None:
+    from .optimize.config import SPACES_DIR, shipped_spaces
+
+    spaces = shipped_spaces()
+    width = max(map(len, spaces))
+    for name, about in spaces.items():
+        print(f"{name:<{width}}  {about}")
+    print(f"(files in {SPACES_DIR}; `flexisearch search --space NAME`)")
+
+
 def cmd_show(args: argparse.Namespace) -> None:
     from .files import read_json
 
@@ -220,7 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", required=True)
 
     def study_args(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--space", help="search config YAML (default: search_spaces/default.yaml if present, else built-in)")
+        p.add_argument("--space", help="a search config YAML, or the name of a shipped one (`flexisearch spaces`); "
+                                       "default: default")
         p.add_argument("--study", help="study name (results in runs/<study>/)")
         p.add_argument("--storage", help="Optuna storage URL (default sqlite:///runs/<study>/study.db)")
         p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when there is one, else cpu)")
@@ -240,6 +251,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="re-score and export best.json / pareto.json of an existing study")
     study_args(p)
     p.set_defaults(fn=cmd_export)
+
+    p = sub.add_parser("spaces", help="list the shipped search configs (use one with --space NAME)")
+    p.set_defaults(fn=cmd_spaces)
 
     p = sub.add_parser("show", help="print a best.json, pareto.json or schedule file")
     p.add_argument("path")
@@ -288,8 +302,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     args = build_parser().parse_args(argv)
-    if getattr(args, "space", "unset") is None and Path("search_spaces/default.yaml").is_file():
-        args.space = "search_spaces/default.yaml"
     try:
         args.fn(args)
     except UserError as e:

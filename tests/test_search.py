@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import optuna
 import pytest
@@ -67,10 +68,25 @@ def test_bad_config_is_one_line_error(tmp_path, text, expect):
 
 
 def test_shipped_spaces_validate():
-    from pathlib import Path
-
     for p in sorted(Path(__file__).resolve().parent.parent.glob("search_spaces/*.yaml")):
         assert load_search_config(p).n_trials > 0
+
+
+def test_the_shipped_spaces_are_found_from_any_directory(tmp_path, monkeypatch, capsys):
+    """Outside a clone, `flexisearch search` (no --space) and `--space NAME` read the shipped configs, the same
+    files the README names (search_spaces/ of the repository); `flexisearch spaces` lists them."""
+    from flexisearch.optimize.run import load_config
+
+    repo = Path(__file__).resolve().parent.parent / "search_spaces"
+    monkeypatch.chdir(tmp_path)
+    assert load_config(None) == load_config("default") == load_search_config(repo / "default.yaml")
+    assert load_config("text-default", n_trials=3) == load_search_config(repo / "text-default.yaml", {"n_trials": 3})
+    assert main(["spaces"]) == 0
+    names = [line.split()[0] for line in capsys.readouterr().out.splitlines()[:-1]]
+    assert names == sorted(p.stem for p in repo.glob("*.yaml"))
+    assert main(["search", "--space", "defualt"]) == 2
+    assert "not a shipped search space (default, " in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("space_type", SPACES)

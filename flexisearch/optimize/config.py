@@ -1,4 +1,4 @@
-"""Search configs (YAML in search_spaces/): the model, the space of schedules (search.spaces), the quality
+"""Search configs (YAML; the shipped ones are package data in flexisearch/search_spaces/, by name): the model, the space of schedules (search.spaces), the quality
 metric and its constraint, the sample budgets, the searcher, and where the run's files live.
 
 Validation is strict (validate.read_dataclass): an unknown key or a value of the wrong kind is a
@@ -8,6 +8,7 @@ one-line UserError naming the file and the key.
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +17,7 @@ from typing import Any
 import yaml
 
 from ..errors import UserError
-from ..files import read_text
+from ..files import PACKAGE, read_text
 from ..metrics.registry import METRICS
 from ..sampling.schedule import GUIDANCE_MODES, Schedule
 from ..validate import key_error, read_dataclass
@@ -25,6 +26,8 @@ from .spaces import SPACES, Choice, SpaceConfig
 SAMPLERS = ("tpe", "nsga2", "gp", "random", "bruteforce")
 STUDY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")  # a folder name under runs/, never a path
 RUNS = Path("runs")
+SPACES_DIR = PACKAGE / "search_spaces"  # the shipped search configs; `--space NAME` is SPACES_DIR/NAME.yaml
+DEFAULT_SPACE = "default"
 
 
 @dataclass(frozen=True)
@@ -116,6 +119,28 @@ def load_search_config(path: str | Path | None, overrides: dict | None = None, s
     cfg = read_dataclass(SearchConfig, raw, source, parsers={"space": space, "metric": metric})
     _check(cfg, source)
     return cfg
+
+
+def shipped_spaces() -> dict[str, str]:
+    """The shipped search configs: name -> the first sentence of the comment that opens the file."""
+    out = {}
+    for path in sorted(SPACES_DIR.glob("*.yaml")):
+        head = " ".join(line.lstrip("# ").strip() for line in path.read_text().splitlines()
+                        if line.startswith("#")).split(". ")[0]
+        out[path.stem] = head.rstrip(".") + "."
+    return out
+
+
+def space_path(space: str | os.PathLike | None) -> Path:
+    """A search config file: a path, or the name of a shipped config (None: the shipped default)."""
+    if space is None:
+        return SPACES_DIR / f"{DEFAULT_SPACE}.yaml"
+    path = Path(space)
+    if path.exists() or path.suffix in (".yaml", ".yml") or os.sep in str(space):
+        return path
+    if (SPACES_DIR / f"{space}.yaml").is_file():
+        return SPACES_DIR / f"{space}.yaml"
+    raise UserError(f"--space {space}: no such file, and not a shipped search space ({', '.join(shipped_spaces())})")
 
 
 def config_dict(cfg: SearchConfig) -> dict[str, Any]:

@@ -12,7 +12,8 @@ import optuna
 from ..errors import UserError
 from ..files import read_json
 from ..sampling.schedule import Schedule
-from .config import SearchConfig, config_dict, config_from_dict, load_search_config, run_dir, storage_url
+from .config import (SearchConfig, config_dict, config_from_dict, load_search_config, run_dir, space_path,
+                     storage_url)
 from .evaluate import Evaluator
 from .export import export_study
 from .optuna_backend import run_search
@@ -38,11 +39,12 @@ class SearchResult:
 
 
 def load_config(config: str | os.PathLike | SearchConfig | None, **overrides: Any) -> SearchConfig:
-    """A SearchConfig from a YAML path (None: the built-in defaults) or a SearchConfig, with top-level overrides."""
+    """A SearchConfig from a YAML path, a shipped config's name (None: the shipped default) or a SearchConfig,
+    with top-level overrides."""
     if isinstance(config, SearchConfig):  # checked as a YAML file is
         return config_from_dict({**config_dict(config), **{k: v for k, v in overrides.items() if v is not None}},
                                 "config argument")
-    return load_search_config(config, overrides)
+    return load_search_config(space_path(config), overrides)
 
 
 def _result(cfg: SearchConfig, study: optuna.Study) -> SearchResult:
@@ -54,7 +56,8 @@ def search(config: str | os.PathLike | SearchConfig | None = None, *, device: st
            workers: int = 1, address: str | None = None, progress: bool = False, **overrides: Any) -> SearchResult:
     """Run (or resume) the search a config describes and export its results to runs/<study>/.
 
-    config: a search YAML, a SearchConfig or None (built-in defaults); overrides replace top-level keys
+    config: a search YAML, a shipped config's name (`flexisearch spaces`), a SearchConfig, or None (the shipped
+    default); overrides replace top-level keys
     (study, n_trials, sampler, storage, objective, ...). backend "optuna" runs `workers` processes on
     this machine; "ray" runs on the Ray cluster at `address` (None: a local one)."""
     cfg = load_config(config, **overrides)
