@@ -6,14 +6,36 @@ import argparse
 import os
 import sys
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from . import __version__
 from .errors import UserError
 
 
 def _overrides(args: argparse.Namespace) -> dict:
-    return {k: getattr(args, k, None) for k in ("study", "n_trials", "sampler", "storage", "objective")}
+    """Config overrides: every --set KEY=VALUE (dotted keys into mappings), then the dedicated flags."""
+    out: dict = {}
+    for key, value in args.set or []:
+        *parents, leaf = key.split(".")
+        node = out
+        for k in parents:
+            node = node.setdefault(k, {})
+        node[leaf] = value
+    return {**out, **{k: v for k in ("study", "n_trials", "sampler", "storage", "objective")
+                      if (v := getattr(args, k, None)) is not None}}
+
+
+def _setting(text: str) -> tuple[str, object]:
+    """--set KEY=VALUE: VALUE is read as YAML (3, 2.5, [4, 8], null, euler)."""
+    import yaml
+
+    key, sep, value = text.partition("=")
+    if not sep or not key or any(not k for k in key.split(".")):
+        raise argparse.ArgumentTypeError(f"{text!r} is not KEY=VALUE (e.g. space.num_steps=[4,8])")
+    try:
+        return key, yaml.safe_load(value)
+    except yaml.YAMLError:
+        raise argparse.ArgumentTypeError(f"{text!r}: the value is not valid YAML") from None
 
 
 def cmd_search(args: argparse.Namespace) -> None:
@@ -32,38 +54,71 @@ def cmd_search(args: argparse.Namespace) -> None:
         except KeyboardInterrupt:  # the process that started this one says it
             raise SystemExit(130) from None
         return
-    result = search(args.space, device=_device(args.device), backend=args.backend, workers=args.workers, address=args.address,
-                    progress=not args.quiet, **_overrides(args))
-    print("\n".join(_summary(result.best)))
+    result = search(args.space, device=_device(args.device), backend=args.backend, workers=args.workers,
+                    address=args.address, progress=not args.quiet, add_trials=args.add_trials, **_overrides(args))
+    if not result.searched:
+        from .optimize.config import run_dir
+
+        print(f"study '{result.config.study}' already holds its {result.config.n_trials} complete trials: nothing to "
+              f"run (--add-trials N searches more, `flexisearch export` re-scores; {run_dir(result.config)}/best.json)")
+        return
+    _report(result)
 
 
 def cmd_export(args: argparse.Namespace) -> None:
     from .optimize.run import export
 
-    print("\n".join(_summary(export(args.space, device=_device(args.device), progress=not args.quiet,
-                                   **_overrides(args)).best)))
+    _report(export(args.space, device=_device(args.device), progress=not args.quiet, **_overrides(args)))
 
 
-def _reference(doc: dict) -> str:
-    """The static native schedule every FLOPs fraction of a result is relative to, in words."""
-    r = doc["static_native"]["schedule"]
-    return f"static native, {r['num_steps']} steps, CFG {r['guidance_scale']:g}"
+def _digest(doc: Any) -> dict:
+    """What `show` tells about a best.json, a pareto.json or a schedule, as data (--json) and for _lines."""
+    def entry(p: dict) -> dict:
+        return {"description": _describe(p["schedule"]), "schedule": p["schedule"],
+                "fraction_of_static_native": p["cost"]["fraction_of_static_native"], "saving": p["cost"]["saving"],
+                "quality": p["quality"]}
+
+    def reference(d: dict) -> dict:  # the static native schedule every FLOPs fraction is relative to
+        r = d["static_native"]["schedule"]
+        return {"num_steps": r["num_steps"], "guidance_scale": r["guidance_scale"]}
+
+    if isinstance(doc, dict) and "points" in doc:
+        return {"kind": "pareto", "metric": doc["metric"], "reference": reference(doc),
+                "points": [entry(p) for p in doc["points"]]}
+    if isinstance(doc, dict) and "static_native" in doc:
+        return {"kind": "best", **entry(doc), "reference": reference(doc), "bound": doc["constraint"]["bound"],
+                "static_native_heldout": doc["static_native"]["quality"]["heldout"],
+                "model_calls_saved_by_prefix_reuse": doc["provenance"]["model_calls_saved_by_prefix_reuse"]}
+    return {"kind": "schedule", "description": _describe(doc), "schedule": doc}
 
 
-def _summary(best: dict) -> list[str]:
-    from .optimize.config import RUNS
-
-    q, c, ref = best["quality"], best["cost"], best["static_native"]["quality"]["heldout"]
-    h = q["heldout"]
-    rows = [("schedule", _describe(best["schedule"])),
-            ("FLOPs", f"{c['fraction_of_static_native']:.3f} of {_reference(best)}  (saving {100 * c['saving']:.1f}%)"),
+def _lines(d: dict) -> list[str]:
+    if d["kind"] == "schedule":
+        return [d["description"]]
+    ref = f"static native, {d['reference']['num_steps']} steps, CFG {d['reference']['guidance_scale']:g}"
+    if d["kind"] == "pareto":
+        lines = [f"{'FLOPs':>7}  {'saving':>7}  {d['metric'] + ' held-out':>22}  schedule   (FLOPs: fraction of {ref})"]
+        for p in d["points"]:
+            h = p["quality"]["heldout"]
+            lines.append(f"{p['fraction_of_static_native']:7.3f}  {100 * p['saving']:6.1f}%  "
+                         f"{h['value']:8.3f} [{h['ci95'][0]:.2f},{h['ci95'][1]:.2f}]  {p['description']}")
+        return lines
+    q, h, native = d["quality"], d["quality"]["heldout"], d["static_native_heldout"]
+    rows = [("schedule", d["description"]),
+            ("FLOPs", f"{d['fraction_of_static_native']:.3f} of {ref}  (saving {100 * d['saving']:.1f}%)"),
             (f"{q['metric']} held-out", f"{h['value']:.3f}  [{h['ci95'][0]:.3f}, {h['ci95'][1]:.3f}]  n={h['n']}"),
-            (f"{q['metric']} static native", f"{ref['value']:.3f}  [{ref['ci95'][0]:.3f}, {ref['ci95'][1]:.3f}]"),
-            (f"{q['metric']} search seeds", f"{q['search']:.3f}  (bound {best['constraint']['bound']:.3f})"),
-            ("model calls saved by prefix reuse", str(best["provenance"]["model_calls_saved_by_prefix_reuse"]))]
+            (f"{q['metric']} static native", f"{native['value']:.3f}  [{native['ci95'][0]:.3f}, {native['ci95'][1]:.3f}]"),
+            (f"{q['metric']} search seeds", f"{q['search']:.3f}  (bound {d['bound']:.3f})"),
+            ("model calls saved by prefix reuse", str(d["model_calls_saved_by_prefix_reuse"]))]
     width = max(len(r[0]) for r in rows)
-    return [*(f"{k:<{width}}  {v}" for k, v in rows), f"best.json: {RUNS / best['provenance']['study'] / 'best.json'}",
-            f"FLOPs saving: {100 * c['saving']:.1f}%"]
+    return [*(f"{k:<{width}}  {v}" for k, v in rows), f"FLOPs saving: {100 * d['saving']:.1f}%"]
+
+
+def _report(result: Any) -> None:
+    """What search and export print: the best schedule's summary and where its files are."""
+    from .optimize.config import run_dir
+
+    print("\n".join([*_lines(_digest(result.best)), f"best.json: {run_dir(result.config) / 'best.json'}"]))
 
 
 def _describe(d: dict) -> str:
@@ -84,28 +139,17 @@ def cmd_spaces(args: argparse.Namespace) -> None:
 
 
 def cmd_show(args: argparse.Namespace) -> None:
+    import json
+
     from .files import read_json
 
     doc = read_json(args.path, "result file")
     try:
-        lines = _show(doc)
+        digest = _digest(doc)
+        text = json.dumps(digest, indent=1) if args.json else "\n".join(_lines(digest))
     except (KeyError, TypeError, IndexError, ValueError) as e:
         raise UserError(f"{args.path}: not a complete best.json, pareto.json or schedule ({type(e).__name__}: {e})") from None
-    print("\n".join(lines))
-
-
-def _show(doc: object) -> list[str]:
-    if isinstance(doc, dict) and "points" in doc:
-        lines = [f"{'FLOPs':>7}  {'saving':>7}  {doc['metric'] + ' held-out':>22}  schedule   "
-                 f"(FLOPs: fraction of {_reference(doc)})"]
-        for p in doc["points"]:
-            h = p["quality"]["heldout"]
-            lines.append(f"{p['cost']['fraction_of_static_native']:7.3f}  {100 * p['cost']['saving']:6.1f}%  "
-                         f"{h['value']:8.3f} [{h['ci95'][0]:.2f},{h['ci95'][1]:.2f}]  {_describe(p['schedule'])}")
-        return lines
-    if isinstance(doc, dict) and "static_native" in doc:
-        return _summary(doc)
-    return [_describe(doc)]
+    print(text)
 
 
 def cmd_sample(args: argparse.Namespace) -> None:
@@ -117,7 +161,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
     out = Path(args.out)
     if out.is_dir() or out.suffix.lower() != ".png":
         raise UserError(f"--out {args.out}: expected a .png file name")
-    schedule = Schedule.load(args.schedule)
+    schedule = Schedule.load(args.schedule, point=args.point)
     model = load_model(args.model, _device(args.device))
     schedule.check_model(model.config, None if args.any_model else model.fingerprint(), args.schedule)
     classes = model.config.num_classes
@@ -148,21 +192,34 @@ def cmd_flops(args: argparse.Namespace) -> None:
         config = dataclasses.replace(config, extra_patch_sizes=tuple(q for q in (2 * p, 4 * p) if config.input_size % q == 0))
     else:
         config = load_model(args.model).config
-    schedule = Schedule.load(args.schedule) if args.schedule else None
+    schedule = Schedule.load(args.schedule, point=args.point) if args.schedule else None
     if schedule is not None:  # refused before anything is printed
         schedule.check_model(config, None, args.schedule)
-    print(f"{'patch':>5}  {'tokens':>6}  {'MACs':>10}  {'FLOPs':>10}  {'vs native':>9}")
     native = flops.forward_macs(config, config.patch_size)
-    for p in config.patch_sizes:
-        m = flops.forward_macs(config, p)
-        print(f"{p:>5}  {flops.tokens(config, p):>6}  {flops.format_count(m):>10}  {flops.format_count(2 * m):>10}  {m / native:9.3f}")
+    table = [{"patch": p, "tokens": flops.tokens(config, p), "macs": flops.forward_macs(config, p),
+              "vs_native": flops.forward_macs(config, p) / native} for p in config.patch_sizes]
+    out: dict[str, Any] = {"per_forward": table}
     if schedule is not None:
         s = schedule
+        ref = Schedule.static(config.patch_size, s.num_steps, guidance_scale=s.guidance_scale, solver=s.solver,
+                              model=s.model)
         m = flops.schedule_macs(config, s)
-        ref = flops.schedule_macs(config, Schedule.static(config.patch_size, s.num_steps, guidance_scale=s.guidance_scale,
-                                                          solver=s.solver, model=s.model))
-        print(f"schedule {args.schedule}: {flops.format_count(m)} MACs = {flops.format_count(2 * m)} FLOPs per sample, "
-              f"{m / ref:.3f} vs static native, {s.num_steps} steps, CFG {s.guidance_scale:g}")
+        out["schedule"] = {"path": args.schedule, "macs_per_sample": m, "fraction": m / flops.schedule_macs(config, ref),
+                           "reference": {"num_steps": s.num_steps, "guidance_scale": s.guidance_scale}}
+    if args.json:
+        import json
+
+        print(json.dumps(out, indent=1))
+        return
+    print(f"{'patch':>5}  {'tokens':>6}  {'MACs':>10}  {'FLOPs':>10}  {'vs native':>9}")
+    for r in table:
+        print(f"{r['patch']:>5}  {r['tokens']:>6}  {flops.format_count(r['macs']):>10}  "
+              f"{flops.format_count(2 * r['macs']):>10}  {r['vs_native']:9.3f}")
+    if schedule is not None:
+        d = out["schedule"]
+        print(f"schedule {args.schedule}: {flops.format_count(d['macs_per_sample'])} MACs = "
+              f"{flops.format_count(2 * d['macs_per_sample'])} FLOPs per sample, {d['fraction']:.3f} vs static native, "
+              f"{schedule.num_steps} steps, CFG {schedule.guidance_scale:g}")
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -233,17 +290,26 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--space", help="a search config YAML, or the name of a shipped one (`flexisearch spaces`); "
                                        "default: default")
         p.add_argument("--study", help="study name (results in runs/<study>/)")
-        p.add_argument("--storage", help="Optuna storage URL (default sqlite:///runs/<study>/study.db)")
+        p.add_argument("--storage", help="Optuna storage: a database URL (sqlite:///..., postgresql://...) or a journal "
+                                         "file path (runs/x/journal.log); default sqlite:///runs/<study>/study.db")
         p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when there is one, else cpu)")
         p.add_argument("--quiet", action="store_true", help="no progress bars")
-        p.add_argument("--objective", choices=["single", "multi"], help="as the study was searched")
+        p.add_argument("--objective", choices=["single", "multi"], help="single: least FLOPs within the bound; "
+                                                                          "multi: the FLOPs-quality Pareto front")
+        p.add_argument("--set", type=_setting, action="append", metavar="KEY=VALUE",
+                       help="override any config key, e.g. --set metric.relative=0.1 --set space.solver=ddim")
 
     p = sub.add_parser("search", help="search schedules (the main job); resumes an existing study")
     study_args(p)
-    p.add_argument("--n-trials", type=_positive, help="complete trials the study should hold (a rerun adds the missing ones)")
-    p.add_argument("--sampler", choices=["tpe", "nsga2", "gp", "random", "bruteforce"])
-    p.add_argument("--workers", type=_positive, default=1, help="worker processes on this machine sharing the storage")
-    p.add_argument("--backend", choices=["optuna", "ray"], default="optuna")
+    p.add_argument("--n-trials", type=_positive,
+                   help="complete trials the study should hold (a rerun runs the missing ones; a complete study is "
+                        "left as it is)")
+    p.add_argument("--add-trials", type=_positive, default=0, metavar="N", help="run N trials more than the study holds")
+    p.add_argument("--sampler", choices=["tpe", "nsga2", "gp", "random", "bruteforce"], help="Optuna sampler (default tpe)")
+    p.add_argument("--workers", type=_positive, default=1,
+                   help="processes on this machine sharing the storage (default 1)")
+    p.add_argument("--backend", choices=["optuna", "ray"], default="optuna", help="optuna (default): processes on this "
+                   "machine; ray: trials on a Ray cluster")
     p.add_argument("--address", help="Ray cluster address (auto or HOST:PORT); default: a local cluster")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.set_defaults(fn=cmd_search)
@@ -257,10 +323,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("show", help="print a best.json, pareto.json or schedule file")
     p.add_argument("path")
+    p.add_argument("--json", action="store_true", help="as JSON")
     p.set_defaults(fn=cmd_show)
 
     p = sub.add_parser("sample", help="sample a grid with a schedule and save a PNG")
-    p.add_argument("--schedule", required=True)
+    p.add_argument("--schedule", required=True, help="a schedule file, best.json, or pareto.json with --point")
+    p.add_argument("--point", type=int, help="the Pareto point of a pareto.json (0: the cheapest)")
     p.add_argument("--model", default="embedded:flexidit-mnist16-lora")
     p.add_argument("--n", type=_positive, default=64, help="images (default 64)")
     p.add_argument("--nrow", type=_positive, default=8, help="images per grid row (default 8)")
@@ -276,8 +344,10 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--preset", help="e.g. DiT-XL/2")
     g.add_argument("--model", default="embedded:flexidit-mnist16-lora")
-    p.add_argument("--input-size", type=int, help="latent side for a preset (default 32 = 256 px)")
-    p.add_argument("--schedule")
+    p.add_argument("--input-size", type=_positive, help="latent side for a preset (default 32 = 256 px)")
+    p.add_argument("--schedule", help="also the cost of this schedule file, best.json, or pareto.json with --point")
+    p.add_argument("--point", type=int, help="the Pareto point of a pareto.json (0: the cheapest)")
+    p.add_argument("--json", action="store_true", help="as JSON (MACs; FLOPs = 2 x MACs)")
     p.set_defaults(fn=cmd_flops)
 
     p = sub.add_parser("train", help="pretrain a base DiT or flexify one")

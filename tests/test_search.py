@@ -400,3 +400,82 @@ def test_public_api_search_and_export(in_tmp, model_dir):
     assert again.best_schedule == result.best_schedule and again.best["trial"] == result.best["trial"]
     with pytest.raises(AttributeError):
         fs.no_such_name  # noqa: B018
+
+
+def test_rerun_add_trials_set_and_journal_storage(in_tmp, model_dir, capsys):
+    """n_trials semantics on the command line: a complete study is left as it is, with one line; --add-trials N
+    runs N more; --set reaches any key; a journal file (as optuna-dashboard takes it) is a storage."""
+    p = write_space(in_tmp, model_dir, n_trials=9)
+    argv = ["search", "--space", str(p), "--quiet", "--storage", "runs/t/journal.log", "--set", "n_trials=3",
+            "--set", "space.num_steps=5", "--set", "search_samples=12"]
+    assert main(argv) == 0
+    capsys.readouterr()
+    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend("runs/t/journal.log"))
+    study = optuna.load_study(study_name="t", storage=storage)
+    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(done) == 3 and {t.user_attrs["schedule"]["num_steps"] for t in done} == {5}
+    assert study.user_attrs["config"]["search_samples"] == 12
+    best = in_tmp / "runs" / "t" / "best.json"
+    stamp = best.stat().st_mtime_ns
+    assert main(argv) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 1 and out[0].startswith("study 't' already holds its 3 complete trials: nothing to run")
+    assert best.stat().st_mtime_ns == stamp  # not re-exported
+    assert main([*argv, "--add-trials", "2"]) == 0
+    study = optuna.load_study(study_name="t", storage=storage)
+    assert len([t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]) == 5
+    assert best.stat().st_mtime_ns > stamp and "best.json: runs/t/best.json" in capsys.readouterr().out
+    assert main([*argv[:-6], "--set", "space.num_stesp=5"]) == 2
+    assert "key 'space.num_stesp'" in capsys.readouterr().err
+
+
+def test_show_and_flops_json_and_sample_a_pareto_point(in_tmp, model_dir, capsys):
+    """--json gives what the text shows, as data; `sample --point N` samples the N-th Pareto point."""
+    p = write_space(in_tmp, model_dir, n_trials=6, objective="multi")
+    assert main(["search", "--space", str(p), "--quiet"]) == 0
+    capsys.readouterr()
+    pareto = json.loads((in_tmp / "runs" / "t" / "pareto.json").read_text())
+    assert main(["show", "runs/t/pareto.json", "--json"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert [q["schedule"] for q in shown["points"]] == [q["schedule"] for q in pareto["points"]]
+    assert [q["fraction_of_static_native"] for q in shown["points"]] == \
+        [q["cost"]["fraction_of_static_native"] for q in pareto["points"]]
+    assert shown["reference"] == {"num_steps": 4, "guidance_scale": 2.0}
+    last = len(pareto["points"]) - 1
+    assert main(["flops", "--model", str(model_dir), "--schedule", "runs/t/pareto.json", "--point", str(last),
+                 "--json"]) == 0
+    cost = json.loads(capsys.readouterr().out)
+    assert cost["schedule"]["fraction"] == pytest.approx(pareto["points"][last]["cost"]["fraction_of_static_native"])
+    assert [r["patch"] for r in cost["per_forward"]] == [2, 4] and cost["per_forward"][0]["vs_native"] == 1.0
+    assert main(["sample", "--model", str(model_dir), "--schedule", "runs/t/pareto.json", "--point", str(last),
+                 "--n", "4", "--quiet", "--out", "runs/p.png"]) == 0
+    assert (in_tmp / "runs" / "p.png").is_file()
+    assert main(["sample", "--model", str(model_dir), "--schedule", "runs/t/pareto.json", "--n", "4"]) == 2
+    assert f"pick one with --point N, N from 0 to {last}" in capsys.readouterr().err
+
+
+def test_optuna_dashboard_sees_which_trials_are_feasible(in_tmp, model_dir):
+    """The study as optuna-dashboard serves it (its WSGI app): every trial with its constraint, which the
+    dashboard reads from the key Optuna < 5 used, so infeasible trials are shown as such."""
+    import wsgiref.util
+
+    import optuna_dashboard
+
+    p = write_space(in_tmp, model_dir, n_trials=6, metric={"max": 0.5})  # a tight bound: some trials infeasible
+    assert main(["search", "--space", str(p), "--quiet"]) == 0
+    study = optuna.load_study(study_name="t", storage="sqlite:///runs/t/study.db")
+    app = optuna_dashboard.wsgi("sqlite:///runs/t/study.db")
+    environ = {"PATH_INFO": f"/api/studies/{study._study_id}"}
+    wsgiref.util.setup_testing_defaults(environ)
+    status = []
+    body = b"".join(app(environ, lambda s, headers, exc_info=None: status.append(s)))
+    assert status == ["200 OK"], body[-2000:]
+    served = json.loads(body)
+    violation = {t.number: t.user_attrs["quality"] - 0.5 for t in study.trials if "quality" in t.user_attrs}
+    assert {v > 0 for v in violation.values()} == {True, False}  # both kinds present
+    for t in served["trials"]:
+        if t["number"] in violation:
+            assert t["constraints"] == [pytest.approx(violation[t["number"]])]
+    # what the dashboard marks infeasible (its best-trial box is a query on values alone: the marks tell them apart)
+    assert sorted(t["number"] for t in served["trials"] if t["constraints"] and t["constraints"][0] > 0) == \
+        sorted(n for n, v in violation.items() if v > 0)

@@ -57,9 +57,10 @@ class FlexiDiTConfig(ConfigMixin):
 
     def check(self, source: str = "config") -> None:
         for name in ("input_size", "in_channels", "hidden_size", "depth", "num_heads", "patch_size", "num_classes"):
-            if not 1 <= getattr(self, name) <= 1 << 20:  # beyond any DiT; sizes checked before anything is allocated
-                raise UserError(f"{source}: field '{name}' is {getattr(self, name)}, expected a positive integer "
-                                f"of at most {1 << 20}")
+            low = 0 if name == "num_classes" else 1  # a text model converted without its prompt table has none
+            if not low <= getattr(self, name) <= 1 << 20:  # beyond any DiT; checked before anything is allocated
+                raise UserError(f"{source}: field '{name}' is {getattr(self, name)}, expected an integer from {low} "
+                                f"to {1 << 20}")
         if self.prediction not in ("epsilon", "flow"):
             raise UserError(f"{source}: field 'prediction' is {self.prediction!r}, expected 'epsilon' or 'flow'")
         if self.hidden_size % self.num_heads:

@@ -89,8 +89,15 @@ _CHOICES = {"num_steps": _choice(int), "guidance_scale": _choice(float), "guidan
             "solver": _choice(str)}
 
 
+def _merge(base: dict, over: dict) -> dict:
+    """base with over's keys replaced; a mapping merged into a mapping key by key (--set space.solver=ddim)."""
+    return {**base, **{k: _merge(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
+                       for k, v in over.items()}}
+
+
 def load_search_config(path: str | Path | None, overrides: dict | None = None, source: str = "defaults") -> SearchConfig:
-    """Read and validate a search YAML (None: the built-in defaults), then apply overrides (None: not given)."""
+    """Read and validate a search YAML (None: the built-in defaults), then apply overrides (None: not given;
+    a mapping is merged into the YAML's mapping)."""
     source = str(path) if path else source
     raw: Any = {}
     if path:
@@ -104,7 +111,7 @@ def load_search_config(path: str | Path | None, overrides: dict | None = None, s
         except RecursionError:
             raise UserError(f"{path}: not valid YAML (nested too deeply)") from None
     if isinstance(raw, dict):
-        raw = {**raw, **{k: v for k, v in (overrides or {}).items() if v is not None}}
+        raw = _merge(raw, {k: v for k, v in (overrides or {}).items() if v is not None})
 
     def space(value: Any, key: str) -> SpaceConfig:
         return read_dataclass(SpaceConfig, value, source, "space.",

@@ -4,10 +4,12 @@ best and the Pareto schedules on held-out seeds and export them. The CLI and the
 from __future__ import annotations
 
 import os
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
 import optuna
+from optuna.trial import TrialState
 
 from ..errors import UserError
 from ..files import read_json
@@ -17,7 +19,7 @@ from .config import (SearchConfig, config_dict, config_from_dict, load_search_co
 from .evaluate import Evaluator
 from .export import export_study
 from .optuna_backend import run_search
-from .study import open_study, stored_config
+from .study import existing_study, open_study, stored_config
 
 
 @dataclass
@@ -28,6 +30,7 @@ class SearchResult:
     study: optuna.Study
     best: dict[str, Any]
     pareto: dict[str, Any]
+    searched: bool = True  # False: the study already held n_trials complete trials; nothing ran or was re-exported
 
     @property
     def best_schedule(self) -> Schedule:
@@ -53,14 +56,23 @@ def _result(cfg: SearchConfig, study: optuna.Study) -> SearchResult:
 
 
 def search(config: str | os.PathLike | SearchConfig | None = None, *, device: str = "cpu", backend: str = "optuna",
-           workers: int = 1, address: str | None = None, progress: bool = False, **overrides: Any) -> SearchResult:
+           workers: int = 1, address: str | None = None, progress: bool = False, add_trials: int = 0,
+           **overrides: Any) -> SearchResult:
     """Run (or resume) the search a config describes and export its results to runs/<study>/.
 
     config: a search YAML, a shipped config's name (`flexisearch spaces`), a SearchConfig, or None (the shipped
-    default); overrides replace top-level keys
-    (study, n_trials, sampler, storage, objective, ...). backend "optuna" runs `workers` processes on
-    this machine; "ray" runs on the Ray cluster at `address` (None: a local one)."""
+    default); overrides replace top-level keys (study, n_trials, sampler, storage, objective, ...). n_trials is
+    the number of complete trials the study should hold: a rerun runs the missing ones, add_trials > 0 runs that
+    many more, and a study that is complete and exported is returned as it is (searched=False). backend
+    "optuna" runs `workers` processes on this machine; "ray" runs on the Ray cluster at `address` (None: a
+    local one)."""
     cfg = load_config(config, **overrides)
+    existing = existing_study(storage_url(cfg), cfg.study)
+    done = len(existing.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))) if existing else 0
+    if add_trials > 0:
+        cfg = dataclasses.replace(cfg, n_trials=done + add_trials)
+    elif existing is not None and done >= cfg.n_trials and (run_dir(cfg) / "best.json").is_file():
+        return dataclasses.replace(_result(cfg, existing), searched=False)
     evaluator = Evaluator(cfg, device)
     if backend == "ray":
         from .ray_backend import run_ray_search  # Ray is imported only when asked for

@@ -70,11 +70,12 @@ def _sqlite_claims_atomic(storage: optuna.storages.RDBStorage) -> None:
     storage.engine.dispose()  # connections opened before the listeners are not reused
 
 
-def open_storage(url: str) -> optuna.storages.BaseStorage | str:
-    """The study's storage: a database with heartbeats (a trial whose process died is re-run), or a URL Optuna
-    opens itself (journal files)."""
-    if not url.startswith(("sqlite", "postgresql", "mysql")):
-        return url
+def open_storage(url: str) -> optuna.storages.BaseStorage:
+    """The study's storage: a database URL (with heartbeats: a trial whose process died on another machine
+    is re-run), or a journal file's path, as optuna-dashboard takes it (e.g. runs/x/journal.log)."""
+    if "://" not in url:
+        Path(url).parent.mkdir(parents=True, exist_ok=True)
+        return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(url))
     with warnings.catch_warnings():  # Optuna 5 flags heartbeats experimental, on every run
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         storage = optuna.storages.RDBStorage(
@@ -133,6 +134,8 @@ def record(trial: Any, report: dict[str, Any]) -> None:
     trial.set_user_attr("macs", report["macs"])
     trial.set_user_attr("quality", report["quality"])
     trial.set_constraint("quality", report["violation"])
+    # optuna-dashboard (0.21) reads only the list Optuna < 5 kept under "constraints"; Optuna reads both.
+    trial.storage.set_trial_system_attr(trial._trial_id, "constraints", [report["violation"]])
 
 
 def release(study: optuna.Study, trial: optuna.Trial | optuna.trial.FrozenTrial) -> bool:
@@ -176,18 +179,24 @@ def reference_quality(study: optuna.Study, evaluator: Evaluator) -> float:
     return float(study.user_attrs[key])
 
 
-def stored_config(url: str, name: str) -> SearchConfig | None:
-    """The config study `name` was last searched with (seed_study stores it; None: no such study, or one from
-    before configs were stored). Worker processes and export read it, so they use what the search used."""
-    if url.startswith("sqlite:///") and not Path(url[len("sqlite:///"):]).is_file():
-        return None  # opening it would create it
+def existing_study(url: str, name: str) -> optuna.Study | None:
+    """Study `name` in the storage at url, or None (no such storage or study): opening never creates one."""
+    if url.startswith("sqlite:///") and not Path(url[len("sqlite:///"):]).is_file() or (
+            "://" not in url and not Path(url).is_file()):
+        return None
     try:
-        study = optuna.load_study(study_name=name, storage=open_storage(url))
+        return optuna.load_study(study_name=name, storage=open_storage(url))
     except KeyError:
         return None
     except Exception as e:
         raise UserError(f"storage '{url}': cannot open ({str(e).splitlines()[0]})") from None
-    stored = study.user_attrs.get("config")
+
+
+def stored_config(url: str, name: str) -> SearchConfig | None:
+    """The config study `name` was last searched with (seed_study stores it; None: no such study, or one from
+    before configs were stored). Worker processes and export read it, so they use what the search used."""
+    study = existing_study(url, name)
+    stored = study.user_attrs.get("config") if study is not None else None
     return None if stored is None else config_from_dict({**stored, "storage": url}, f"study '{name}' in {url}")
 
 

@@ -149,9 +149,16 @@ class Schedule:
         atomic_write_json(path, self.to_dict())
 
     @classmethod
-    def load(cls, path: str | Path) -> Schedule:
-        """Read a schedule file; also accepts an exported best.json (its 'schedule' entry)."""
+    def load(cls, path: str | Path, point: int | None = None) -> Schedule:
+        """Read a schedule file, an exported best.json (its 'schedule'), or point `point` of a pareto.json."""
         d = read_json(path, "schedule file")
+        if isinstance(d, dict) and isinstance(d.get("points"), list):
+            n = len(d["points"])
+            if point is None or not 0 <= point < n or not isinstance(d["points"][point], dict):
+                raise UserError(f"{path}: a Pareto front of {n} points: pick one with --point N, N from 0 to {n - 1}")
+            d = d["points"][point]
+        elif point is not None:
+            raise UserError(f"{path}: --point {point} picks a point of a pareto.json; this file has one schedule")
         if isinstance(d, dict) and isinstance(d.get("schedule"), dict):
             d = d["schedule"]
         return cls.from_dict(d, str(path))
