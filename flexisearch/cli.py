@@ -164,14 +164,16 @@ def cmd_sample(args: argparse.Namespace) -> None:
     schedule = Schedule.load(args.schedule, point=args.point)
     model = load_model(args.model, _device(args.device))
     schedule.check_model(model.config, None if args.any_model else model.fingerprint(), args.schedule)
-    classes = model.config.num_classes
-    if args.label is not None and not 0 <= args.label < classes:
-        raise UserError(f"--label {args.label}: this model has classes 0 to {classes - 1}")
-    labels = [i % classes for i in range(args.n)] if args.label is None else [args.label] * args.n
-    images = sample(model, schedule, labels, list(range(args.seed, args.seed + args.n)), progress=not args.quiet)
+    num_classes = model.config.num_classes
+    rows = args.label if args.label is not None else list(range(min(10, num_classes)))
+    bad = [c for c in rows if not 0 <= c < num_classes]
+    if bad or not rows:
+        raise UserError(f"--label {bad[0] if bad else ''}: this model has classes 0 to {num_classes - 1}")
+    labels = [c for c in rows for _ in range(args.n)]  # one row per class
+    images = sample(model, schedule, labels, list(range(args.seed, args.seed + len(labels))), progress=not args.quiet)
     decode = getattr(model, "decode_images", None)  # latent models: pixels through their VAE
-    save_grid(decode(images) if decode is not None else images, out, nrow=args.nrow)
-    print(f"wrote {args.out}")
+    save_grid(decode(images) if decode is not None else images, out, nrow=args.n)
+    print(f"wrote {args.out} ({len(rows)} rows of {args.n}: classes {', '.join(map(str, rows))})")
 
 
 def cmd_flops(args: argparse.Namespace) -> None:
@@ -330,10 +332,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--schedule", required=True, help="a schedule file, best.json, or pareto.json with --point")
     p.add_argument("--point", type=int, help="the Pareto point of a pareto.json (0: the cheapest)")
     p.add_argument("--model", default="embedded:flexidit-mnist16-lora")
-    p.add_argument("--n", type=_positive, default=64, help="images (default 64)")
-    p.add_argument("--nrow", type=_positive, default=8, help="images per grid row (default 8)")
-    p.add_argument("--label", type=int, help="class of every image (default: 0, 1, 2, ... in turn)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the first image; image i uses seed + i")
+    p.add_argument("--n", type=_positive, default=8, help="images per class: one grid row each (default 8)")
+    p.add_argument("--label", type=int, nargs="+", help="the classes, one row each (default: the first 10)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the first image; image i (row by row) uses seed + i")
     p.add_argument("--out", default="runs/samples.png", help="PNG file to write (default runs/samples.png)")
     p.add_argument("--any-model", action="store_true", help="accept a schedule made for another model")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when there is one, else cpu)")

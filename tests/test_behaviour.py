@@ -289,21 +289,22 @@ def test_cli_sample_writes_the_grid(exported, monkeypatch, capsys):
 
     root, model = exported
     monkeypatch.chdir(root)
-    assert main(["sample", "--schedule", "runs/t/best.json", "--model", str(root / "model"), "--n", "6",
-                 "--nrow", "3", "--out", "x.png", "--quiet"]) == 0
-    assert "wrote x.png" in capsys.readouterr().out
+    assert main(["sample", "--schedule", "runs/t/best.json", "--model", str(root / "model"), "--n", "3",
+                 "--label", "2", "0", "--out", "x.png", "--quiet"]) == 0
+    assert "wrote x.png (2 rows of 3: classes 2, 0)" in capsys.readouterr().out
     img = Image.open(root / "x.png")
-    side = model.config.input_size
-    assert img.size == (3 * (side + 1) + 1, 2 * (side + 1) + 1)  # (width, height): 3 columns, 2 rows
+    side, k = model.config.input_size, 64 // model.config.input_size  # 16 px samples shown 4x larger
+    assert img.size == (3 * (k * side + 1) + 1, 2 * (k * side + 1) + 1)  # (width, height): 3 columns, 2 rows
     pix = torch.from_numpy(np.array(img)).float()
-    # tile i holds the sample of seed i and label i % num_classes, quantised to 8 bits
+    # row r holds class r of --label, tile i the sample of seed i, quantised to 8 bits, each pixel a k x k block
     s = Schedule.load(root / "runs" / "t" / "best.json")
-    want = sample(model, s, [i % model.config.num_classes for i in range(6)], list(range(6)))
+    want = sample(model, s, [2, 2, 2, 0, 0, 0], list(range(6)))
     want = ((want.clamp(-1, 1) + 1) * 127.5).round()
     for i in range(6):
         r, q = divmod(i, 3)
-        tile = pix[1 + r * (side + 1): 1 + r * (side + 1) + side, 1 + q * (side + 1): 1 + q * (side + 1) + side]
-        assert (tile - want[i, 0]).abs().max() <= 1
+        y, x = 1 + r * (k * side + 1), 1 + q * (k * side + 1)
+        tile = pix[y: y + k * side, x: x + k * side]
+        assert (tile - want[i, 0].repeat_interleave(k, 0).repeat_interleave(k, 1)).abs().max() <= 1
     assert pix[0].max() == 0 and pix[:, 0].max() == 0  # the border
 
 

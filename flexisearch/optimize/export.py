@@ -85,6 +85,7 @@ def export_study(cfg: SearchConfig, evaluator: Evaluator, study: optuna.Study, p
                   "points": [_entry(evaluator, r, confirmed[r["number"]]) for r in front]}
     atomic_write_json(out / "best.json", best_doc)
     atomic_write_json(out / "pareto.json", pareto_doc)
-    plot_tradeoff(records, full_front, evaluator, bound, out / "tradeoff.png")
-    plot_schedule(best["schedule"], out / "schedule.png")
+    plot_tradeoff(records, full_front, evaluator, bound, best,
+                  f"study {cfg.study}: {len(records)} schedules of {cfg.model}", out / "tradeoff.png")
+    plot_schedule(best["schedule"], best["fraction"], out / "schedule.png")
     return best_doc

@@ -11,12 +11,15 @@ from ..sampling.schedule import Schedule
 from .evaluate import Evaluator
 
 
-def save_grid(images: Any, path: Path, nrow: int = 8) -> None:
-    """Save images in [-1, 1] (N, C, H, W) as one PNG grid with a 1-pixel border."""
+def save_grid(images: Any, path: Path, nrow: int = 8, min_side: int = 64) -> None:
+    """Save images in [-1, 1] (N, C, H, W) as one PNG grid, nrow to a row, with a 1-pixel border; small
+    images are enlarged by an integer factor (nearest neighbour) to at least min_side pixels, to be seen."""
     import numpy as np
     import torch
     from PIL import Image
 
+    scale = max(1, -(-min_side // images.shape[-1]))
+    images = images.repeat_interleave(scale, dim=-2).repeat_interleave(scale, dim=-1)
     n, c, h, w = images.shape
     rows = (n + nrow - 1) // nrow
     canvas = np.zeros((rows * (h + 1) + 1, nrow * (w + 1) + 1, c), dtype=np.uint8)
@@ -36,48 +39,67 @@ def _save_fig(fig: Any, path: Path) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
+def _reference(evaluator: Evaluator) -> str:
+    r = evaluator.reference
+    return f"static native: {r.num_steps} {r.solver} steps, CFG {r.guidance_scale:g}"
+
+
 def plot_tradeoff(records: list[dict[str, Any]], front: list[dict[str, Any]], evaluator: Evaluator, bound: float,
-                  path: Path) -> None:
+                  best: dict[str, Any], title: str, path: Path) -> None:
     """Quality against FLOPs: all trials, the Pareto front of the schedules meeting the bound, the bound,
-    the threshold family, static native and weak."""
+    the threshold family, static native and weak, and the chosen schedule."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(7, 4.5))
     ax.scatter([r["fraction"] for r in records], [r["quality"] for r in records], s=10, c="0.7", label="trials")
     fam = sorted((r for r in records if r["family"] == "threshold"), key=lambda r: r["fraction"])
     ax.plot([r["fraction"] for r in fam], [r["quality"] for r in fam], "o-", c="tab:blue", label="weak first k (paper)")
     ax.plot([r["fraction"] for r in front], [r["quality"] for r in front], "s-", c="tab:red", label="Pareto front")
-    op = ">=" if evaluator.metric.higher_is_better else "<="
-    ax.axhline(bound, ls="--", c="0.4", lw=1, label=f"bound: {evaluator.metric.name} {op} {bound:.4g}")
+    hib = evaluator.metric.higher_is_better
+    ax.axhline(bound, ls="--", c="0.4", lw=1, label=f"bound: {evaluator.metric.name} {'>=' if hib else '<='} {bound:.4g}")
+    ax.plot([best["fraction"]], [best["quality"]], "*", ms=16, c="gold", mec="k", zorder=5,
+            label=f"chosen: {best['fraction']:.3f} of the FLOPs")
     for r in records:
         s = r["schedule"]
         if len(set(s.cond + s.uncond)) == 1 and s.num_steps == evaluator.reference.num_steps:
-            ax.annotate("static native" if s.cond[0] == evaluator.native else "static weak", (r["fraction"], r["quality"]))
-    ax.set_xlabel("FLOPs / static native")
-    ax.set_ylabel(f"{evaluator.metric.name} (search seeds)")
-    ax.set_yscale("log" if evaluator.metric.name.startswith("fid") else "linear")
+            ax.annotate("static native" if s.cond[0] == evaluator.native else "static weak", (r["fraction"], r["quality"]),
+                        textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.set_xlabel(f"FLOPs per sample, fraction of {_reference(evaluator)}")
+    ax.set_ylabel(f"{evaluator.metric.name} on the search seeds ({'higher' if hib else 'lower'} is better)")
+    positive = all(r["quality"] > 0 for r in records)  # fid_native of static native is 0: no log axis then
+    ax.set_yscale("log" if evaluator.metric.name.startswith("fid") and positive else "linear")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     _save_fig(fig, path)
     plt.close(fig)
 
 
-def plot_schedule(schedule: Schedule, path: Path) -> None:
-    """The schedule step by step: patch size per branch."""
+def plot_schedule(schedule: Schedule, fraction: float, path: Path) -> None:
+    """The schedule step by step: the patch size of each branch at each denoising step."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 2.5))
-    steps = range(schedule.num_steps)
-    ax.step(steps, schedule.cond, where="mid", label="conditional")
-    ax.step(steps, [p + 0.08 for p in schedule.uncond], where="mid", label="unconditional", linestyle="--")
-    ax.set_xlabel("step (0 = pure noise)")
-    ax.set_ylabel("patch size")
-    ax.set_title(f"{schedule.num_steps} {schedule.solver} steps, guidance {schedule.guidance_scale} ({schedule.guidance_mode})")
+    fig, ax = plt.subplots(figsize=(7, 2.8))
+    edges = range(schedule.num_steps + 1)  # step i spans [i, i + 1)
+    ax.stairs(schedule.cond, edges, lw=2, baseline=None, label="conditional branch")
+    if schedule.uses_cfg:
+        ax.stairs(schedule.uncond, edges, lw=2, ls="--", baseline=None, label="unconditional branch")
+    ax.set_xlabel("denoising step (0 = pure noise)")
+    ax.set_ylabel("patch side (input pixels)")
+    ax.set_xticks(range(schedule.num_steps + 1) if schedule.num_steps <= 25 else
+                  range(0, schedule.num_steps + 1, 5))
+    sizes = sorted(set(schedule.cond + schedule.uncond))
+    ax.set_yticks(sizes)
+    ax.set_ylim(min(sizes) - 0.5, max(sizes) + 0.5)
+    ax.set_title(f"{schedule.num_steps} {schedule.solver} steps, CFG {schedule.guidance_scale:g} "
+                 f"({schedule.guidance_mode}): {fraction:.3f} of the static native FLOPs")
+    ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     _save_fig(fig, path)
     plt.close(fig)
