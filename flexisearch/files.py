@@ -145,6 +145,8 @@ def check_state(state: Mapping[str, torch.Tensor], expected: Mapping[str, torch.
         if value.shape != expected[key].shape:
             raise UserError(f"{source}: weight '{names.get(key, key)}' has shape {tuple(value.shape)}, "
                             f"config expects {tuple(expected[key].shape)}")
+        if value.is_floating_point() and not bool(value.isfinite().all()):
+            raise UserError(f"{source}: weight '{names.get(key, key)}' has NaN or infinite values")
 
 
 class Pretrained:

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from flexisearch.sampling.schedule import Schedule
 
@@ -101,18 +102,24 @@ def test_version_and_a_show_that_never_imports_torch(tmp_path):
     ("num_heads", 0, "field 'num_heads' is 0, expected an integer from 1 to"),
     ("hidden_size", 1 << 40, "field 'hidden_size' is 1099511627776, expected an integer from 1 to"),
     ("hidden_size", 1 << 15, "has shape"),  # 8 GiB of weights: checked against the file before it is allocated
+    ("weights", None, "weight 'final_layer.adaLN_modulation.1.weight' has NaN or infinite values"),
 ])
-def test_bad_model_config_is_one_line_before_allocation(tmp_path, field, value, expect):
+def test_bad_model_is_one_line_before_allocation(tmp_path, field, value, expect):
     from conftest import random_flexidit
 
     model = tmp_path / "model"
-    random_flexidit(size=16).save_pretrained(model)
+    flexi = random_flexidit(size=16)
+    if field == "weights":
+        with torch.no_grad():
+            flexi.final_layer.adaLN_modulation[1].weight[0, 0] = float("nan")
+    flexi.save_pretrained(model)
     config = json.loads((model / "config.json").read_text())
-    (model / "config.json").write_text(json.dumps({**config, field: value}))
+    if field != "weights":
+        (model / "config.json").write_text(json.dumps({**config, field: value}))
     before = tree(tmp_path)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
     r = subprocess.run([sys.executable, "-m", "flexisearch.cli", "flops", "--model", str(model)], cwd=tmp_path,
                        env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and r.stdout == "" and len(r.stderr.splitlines()) == 1, r.stderr[-3000:]
-    assert expect in r.stderr and str(model / ("model.safetensors" if "shape" in expect else "config.json")) in r.stderr
+    assert expect in r.stderr and str(model / ("config.json" if "field" in expect else "model.safetensors")) in r.stderr
     assert tree(tmp_path) == before
