@@ -108,6 +108,87 @@ def test_every_space_type_builds_valid_schedules(space_type):
     assert len(seen) > 5
 
 
+def _expected_sizes(kind, branches, params, n, native=2, weak=4, segments=3):
+    """The (cond, uncond) patch sizes a space's parameters describe, written from the spaces' definitions."""
+    def weak_first(frac):
+        k = round(frac * n)  # Python's rounding (half to even), as documented for the spaces
+        return (weak,) * k + (native,) * (n - k)
+
+    if kind == "threshold":
+        return weak_first(params["weak_frac"]), weak_first(params["weak_frac"])
+    if kind == "branch_threshold":
+        return weak_first(params["weak_frac_cond"]), weak_first(params["weak_frac_uncond"])
+    out = {}
+    for b in (("cond", "uncond") if branches == "separate" else ("both",)):
+        if kind == "per_step":
+            out[b] = tuple(params[f"{b}_p{i}"] for i in range(n))
+        else:  # segments: levels j, separated at the sorted cut fractions
+            cuts = sorted(params[f"{b}_cut{j}"] for j in range(segments - 1))
+            edges = [0, *(round(c * n) for c in cuts), n]
+            out[b] = tuple(params[f"{b}_seg{j}"] for j in range(segments) for _ in range(edges[j + 1] - edges[j]))
+    return out.get("cond", out.get("both")), out.get("uncond", out.get("both"))
+
+
+@pytest.mark.parametrize("kind,branches", [("threshold", "joint"), ("branch_threshold", "joint"),
+                                           ("per_step", "joint"), ("per_step", "separate"),
+                                           ("segments", "joint"), ("segments", "separate")])
+def test_every_space_builds_the_schedule_its_parameters_describe(kind, branches):
+    """Random parameters of each space type, and the paper's weak-first schedules: the schedule suggested
+    is the one the parameters describe; the brute-force grid names exactly the parameters a trial uses."""
+    import random
+
+    rng = random.Random(0)
+    cfg = load_search_config(None, {"space": {
+        "type": kind, "branches": branches, "segments": 3, "num_steps": [5, 7, 9],
+        "guidance_scale": {"low": 1.0, "high": 3.0, "step": 0.5}, "guidance_mode": ["cfg", "weak_guidance"],
+        "solver": ["euler", "dpm++"]}}).space
+    space = make_space(cfg, 2, 4, (2, 4), "fp")
+    fractions = [round(0.05 * i, 2) for i in range(21)]
+    for _ in range(40):
+        n = rng.choice([5, 7, 9])
+        params = {"num_steps": n, "guidance_scale": rng.choice([1.0, 1.5, 2.0, 2.5, 3.0]),
+                  "guidance_mode": rng.choice(["cfg", "weak_guidance"]), "solver": rng.choice(["euler", "dpm++"])}
+        names = {"threshold": ["weak_frac"], "branch_threshold": ["weak_frac_cond", "weak_frac_uncond"]}.get(kind, [])
+        params.update({k: rng.choice(fractions) for k in names})
+        for b in (("cond", "uncond") if branches == "separate" else ("both",)):
+            if kind == "per_step":
+                params.update({f"{b}_p{i}": rng.choice([2, 4]) for i in range(n)})
+            if kind == "segments":
+                params.update({f"{b}_seg{j}": rng.choice([2, 4]) for j in range(3)})
+                params.update({f"{b}_cut{j}": rng.choice(fractions) for j in range(2)})
+        s = space.suggest(optuna.trial.FixedTrial(params))
+        assert (s.cond, s.uncond) == _expected_sizes(kind, branches, params, n)
+        assert (s.num_steps, s.guidance_scale, s.guidance_mode, s.solver, s.model) == \
+            (n, params["guidance_scale"], params["guidance_mode"], params["solver"], "fp")
+        if kind != "segments":  # segments is not enumerable
+            grid = space.grid()
+            used = {k for k in params if not (k.startswith(("cond_p", "uncond_p", "both_p")) and int(k.rsplit("p", 1)[1]) >= n)}
+            assert used <= set(grid) and all(params[k] in grid[k] for k in params)
+    settings = {"num_steps": 9, "guidance_scale": 2.0, "guidance_mode": "cfg", "solver": "euler"}
+    for f in (0.0, 0.2, 0.4, 1.0):  # the paper's family: weak for the first round(f * n) steps, both branches
+        s = space.suggest(optuna.trial.FixedTrial(space.paper_params(settings, f)))
+        k = round(f * 9)
+        assert s.cond == s.uncond == (4,) * k + (2,) * (9 - k) and s.guidance_scale == 2.0
+
+
+def test_search_settings_are_fixed_listed_or_ranged():
+    """A setting given as one value is not searched; a list is a categorical choice; {low, high, step} a range
+    whose enumeration (for brute force) is every step from low to high; a range without a step has none."""
+    from flexisearch.optimize.spaces import Choice
+
+    trial = optuna.create_study().ask()
+    assert Choice((7,)).suggest(trial, "a") == 7 and "a" not in trial.params
+    assert Choice((1, 2, 3)).suggest(trial, "b") in (1, 2, 3) and trial.distributions["b"].choices == (1, 2, 3)
+    v = Choice(low=1.0, high=2.0, step=0.25).suggest(trial, "c")
+    d = trial.distributions["c"]
+    assert (d.low, d.high, d.step) == (1.0, 2.0, 0.25) and v in (1.0, 1.25, 1.5, 1.75, 2.0)
+    assert Choice(low=1.0, high=2.0, step=0.25).enumerate() == [1.0, 1.25, 1.5, 1.75, 2.0]
+    assert Choice(low=0.5, high=0.5, step=0.1).enumerate() == [0.5]
+    assert Choice((3, 1)).enumerate() == [3, 1] and Choice((3, 1)).fixed is None and Choice((3,)).fixed == 3
+    with pytest.raises(UserError, match="continuous range cannot be enumerated"):
+        Choice(low=1.0, high=2.0).enumerate()
+
+
 def test_search_exports_best_and_pareto(in_tmp, model_dir):
     cfg = load_search_config(write_space(in_tmp, model_dir))
     evaluator = Evaluator(cfg)
@@ -479,3 +560,99 @@ def test_optuna_dashboard_sees_which_trials_are_feasible(in_tmp, model_dir):
     # what the dashboard marks infeasible (its best-trial box is a query on values alone: the marks tell them apart)
     assert sorted(t["number"] for t in served["trials"] if t["constraints"] and t["constraints"][0] > 0) == \
         sorted(n for n, v in violation.items() if v > 0)
+
+
+@pytest.mark.parametrize("higher_is_better", [False, True])
+def test_pareto_front_and_best_record_match_a_brute_force(higher_is_better):
+    """pareto_front: the records no other record dominates (no more FLOPs and no worse quality), cheapest first;
+    best_record: the cheapest feasible record, ties broken by quality. Checked pairwise, by definition."""
+    import random
+
+    from flexisearch.optimize.export import best_record, pareto_front
+
+    rng = random.Random(1)
+    records = [{"fraction": rng.choice([0.2, 0.35, 0.5, 0.8, 1.0]), "quality": rng.uniform(0.3, 3.0),
+                "feasible": rng.random() < 0.6, "number": i} for i in range(60)]
+    good = (lambda r: -r["quality"]) if higher_is_better else (lambda r: r["quality"])
+    front = pareto_front(records, higher_is_better)
+    expected = [r for r in records if not any(
+        s is not r and s["fraction"] <= r["fraction"] and good(s) <= good(r) for s in records)]
+    assert sorted(r["number"] for r in front) == sorted(r["number"] for r in expected)
+    assert [r["fraction"] for r in front] == sorted(r["fraction"] for r in front)
+    feasible = [r for r in records if r["feasible"]]
+    cheapest = min(r["fraction"] for r in feasible)
+    assert best_record(records, higher_is_better) is min((r for r in feasible if r["fraction"] == cheapest), key=good)
+    assert best_record([{**r, "feasible": False} for r in records], higher_is_better) is None
+
+
+def test_exported_documents_describe_the_study(in_tmp, model_dir):
+    """best.json and pareto.json: every field against what the study, the config and an independent FLOPs count
+    say (the provenance, the constraint, static native, each entry's cost and qualities), and the plots."""
+    import datetime
+
+    from flexisearch import __version__
+    from flexisearch.models.flops import schedule_macs
+    from flexisearch.optimize.export import export_study
+
+    cfg = load_search_config(write_space(in_tmp, model_dir, n_trials=5, sampler="random", pareto_max=20))
+    evaluator = Evaluator(cfg)
+    study = run_search(cfg, evaluator, progress=False)
+    before = datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0)
+    best = export_study(cfg, evaluator, study)
+    assert best == json.loads((in_tmp / "runs" / "t" / "best.json").read_text())
+    pareto = json.loads((in_tmp / "runs" / "t" / "pareto.json").read_text())
+    trials = {t.number: t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE}
+    config = random_flexidit(size=16).config
+    reference = Schedule.static(2, 4, guidance_scale=2.0, solver="euler", model=evaluator.fingerprint)
+    calls = [v for k, v in study.user_attrs.items() if k.startswith("calls_saved_worker_")]
+
+    prov = best["provenance"]
+    created = datetime.datetime.fromisoformat(prov.pop("created"))
+    assert before <= created <= datetime.datetime.now(datetime.timezone.utc)
+    assert prov == {"study": "t", "storage": "sqlite:///runs/t/study.db", "sampler": "random", "objective": "single",
+                    "space": "branch_threshold", "n_trials": 5, "search_samples": 20, "search_seeds": [0, 19],
+                    "flexisearch": __version__, "model_calls_saved_by_prefix_reuse": sum(c[0] for c in calls),
+                    "model_calls_run": sum(c[1] for c in calls)}
+    assert len(calls) == 1 and calls[0][1] > 0
+    assert best["constraint"] == {"metric": "fid_native", "bound": 5.0, "relative": None, "absolute": 5.0,
+                                  "search_reference_quality": study.user_attrs["reference_quality:fid_native"]}
+    native = best["static_native"]
+    assert native["schedule"] == reference.to_dict() and native["cost"] == {"macs": schedule_macs(config, reference)}
+    assert native["quality"]["metric"] == "fid_native" and native["quality"]["heldout"]["n"] == 30
+    assert best["model"] == evaluator.fingerprint and best["model_spec"] == str(model_dir)
+    for key in ("model", "constraint", "static_native"):
+        assert pareto[key] == best[key]
+    assert pareto["metric"] == "fid_native" and pareto["provenance"]["n_trials"] == 5
+
+    for entry in [best, *pareto["points"]]:
+        t = trials[entry["trial"]]
+        s = Schedule.from_dict(entry["schedule"])
+        macs = schedule_macs(config, s)
+        assert entry["schedule"] == t.user_attrs["schedule"]
+        assert entry["family"] == t.user_attrs.get("family", "search")
+        assert entry["cost"] == {"macs": macs, "flops": 2 * macs, "units": "MACs per sample; flops = 2 x macs",
+                                 "fraction_of_static_native": pytest.approx(macs / native["cost"]["macs"]),
+                                 "saving": pytest.approx(1 - macs / native["cost"]["macs"])}
+        q = entry["quality"]
+        assert q["metric"] == "fid_native" and q["search"] == t.user_attrs["quality"]
+        h = q["heldout"]
+        assert h["n"] == 30 and h["seeds"][0] >= 1_000_000 and h["ci95"][0] - 1e-4 <= h["value"] <= h["ci95"][1] + 1e-4
+    assert best["quality"]["search"] <= 5.0
+    for name in ("tradeoff.png", "schedule.png"):
+        assert (in_tmp / "runs" / "t" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_export_of_a_study_where_nothing_met_the_bound_is_one_line(in_tmp, model_dir):
+    from flexisearch.optimize.export import export_study
+
+    # 3-step schedules against the 4-step static native: none reaches fid_native 1e-9
+    cfg = load_search_config(write_space(in_tmp, model_dir, n_trials=3, metric={"max": 1e-9}, sampler="random",
+                                         space={"num_steps": 3}))
+    evaluator = Evaluator(cfg)
+    study = run_search(cfg, evaluator, progress=False)
+    lowest = min(t.user_attrs["quality"] for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE)
+    assert lowest > 1e-9
+    with pytest.raises(UserError) as e:
+        export_study(cfg, evaluator, study)
+    assert str(e.value) == (f"constraint fid_native <= 1e-09: no schedule met it in 3 trials "
+                            f"(best fid_native: {lowest:.4g})")

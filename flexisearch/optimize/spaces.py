@@ -6,8 +6,8 @@ Every space is joint with the sampler settings (num_steps, guidance_scale, guida
   branch_threshold  separate fractions for the conditional and the unconditional branch
   segments          a staircase: n segments with free breakpoints, each with its own patch size
   per_step          a free patch size per step (per branch with branches: separate)
-Fractions (not step indices) parametrise thresholds so that a searcher's knowledge carries over
-between step counts. A space answers three questions, in the manner of Optuna's samplers: which
+Fractions (not step indices, multiples of 0.05) parametrise thresholds so that a searcher's knowledge
+carries over between step counts; fraction f of n steps is round(f * n) steps (Python's round). A space answers three questions, in the manner of Optuna's samplers: which
 schedule a trial proposes (`suggest`, define-by-run; a FixedTrial replays given parameters), the
 full grid (`grid`, for brute force), and the trial parameters of the paper's "weak for the first
 fraction f" schedule (`paper_params`). A new space type is one subclass and one line in SPACES.
