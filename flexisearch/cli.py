@@ -50,11 +50,11 @@ def cmd_search(args: argparse.Namespace) -> None:
         if cfg is None:
             raise UserError(f"--worker: no study '{args.study}' with a stored config in {args.storage}")
         try:
-            run_worker(cfg, Evaluator(cfg, _device(args.device)), progress=False)
+            run_worker(cfg, Evaluator(cfg, args.device), progress=False)
         except KeyboardInterrupt:  # the process that started this one says it
             raise SystemExit(130) from None
         return
-    result = search(args.space, device=_device(args.device), backend=args.backend, workers=args.workers,
+    result = search(args.space, device=args.device, backend=args.backend, workers=args.workers,
                     address=args.address, progress=not args.quiet, add_trials=args.add_trials, **_overrides(args))
     if not result.searched:
         from .optimize.config import run_dir
@@ -68,7 +68,7 @@ def cmd_search(args: argparse.Namespace) -> None:
 def cmd_export(args: argparse.Namespace) -> None:
     from .optimize.run import export
 
-    _report(export(args.space, device=_device(args.device), progress=not args.quiet, **_overrides(args)))
+    _report(export(args.space, device=args.device, progress=not args.quiet, **_overrides(args)))
 
 
 def _digest(doc: Any) -> dict:
@@ -153,7 +153,7 @@ def cmd_show(args: argparse.Namespace) -> None:
 
 
 def cmd_sample(args: argparse.Namespace) -> None:
-    from .models.loading import load_model
+    from .models.loading import load_model, resolve_device
     from .optimize.plots import save_grid
     from .sampling.generate import sample
     from .sampling.schedule import Schedule
@@ -162,7 +162,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
     if out.is_dir() or out.suffix.lower() != ".png":
         raise UserError(f"--out {args.out}: expected a .png file name")
     schedule = Schedule.load(args.schedule, point=args.point)
-    model = load_model(args.model, _device(args.device))
+    model = load_model(args.model, resolve_device(args.device))
     schedule.check_model(model.config, None if args.any_model else model.fingerprint(), args.schedule)
     num_classes = model.config.num_classes
     rows = args.label if args.label is not None else list(range(min(10, num_classes)))
@@ -264,25 +264,6 @@ def _positive(value: str) -> int:
     return n
 
 
-def _device(value: str | None) -> str:
-    """--device: cpu, cuda or cuda:N (None: cuda when there is one); refused before any work starts."""
-    import torch
-
-    if value is None:
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(value)
-    except (RuntimeError, ValueError):
-        raise UserError(f"--device {value!r}: expected cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {value}: CUDA is not available on this machine")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise UserError(f"--device {value}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    if device.type not in ("cpu", "cuda"):
-        raise UserError(f"--device {value!r}: expected cpu, cuda or cuda:N")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     ap = _Parser(prog="flexisearch", description=__doc__)
     ap.add_argument("--version", action="version", version=f"flexisearch {__version__}")
@@ -331,20 +312,22 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sample", help="sample a grid with a schedule and save a PNG")
     p.add_argument("--schedule", required=True, help="a schedule file, best.json, or pareto.json with --point")
     p.add_argument("--point", type=int, help="the Pareto point of a pareto.json (0: the cheapest)")
-    p.add_argument("--model", default="embedded:flexidit-mnist16-lora")
+    p.add_argument("--model", default="embedded:flexidit-mnist16-lora",
+                   help="embedded:NAME, a model or pipeline directory, dit:HUB_ID or pixart:HUB_ID (default: the embedded model)")
     p.add_argument("--n", type=_positive, default=8, help="images per class: one grid row each (default 8)")
     p.add_argument("--label", type=int, nargs="+", help="the classes, one row each (default: the first 10)")
     p.add_argument("--seed", type=int, default=0, help="seed of the first image; image i (row by row) uses seed + i")
     p.add_argument("--out", default="runs/samples.png", help="PNG file to write (default runs/samples.png)")
     p.add_argument("--any-model", action="store_true", help="accept a schedule made for another model")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when there is one, else cpu)")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(fn=cmd_sample)
 
     p = sub.add_parser("flops", help="per-patch-size cost of a preset or model, and of a schedule")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--preset", help="e.g. DiT-XL/2")
-    g.add_argument("--model", default="embedded:flexidit-mnist16-lora")
+    g.add_argument("--model", default="embedded:flexidit-mnist16-lora",
+                   help="embedded:NAME, a model or pipeline directory, dit:HUB_ID or pixart:HUB_ID (default: the embedded model)")
     p.add_argument("--input-size", type=_positive, help="latent side for a preset (default 32 = 256 px)")
     p.add_argument("--schedule", help="also the cost of this schedule file, best.json, or pareto.json with --point")
     p.add_argument("--point", type=int, help="the Pareto point of a pareto.json (0: the cheapest)")
@@ -354,12 +337,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="pretrain a base DiT or flexify one")
     p.add_argument("what", choices=["base", "flexify"])
     p.add_argument("--config", help="JSON config (fields of BaseTrainConfig / FlexifyConfig)")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="run folder: the model is written to OUT/model, checkpoints beside it")
     p.add_argument("--base", help="flexify: pretrained model directory")
-    p.add_argument("--mode", choices=["shared", "lora"])
+    p.add_argument("--mode", choices=["shared", "lora"], help="flexify: fine-tune the shared weights, or LoRA adapters "
+                   "per weak patch size (default: the config's)")
     p.add_argument("--data", help="mnist, digits8, or an image folder with one subfolder per class")
-    p.add_argument("--steps", type=int)
-    p.add_argument("--seed", type=int)
+    p.add_argument("--steps", type=_positive, help="optimizer steps (default: the config's)")
+    p.add_argument("--seed", type=int, help="random seed (default: the config's)")
     p.set_defaults(fn=cmd_train)
 
     p = sub.add_parser("convert", help="convert a diffusers DiTPipeline directory into a FlexiDiT pipeline directory")

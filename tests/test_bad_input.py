@@ -123,3 +123,16 @@ def test_bad_model_is_one_line_before_allocation(tmp_path, field, value, expect)
     assert r.returncode == 2 and r.stdout == "" and len(r.stderr.splitlines()) == 1, r.stderr[-3000:]
     assert expect in r.stderr and str(model / ("config.json" if "field" in expect else "model.safetensors")) in r.stderr
     assert tree(tmp_path) == before
+
+
+def test_the_python_api_checks_its_arguments_as_the_cli_does(tmp_path, monkeypatch):
+    import flexisearch as fs
+    from flexisearch.errors import UserError
+
+    monkeypatch.chdir(tmp_path)
+    for kwargs, expect in (({"device": "bogus"}, "--device 'bogus': expected cpu, cuda or cuda:N"),
+                           ({"n_trials": 0}, "key 'n_trials'"), ({"study": "../x"}, "key 'study'"),
+                           ({"space": {"solver": "rk4"}}, "key 'space.solver'")):
+        with pytest.raises(UserError, match=expect.replace("(", r"\(")):
+            fs.search(**kwargs)
+    assert list(tmp_path.iterdir()) == []

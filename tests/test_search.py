@@ -53,6 +53,8 @@ def in_tmp(tmp_path, monkeypatch):
     ("space: {num_steps: [10, -2]}", "key 'space.num_steps'"),
     ("space: {guidance_scale: {low: 3, high: 1}}", "key 'space.guidance_scale'"),
     ("space: {guidance_mode: [cfg, bogus]}", "key 'space.guidance_mode'"),
+    ("space: {solver: [euler, rk4]}", "key 'space.solver'"),
+    ("space: {guidance_scale: [2.0, 1000.0]}", "key 'space.guidance_scale'"),
     ("metric: {name: fid, relative: 0.1, max: 3}", "exactly one of relative, max, min"),
     ("metric: {name: clip, relative: null, max: 3}", "clip is bounded with min"),
     ("metric: {name: fid_native, relative: 0.1}", "fid_native of static native is 0"),

@@ -25,6 +25,23 @@ from .flexible import FlexibleDiT
 from .text_dit import FlexiTextDiT, is_text_config
 
 
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """cpu, cuda or cuda:N, checked against this machine (None: cuda when there is one, else cpu)."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        d = torch.device(device)
+    except (RuntimeError, ValueError, TypeError):
+        raise UserError(f"--device {device!r}: expected cpu, cuda or cuda:N") from None
+    if d.type not in ("cpu", "cuda"):
+        raise UserError(f"--device {device!r}: expected cpu, cuda or cuda:N")
+    if d.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {device}: CUDA is not available on this machine")
+    if d.type == "cuda" and d.index is not None and d.index >= torch.cuda.device_count():
+        raise UserError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return d
+
+
 def load_model(spec: str, device: str | torch.device = "cpu") -> FlexibleDiT:
     """The flexible DiT a spec names (see the module docstring), in eval mode on device."""
     if spec.startswith("pixart:"):

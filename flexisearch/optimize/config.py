@@ -19,7 +19,7 @@ import yaml
 from ..errors import UserError
 from ..files import PACKAGE, read_text
 from ..metrics.registry import METRICS
-from ..sampling.schedule import GUIDANCE_MODES, Schedule
+from ..sampling.schedule import GUIDANCE_MODES, MAX_GUIDANCE, SOLVERS, Schedule
 from ..validate import key_error, read_dataclass
 from .spaces import SPACES, Choice, SpaceConfig
 
@@ -174,6 +174,13 @@ def _check(cfg: SearchConfig, source: str) -> None:
     for mode in s.guidance_mode.values:
         if mode not in GUIDANCE_MODES:
             raise key_error(source, "space.guidance_mode", f"values in {list(GUIDANCE_MODES)}", mode)
+    solvers = sorted({name for names in SOLVERS.values() for name in names})
+    for solver in s.solver.values:  # which solvers suit the model (flow or epsilon) is checked with the model
+        if solver not in solvers:
+            raise key_error(source, "space.solver", f"values in {solvers}", solver)
+    scales = (*s.guidance_scale.values, s.guidance_scale.low or 0.0, s.guidance_scale.high or 0.0)
+    if not all(0 <= g <= MAX_GUIDANCE for g in scales):  # NaN fails too
+        raise key_error(source, "space.guidance_scale", f"scales from 0 to {MAX_GUIDANCE:g}", s.guidance_scale)
     if any(n < 1 for n in s.num_steps.values):
         raise key_error(source, "space.num_steps", "positive step counts", list(s.num_steps.values))
     if s.segments < 1:

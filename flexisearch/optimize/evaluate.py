@@ -19,7 +19,7 @@ from ..errors import UserError
 from ..metrics.registry import load_metric
 from ..models import flops
 from ..models.flexible import FlexibleDiT
-from ..models.loading import load_model
+from ..models.loading import load_model, resolve_device
 from ..sampling.generate import TrajectoryCache, sample
 from ..sampling.schedule import Schedule
 from .config import SearchConfig, reference_schedule
@@ -50,9 +50,9 @@ class TrialResult:
 class Evaluator:
     """Evaluates schedules for one search config: cost relative to static native, quality, constraint."""
 
-    def __init__(self, cfg: SearchConfig, device: str | torch.device = "cpu", model: FlexibleDiT | None = None):
+    def __init__(self, cfg: SearchConfig, device: str | torch.device | None = None, model: FlexibleDiT | None = None):
         self.cfg = cfg
-        self.device = torch.device(device)
+        self.device = resolve_device(device)
         self.model = model if model is not None else load_model(cfg.model, self.device)
         mc = self.model.config
         self.fingerprint = self.model.fingerprint()

@@ -55,7 +55,7 @@ def _result(cfg: SearchConfig, study: optuna.Study) -> SearchResult:
     return SearchResult(cfg, study, read_json(out / "best.json"), read_json(out / "pareto.json"))
 
 
-def search(config: str | os.PathLike | SearchConfig | None = None, *, device: str = "cpu", backend: str = "optuna",
+def search(config: str | os.PathLike | SearchConfig | None = None, *, device: str | None = None, backend: str = "optuna",
            workers: int = 1, address: str | None = None, progress: bool = False, add_trials: int = 0,
            **overrides: Any) -> SearchResult:
     """Run (or resume) the search a config describes and export its results to runs/<study>/.
@@ -65,7 +65,7 @@ def search(config: str | os.PathLike | SearchConfig | None = None, *, device: st
     the number of complete trials the study should hold: a rerun runs the missing ones, add_trials > 0 runs that
     many more, and a study that is complete and exported is returned as it is (searched=False). backend
     "optuna" runs `workers` processes on this machine; "ray" runs on the Ray cluster at `address` (None: a
-    local one)."""
+    local one). device: cpu, cuda or cuda:N (None: cuda when there is one)."""
     cfg = load_config(config, **overrides)
     existing = existing_study(storage_url(cfg), cfg.study)
     done = len(existing.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))) if existing else 0
@@ -84,7 +84,7 @@ def search(config: str | os.PathLike | SearchConfig | None = None, *, device: st
     return _result(cfg, study)
 
 
-def export(config: str | os.PathLike | SearchConfig | None = None, *, device: str = "cpu", progress: bool = False,
+def export(config: str | os.PathLike | SearchConfig | None = None, *, device: str | None = None, progress: bool = False,
            **overrides: Any) -> SearchResult:
     """Re-score the best and Pareto schedules of an existing study on held-out seeds and rewrite its exports.
     The config and overrides name the study; what it was searched with is read from the study itself."""
