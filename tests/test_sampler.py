@@ -233,3 +233,17 @@ def test_starting_latents_are_scaled_by_the_schedulers_initial_sigma():
     expected = ((1 - alpha_bar) / alpha_bar + 1) ** 0.5
     assert len(sched.timesteps) == 5 and expected > 100
     torch.testing.assert_close(x, noise * expected, rtol=1e-4, atol=0)  # diffusers computes sigmas in float32
+
+
+@pytest.mark.parametrize("solver", ["ddpm", "ddim"])
+def test_epsilon_solvers_do_not_clip_the_predicted_sample(solver):
+    """DiT and PixArt latents reach well beyond [-1, 1]: a step's x0 = (x - sqrt(1 - a) eps) / sqrt(a) unclipped."""
+    sched = make_scheduler(solver, "epsilon")
+    sched.set_timesteps(10)
+    t = sched.timesteps[0]
+    x, eps = torch.full((1, 4, 2, 2), 3.0), torch.full((1, 4, 2, 2), 0.5)
+    a = sched.alphas_cumprod[t]
+    x0 = (x - (1 - a).sqrt() * eps) / a.sqrt()
+    assert x0.min() > 1.5
+    out = sched.step(eps, t, x, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(out.pred_original_sample, x0, rtol=1e-5)

@@ -39,6 +39,8 @@ from .schedule import WEAK_GUIDANCE_RATIO, Schedule
 
 # DiT's training noise schedule (epsilon models): 1000 linear betas.
 _DDPM_BETAS = {"num_train_timesteps": 1000, "beta_schedule": "linear", "beta_start": 0.0001, "beta_end": 0.02}
+# DiT and PixArt sample latents without clipping the predicted x0 (diffusers' DDPM/DDIM clip to [-1, 1] by default)
+_NO_CLIP = {"clip_sample": False}
 
 
 def make_scheduler(solver: str, prediction: str, learn_sigma: bool = False) -> SchedulerMixin:
@@ -50,9 +52,9 @@ def make_scheduler(solver: str, prediction: str, learn_sigma: bool = False) -> S
             return DPMSolverMultistepScheduler(use_flow_sigmas=True, prediction_type="flow_prediction", flow_shift=1.0)
     elif prediction == "epsilon":
         if solver == "ddpm":
-            return DDPMScheduler(**_DDPM_BETAS, variance_type="learned_range" if learn_sigma else "fixed_small")
+            return DDPMScheduler(**_DDPM_BETAS, **_NO_CLIP, variance_type="learned_range" if learn_sigma else "fixed_small")
         if solver == "ddim":
-            return DDIMScheduler(**_DDPM_BETAS)
+            return DDIMScheduler(**_DDPM_BETAS, **_NO_CLIP)
         if solver == "dpm++":
             return DPMSolverMultistepScheduler(**_DDPM_BETAS)
     raise ValueError(f"solver {solver!r} is not available for {prediction} models")
