@@ -55,7 +55,9 @@ def tiny_dit_pipeline():
                         up_block_types=("UpDecoderBlock2D",), block_out_channels=(8,), layers_per_block=1,
                         latent_channels=4, norm_num_groups=4, sample_size=8)
     # DDIM has no learned variance: DiTPipeline drops the sigma channels, and so does the FlexiDiT pipeline.
-    scheduler = DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", beta_start=0.0001, beta_end=0.02)
+    # facebook/DiT-XL-2-256's scheduler_config.json: DiT's linear betas, no clipping.
+    scheduler = DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", beta_start=0.0001, beta_end=0.02,
+                              clip_sample=False)
     pipe = DiTPipeline(transformer.eval(), vae.eval(), scheduler)
     pipe.register_to_config(id2label={"0": "tench, Tinca tinca", "1": "goldfish", "2": "white shark"})  # as on the Hub
     pipe.set_progress_bar_config(disable=True)

@@ -111,8 +111,8 @@ def test_scheduler_swap():
     pipe = pixel_pipeline("epsilon", False, "ddim")
     ddim = latents_of(pipe, schedule_for(pipe, "ddim"))
     dpm_schedule = schedule_for(pipe, "dpm++")
-    with pytest.raises(UserError, match=r"solver 'dpm\+\+' \(DPMSolverMultistepScheduler\).*is DDIMScheduler.*"
-                                        r"allow_solver_mismatch=True"):
+    with pytest.raises(UserError, match=r"solver 'dpm\+\+' \(DPMSolverMultistepScheduler\).*is a DDIMScheduler.*"
+                                        r"pipe.use_solver\('dpm\+\+'\), or pass allow_solver_mismatch=True"):
         latents_of(pipe, dpm_schedule)
     pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
     dpm = latents_of(pipe, dpm_schedule)
@@ -121,6 +121,21 @@ def test_scheduler_swap():
     assert torch.equal(dpm, want)
     # explicit opt-in: the ddim schedule's sizes under the DPM solver
     assert torch.isfinite(latents_of(pipe, schedule_for(pipe, "ddim"), allow_solver_mismatch=True)).all()
+
+
+def test_a_flow_models_solver_swap_runs_what_the_search_ran():
+    """A DPM-Solver made with from_config from a flow model's scheduler predicts epsilon (its samples are noise):
+    it is refused for a dpm++ schedule; use_solver builds the search's, and gives flexisearch.sample's images."""
+    pipe = pixel_pipeline("flow", False, "euler")
+    schedule = schedule_for(pipe, "dpm++")
+    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+    assert pipe.scheduler.config.prediction_type == "epsilon"
+    with pytest.raises(UserError, match=r"pipe.use_solver\('dpm\+\+'\)"):
+        latents_of(pipe, schedule)
+    pipe.use_solver("dpm++")
+    assert torch.equal(latents_of(pipe, schedule), sample(pipe.transformer, schedule, LABELS, SEEDS))
+    with pytest.raises(UserError, match="a flow model runs euler, dpm"):
+        pipe.use_solver("ddim")
 
 
 def test_refusals_and_opt_ins():

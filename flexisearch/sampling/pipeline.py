@@ -55,9 +55,17 @@ from .schedule import SOLVERS, Schedule
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 
 
-def solver_scheduler_class(solver: str, config: FlexiDiTConfig) -> type[SchedulerMixin]:
-    """The diffusers scheduler class a schedule's solver name stands for (as generate.make_scheduler builds it)."""
-    return type(make_scheduler(solver, config.prediction, config.learn_sigma))
+# Scheduler settings that change what a solver computes; a pipeline's scheduler must agree with the search's on them.
+_SOLVER_KEYS = ("prediction_type", "use_flow_sigmas", "clip_sample", "variance_type", "num_train_timesteps",
+                "beta_schedule", "beta_start", "beta_end", "shift", "flow_shift")
+
+
+def runs_solver(scheduler: SchedulerMixin, solver: str, config: FlexiDiTConfig) -> bool:
+    """Whether a scheduler computes what the search's `solver` did: its class and the settings that matter
+    (a DPM-Solver made from a flow model's config with from_config predicts epsilon, not flow)."""
+    made = make_scheduler(solver, config.prediction, config.learn_sigma)
+    return isinstance(scheduler, type(made)) and all(
+        getattr(scheduler.config, k, None) == made.config[k] for k in _SOLVER_KEYS if k in made.config)
 
 
 class FlexiDiTPipeline(DiffusionPipeline):
@@ -174,9 +182,16 @@ class FlexiDiTPipeline(DiffusionPipeline):
         return ids.long().to(self._execution_device)
 
     def _solver_name(self) -> str | None:
-        """The solver name whose scheduler class the pipeline's scheduler is, if any."""
+        """The solver name the pipeline's scheduler runs, if any."""
         cfg = self.transformer.config
-        return next((s for s in SOLVERS[cfg.prediction] if isinstance(self.scheduler, solver_scheduler_class(s, cfg))), None)
+        return next((s for s in SOLVERS[cfg.prediction] if runs_solver(self.scheduler, s, cfg)), None)
+
+    def use_solver(self, solver: str) -> None:
+        """Swap the scheduler for the one a schedule's solver names, set up as the search ran it."""
+        cfg = self.transformer.config
+        if solver not in SOLVERS[cfg.prediction]:
+            raise UserError(f"solver {solver!r}: a {cfg.prediction} model runs {', '.join(SOLVERS[cfg.prediction])}")
+        self.register_modules(scheduler=make_scheduler(solver, cfg.prediction, cfg.learn_sigma))
 
     def resolve_schedule(self, schedule: Schedule | str | os.PathLike | None = None, num_inference_steps: int | None = None,
                          guidance_scale: float | None = None, *, adapt_steps: bool = False, adapt_guidance: bool = False,
@@ -199,11 +214,11 @@ class FlexiDiTPipeline(DiffusionPipeline):
         if not isinstance(schedule, Schedule):
             schedule = Schedule.load(schedule)
         schedule.check_model(cfg, None if allow_model_mismatch else self.model_fingerprint(), source)
-        expected = solver_scheduler_class(schedule.solver, cfg)
-        if not allow_solver_mismatch and not isinstance(self.scheduler, expected):
-            raise UserError(f"{source}: searched with solver {schedule.solver!r} ({expected.__name__}), but the pipeline's "
-                            f"scheduler is {type(self.scheduler).__name__}; set pipe.scheduler = "
-                            f"{expected.__name__}.from_config(pipe.scheduler.config), or pass allow_solver_mismatch=True")
+        if not allow_solver_mismatch and not runs_solver(self.scheduler, schedule.solver, cfg):
+            expected = type(make_scheduler(schedule.solver, cfg.prediction, cfg.learn_sigma)).__name__
+            raise UserError(f"{source}: searched with solver {schedule.solver!r} ({expected}), but the pipeline's "
+                            f"scheduler is a {type(self.scheduler).__name__} set up otherwise; call "
+                            f"pipe.use_solver({schedule.solver!r}), or pass allow_solver_mismatch=True")
         if num_inference_steps is not None and num_inference_steps != schedule.num_steps:
             if not adapt_steps:
                 raise UserError(f"{source}: the schedule has {schedule.num_steps} steps, num_inference_steps is "
@@ -347,4 +362,4 @@ def convert_dit_pipeline(src_dir: str | os.PathLike, dst_dir: str | os.PathLike,
     return pipe
 
 
-__all__ = ["FlexiDiTPipeline", "convert_dit_pipeline", "solver_scheduler_class"]
+__all__ = ["FlexiDiTPipeline", "convert_dit_pipeline", "runs_solver"]
