@@ -63,24 +63,70 @@ def tree(root: Path) -> set[str]:
     return {str(p.relative_to(root)) for p in root.rglob("*")}
 
 
-@pytest.mark.parametrize("name", list(CASES))
-def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, name):
-    files, argv, expect = CASES[name]
-    for fname, content in files.items():
-        if content is None:
-            (tmp_path / fname).mkdir()
-        elif isinstance(content, bytes):
-            (tmp_path / fname).write_bytes(content)
-        else:
-            (tmp_path / fname).write_text(content)
-    before = tree(tmp_path)
+# Every case in one interpreter (the cost of a run is importing torch): each case calls the console script's
+# entry point, flexisearch.cli.main, in its own folder, with stdout and stderr captured; a traceback that
+# escaped main would be recorded with exit status 1.
+DRIVER = """
+import contextlib, io, json, os, sys, traceback
+from flexisearch.cli import main
+results = []
+for folder, argv in json.loads(sys.argv[1]):
+    os.chdir(folder)
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(argv)
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else 1
+        except BaseException:
+            traceback.print_exc()
+            code = 1
+    results.append([code, out.getvalue(), err.getvalue()])
+print(json.dumps(results))
+"""
+
+
+@pytest.fixture(scope="module")
+def outcomes(tmp_path_factory):
+    """name -> (exit status, stdout, stderr, files before, files after) of every case."""
+    runs, before = [], {}
+    for name, (files, argv, _) in CASES.items():
+        folder = tmp_path_factory.mktemp("case")
+        for fname, content in files.items():
+            if content is None:
+                (folder / fname).mkdir()
+            elif isinstance(content, bytes):
+                (folder / fname).write_bytes(content)
+            else:
+                (folder / fname).write_text(content)
+        before[name] = (folder, tree(folder))
+        runs.append([str(folder), argv])
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), HF_HUB_OFFLINE="1")
-    r = subprocess.run([sys.executable, "-m", "flexisearch.cli", *argv], cwd=tmp_path, env=env, capture_output=True,
-                       text=True, timeout=300)
-    assert r.returncode == 2, (r.stdout, r.stderr[-3000:])
-    assert r.stdout == "" and len(r.stderr.splitlines()) == 1, r.stderr[-3000:]
-    assert r.stderr.startswith("flexisearch") and expect in r.stderr, r.stderr
-    assert tree(tmp_path) == before
+    r = subprocess.run([sys.executable, "-c", DRIVER, json.dumps(runs)], env=env, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    results = json.loads(r.stdout.splitlines()[-1])
+    return {name: (*res, before[name][1], tree(before[name][0])) for name, res in zip(CASES, results)}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(outcomes, name):
+    code, out, err, files_before, files_after = outcomes[name]
+    expect = CASES[name][2]
+    assert code == 2, (out, err[-3000:])
+    assert out == "" and len(err.splitlines()) == 1, err[-3000:]
+    assert err.startswith("flexisearch") and expect in err, err
+    assert files_after == files_before
+
+
+def test_the_cli_process_itself_exits_2_with_one_line(tmp_path):
+    """The installed entry point in its own process: exit status 2, one line, no traceback."""
+    (tmp_path / "s.yaml").write_text("study: ../elsewhere\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    r = subprocess.run([sys.executable, "-m", "flexisearch.cli", "search", "--space", "s.yaml"], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and r.stdout == "" and r.stderr.count("\n") == 1 and "key 'study'" in r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.yaml"]
 
 
 def test_version_and_a_show_that_never_imports_torch(tmp_path):

@@ -400,14 +400,29 @@ def _completed(study_name):
     return study, [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
 
 
+PER_STEP_3 = {"type": "per_step", "num_steps": 3}  # 8 schedules: bruteforce runs each once, so bests compare
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_best(tmp_path_factory, model_dir):
+    """best.json of the 8-schedule search, run without interruption."""
+    root = tmp_path_factory.mktemp("whole")
+    old = os.getcwd()
+    os.chdir(root)
+    try:
+        whole = write_space(root, model_dir, "whole.yaml", study="whole", sampler="bruteforce", n_trials=8,
+                            space=PER_STEP_3)
+        assert main(["search", "--space", str(whole), "--quiet"]) == 0
+    finally:
+        os.chdir(old)
+    return json.loads((root / "runs" / "whole" / "best.json").read_text())
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL])
-def test_interrupted_search_resumes_to_the_uninterrupted_result(in_tmp, model_dir, sig):
+def test_interrupted_search_resumes_to_the_uninterrupted_result(in_tmp, model_dir, uninterrupted_best, sig):
     """Ctrl-C (one line, exit 130) or SIGKILL in the middle of a trial, then the same command again: exactly
     n_trials complete trials, the interrupted schedule run again, and the best of an uninterrupted run."""
-    space = {"type": "per_step", "num_steps": 3}  # 8 schedules: bruteforce runs each once, so bests are comparable
-    whole = write_space(in_tmp, model_dir, "whole.yaml", study="whole", sampler="bruteforce", n_trials=8, space=space)
-    assert main(["search", "--space", str(whole), "--quiet"]) == 0
-    p = write_space(in_tmp, model_dir, study="cut", sampler="bruteforce", n_trials=8, space=space)
+    p = write_space(in_tmp, model_dir, study="cut", sampler="bruteforce", n_trials=8, space=PER_STEP_3)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
     proc = subprocess.Popen([sys.executable, "-c", BLOCKING_SEARCH, "search", "--space", str(p), "--quiet"], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -432,14 +447,13 @@ def test_interrupted_search_resumes_to_the_uninterrupted_result(in_tmp, model_di
     # the same trial (number 2, same parameters) ran again; nothing failed, nothing ran twice
     assert [t.number for t in study.trials] == [t.number for t in done] == list(range(8))
     assert study.trials[2].params == interrupted and len({json.dumps(t.params, sort_keys=True) for t in done}) == 8
-    best = {name: json.loads((in_tmp / "runs" / name / "best.json").read_text()) for name in ("whole", "cut")}
-    assert best["cut"]["schedule"] == best["whole"]["schedule"]
+    assert json.loads((in_tmp / "runs" / "cut" / "best.json").read_text())["schedule"] == uninterrupted_best["schedule"]
 
 
 CLAIM_TRIALS = """
 import json, os, sys, time
 import optuna
-from flexisearch.optimize.study import open_storage
+from flexisearch.optimize.storage import open_storage
 url, go = sys.argv[1], sys.argv[2]
 study = optuna.load_study(study_name="claims", storage=open_storage(url))
 print("ready", flush=True)
@@ -452,7 +466,7 @@ print(json.dumps([study.ask({"x": optuna.distributions.IntDistribution(0, 999)})
 def test_processes_sharing_a_sqlite_study_never_run_the_same_trial(tmp_path):
     """Four processes asking for trials of one SQLite study (the --workers setup): each enqueued trial (the
     paper's schedules) and each new trial goes to exactly one process."""
-    from flexisearch.optimize.study import open_storage
+    from flexisearch.optimize.storage import open_storage
 
     url = f"sqlite:///{tmp_path / 'study.db'}"
     study = optuna.create_study(study_name="claims", storage=open_storage(url))
@@ -638,7 +652,8 @@ def test_exported_documents_describe_the_study(in_tmp, model_dir):
         q = entry["quality"]
         assert q["metric"] == "fid_native" and q["search"] == t.user_attrs["quality"]
         h = q["heldout"]
-        assert h["n"] == 30 and h["seeds"][0] >= 1_000_000 and h["ci95"][0] - 1e-4 <= h["value"] <= h["ci95"][1] + 1e-4
+        assert h["n"] == 30 and h["seeds"] == [1_000_000, 1_000_029]  # held-out seeds: never the search's 0..19
+        assert h["ci95"][0] - 1e-4 <= h["value"] <= h["ci95"][1] + 1e-4
     assert best["quality"]["search"] <= 5.0
     for name in ("tradeoff.png", "schedule.png"):
         assert (in_tmp / "runs" / "t" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -658,3 +673,15 @@ def test_export_of_a_study_where_nothing_met_the_bound_is_one_line(in_tmp, model
         export_study(cfg, evaluator, study)
     assert str(e.value) == (f"constraint fid_native <= 1e-09: no schedule met it in 3 trials "
                             f"(best fid_native: {lowest:.4g})")
+
+
+def test_export_of_a_study_without_complete_trials_is_one_line(in_tmp, model_dir):
+    from flexisearch.optimize.export import export_study
+    from flexisearch.optimize.study import open_study
+
+    cfg = load_search_config(write_space(in_tmp, model_dir, n_trials=1))
+    evaluator = Evaluator(cfg)
+    with pytest.raises(UserError) as e:
+        export_study(cfg, evaluator, open_study(cfg, evaluator))
+    assert str(e.value) == "study 't' in sqlite:///runs/t/study.db has no completed trials"
+    assert not (in_tmp / "runs" / "t" / "best.json").exists()

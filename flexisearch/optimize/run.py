@@ -19,7 +19,8 @@ from .config import (SearchConfig, config_dict, config_from_dict, load_search_co
 from .evaluate import Evaluator
 from .export import export_study
 from .optuna_backend import run_search
-from .study import existing_study, open_study, stored_config
+from .storage import existing_study
+from .study import open_study, stored_config
 
 
 @dataclass
