@@ -197,9 +197,9 @@ def cmd_flops(args: argparse.Namespace) -> None:
     schedule = Schedule.load(args.schedule, point=args.point) if args.schedule else None
     if schedule is not None:  # refused before anything is printed
         schedule.check_model(config, None, args.schedule)
-    native = flops.forward_macs(config, config.patch_size)
-    table = [{"patch": p, "tokens": flops.tokens(config, p), "macs": flops.forward_macs(config, p),
-              "vs_native": flops.forward_macs(config, p) / native} for p in config.patch_sizes]
+    macs = {p: flops.forward_macs(config, p) for p in config.patch_sizes}
+    table = [{"patch": p, "tokens": flops.tokens(config, p), "macs": m, "vs_native": m / macs[config.patch_size]}
+             for p, m in macs.items()]
     out: dict[str, Any] = {"per_forward": table}
     if schedule is not None:
         s = schedule

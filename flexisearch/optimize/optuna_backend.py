@@ -77,7 +77,7 @@ def run_worker(cfg: SearchConfig, evaluator: Evaluator, progress: bool = True) -
 def run_search(cfg: SearchConfig, evaluator: Evaluator, workers: int = 1, progress: bool = True) -> optuna.Study:
     """Seed the study, then run it with `workers` processes on this machine sharing the storage; the other
     processes read the config from the study (study.stored_config), overrides included."""
-    if workers > 1 and storage_url(cfg).startswith("sqlite") and workers > 4:
+    if workers > 4 and storage_url(cfg).startswith("sqlite"):
         raise UserError("--workers: SQLite serves at most 4 local workers; use a PostgreSQL or journal storage")
     seed_study(cfg, evaluator)
     procs = []

@@ -31,19 +31,18 @@ from .study import WORKER, open_study, record, reference_quality, release_trials
 _WORKER_EVALUATORS: dict[str, Evaluator] = {}
 
 
-def _worker_evaluator(cfg_json: str, device: str) -> Evaluator:
-    """The Evaluator of this worker process, built on its first trial."""
+def _worker_evaluator(cfg_json: str) -> Evaluator:
+    """The Evaluator of this worker process (on its GPU if it has one), built on its first trial."""
     if cfg_json not in _WORKER_EVALUATORS:
-        _WORKER_EVALUATORS[cfg_json] = Evaluator(config_from_dict(json.loads(cfg_json), "the driver's config"), device)
+        _WORKER_EVALUATORS[cfg_json] = Evaluator(config_from_dict(json.loads(cfg_json), "the driver's config"))
     return _WORKER_EVALUATORS[cfg_json]
 
 
 def _trainable(config: dict, cfg_json: str, bound: float) -> None:
     import ray
-    import torch
     from ray import tune
 
-    evaluator = _worker_evaluator(cfg_json, "cuda" if torch.cuda.is_available() else "cpu")
+    evaluator = _worker_evaluator(cfg_json)
     result = evaluator.evaluate(optuna.trial.FixedTrial(config), bound)
     tune.report({**result.report(), "node": ray.get_runtime_context().get_node_id(), "pid": os.getpid(),
                  "calls_saved": evaluator.cache.calls_saved, "calls_run": evaluator.cache.calls_run})

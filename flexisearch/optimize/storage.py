@@ -28,11 +28,21 @@ def _sqlite_claims_atomic(storage: optuna.storages.RDBStorage) -> None:
     storage.engine.dispose()  # connections opened before the listeners are not reused
 
 
+def _local_file(url: str) -> Path | None:
+    """The file a SQLite URL or a journal path names (None: a database server)."""
+    if url.startswith("sqlite:///"):
+        return Path(url[len("sqlite:///"):])
+    return None if "://" in url else Path(url)
+
+
 def open_storage(url: str) -> optuna.storages.BaseStorage:
     """The study's storage: a database URL (with heartbeats: a trial whose process died on another machine
-    is re-run), or a journal file's path, as optuna-dashboard takes it (e.g. runs/x/journal.log)."""
+    is re-run), or a journal file's path, as optuna-dashboard takes it (e.g. runs/x/journal.log). The folder
+    of a local file is created."""
+    file = _local_file(url)
+    if file is not None:
+        file.parent.mkdir(parents=True, exist_ok=True)
     if "://" not in url:
-        Path(url).parent.mkdir(parents=True, exist_ok=True)
         return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(url))
     with warnings.catch_warnings():  # Optuna 5 flags heartbeats experimental, on every run
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -46,8 +56,8 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
 
 def existing_study(url: str, name: str) -> optuna.Study | None:
     """Study `name` in the storage at url, or None (no such storage or study): opening never creates one."""
-    if url.startswith("sqlite:///") and not Path(url[len("sqlite:///"):]).is_file() or (
-            "://" not in url and not Path(url).is_file()):
+    file = _local_file(url)
+    if file is not None and not file.is_file():
         return None
     try:
         return optuna.load_study(study_name=name, storage=open_storage(url))

@@ -15,7 +15,6 @@ import os
 import socket
 import time
 import warnings
-from pathlib import Path
 from typing import Any
 
 import optuna
@@ -63,8 +62,6 @@ def open_study(cfg: SearchConfig, evaluator: Evaluator) -> optuna.Study:
     optuna.logging.set_verbosity(logging.WARNING)
     for attempt in range(3):
         try:
-            if url.startswith("sqlite:///"):
-                Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
             study = optuna.create_study(study_name=cfg.study, storage=open_storage(url), directions=directions,
                                         sampler=make_sampler(cfg, evaluator.space), load_if_exists=True)
             break
