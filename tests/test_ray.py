@@ -51,8 +51,11 @@ def trials_in(tmp_path, name, state="COMPLETE"):
                                       (trial_id,)).fetchall())
             node = con.execute("SELECT value_json FROM trial_user_attributes WHERE trial_id = ? AND key = 'node'",
                                (trial_id,)).fetchone()
+            worker = con.execute("SELECT value_json FROM trial_user_attributes WHERE trial_id = ? AND key = 'worker'",
+                                 (trial_id,)).fetchone()
             start = start and datetime.datetime.fromisoformat(start).replace(tzinfo=datetime.timezone.utc).timestamp()
-            out.append(SimpleNamespace(number=number, params=params, node=node and json.loads(node[0]), start=start))
+            out.append(SimpleNamespace(number=number, params=params, node=node and json.loads(node[0]), start=start,
+                                       worker=worker and json.loads(worker[0])))
         con.close()
         return out
     except sqlite3.Error:  # not created yet
@@ -159,7 +162,9 @@ def test_killed_driver_resumes_from_the_study_and_never_unpickles_the_run_direct
     proc = run_cli(tmp_path, argv)
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:
-        if len(completed(tmp_path, "resume")) >= 2 and len(trials_in(tmp_path, "resume", "RUNNING")) == 1:
+        running = trials_in(tmp_path, "resume", "RUNNING")
+        # a trial in flight that has recorded its driver (the driver writes it just after Optuna hands the trial out)
+        if len(completed(tmp_path, "resume")) >= 2 and len(running) == 1 and running[0].worker:
             break
         time.sleep(0.05)
     assert proc.poll() is None, proc.communicate()[1][-2000:]  # still running: it must not have failed early
