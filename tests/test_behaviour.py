@@ -323,3 +323,129 @@ def test_cli_flops_of_a_schedule_and_of_the_dit_preset(exported, monkeypatch, ca
     assert main(["flops", "--preset", "DiT-XL/2"]) == 0
     rows = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()[1:]}
     assert "118.6 G" in rows["2"]
+
+
+# ---- 7. the trial evaluation: refuses what cannot run, uses the model it is given, no extra work --------------
+
+def _cfg(model: str, **over) -> object:
+    doc = {"model": model, "metric": {"name": "fid", "relative": 0.05}, "search_samples": 8, "heldout_samples": 8,
+           "bootstrap": 5, "space": {"type": "branch_threshold", "num_steps": STEPS},
+           "reference": {"num_steps": STEPS, "guidance_scale": GUIDANCE}}
+    for key, value in over.items():
+        doc[key] = {**doc[key], **value} if key in ("space", "reference") else value
+    return load_search_config(None, doc)
+
+
+def test_evaluator_refuses_what_it_cannot_search_before_any_work(tmp_path, monkeypatch):
+    random_flexidit(size=16, extra=()).save_pretrained(tmp_path / "plain")
+    random_flexidit(size=16).save_pretrained(tmp_path / "m")
+    m = str(tmp_path / "m")
+    with pytest.raises(UserError, match=r"has no weak patch size: flexify it first"):
+        Evaluator(_cfg(str(tmp_path / "plain")))
+    with pytest.raises(UserError, match=r"^space.weak_patch_size is 8, the model has \[4\]$"):
+        Evaluator(_cfg(m, space={"weak_patch_size": 8}))
+    with pytest.raises(UserError, match=r"^reference: field 'solver' is 'ddim', expected one of \['euler', 'dpm\+\+'\] "
+                                        r"for a flow model$"):
+        Evaluator(_cfg(m, reference={"solver": "ddim"}))
+    with pytest.raises(UserError, match=r"^space.solver: 'ddpm' does not suit a flow model, expected one of "):
+        Evaluator(_cfg(m, space={"solver": ["euler", "ddpm"]}))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(UserError, match="CUDA is not available"):
+        Evaluator(_cfg(m), device="cuda")
+
+
+def test_evaluator_uses_the_model_it_is_given(tmp_path):
+    model = random_flexidit(size=16)
+    evaluator = Evaluator(_cfg(str(tmp_path / "never-loaded")), model=model)
+    assert evaluator.model is model and evaluator.fingerprint == model.fingerprint()
+    assert evaluator.device == torch.device("cpu")
+
+
+def _count_forwards(model) -> list[int]:
+    calls = [0]
+    forward = model.forward
+
+    def counted(*args, **kwargs):
+        calls[0] += 1
+        return forward(*args, **kwargs)
+
+    model.forward = counted
+    return calls
+
+
+@pytest.mark.parametrize("metric,native_runs", [({"name": "fid", "relative": 0.05}, 0),
+                                                ({"name": "fid_native", "max": 5.0}, 1)])
+def test_quality_and_confirmation_sample_only_what_the_metric_needs(metric, native_runs, capsys):
+    """FID has fixed statistics: scoring a schedule samples it alone; fid_native also samples static native,
+    once per sample set. Counted model calls against the same sampling done directly."""
+    model = random_flexidit(size=16)
+    cfg = _cfg("unused", metric=metric)
+    evaluator = Evaluator(cfg, model=model)
+    s = Schedule.weak_first(2, 4, STEPS, 2, guidance_scale=GUIDANCE, solver="euler", model=evaluator.fingerprint)
+    t = s.replace(guidance_scale=3.0)
+    direct = _count_forwards(model)
+    for sample_set in (evaluator.search_set, evaluator.heldout_set):
+        sample(model, s, list(sample_set.labels), list(sample_set.seeds), batch_size=cfg.batch_size)
+    per_schedule = direct[0] // 2
+    native = per_schedule  # static native: same steps and branches, same batches
+    direct[0] = 0
+    evaluator.quality(s)
+    evaluator.quality(s)  # memoised
+    evaluator.confirm(t)
+    evaluator.confirm(s)
+    assert direct[0] == 3 * per_schedule + 2 * native_runs * native
+    assert capsys.readouterr() == ("", "")  # quiet unless asked
+    evaluator.confirm(s, progress=True)
+    assert "sampling" in capsys.readouterr().err
+
+
+def test_export_shows_progress_only_when_asked(exported, monkeypatch, capsys):
+    from flexisearch.optimize.export import export_study
+    from flexisearch.optimize.study import open_study
+
+    root, _ = exported
+    monkeypatch.chdir(root)
+    cfg = load_search_config(root / "space.yaml")
+    evaluator = Evaluator(cfg)
+    study = open_study(cfg, evaluator)
+    capsys.readouterr()
+    export_study(cfg, evaluator, study)
+    assert capsys.readouterr() == ("", "")
+    export_study(cfg, evaluator, study, progress=True)
+    assert capsys.readouterr().err.count("sampling") >= 2  # the best / Pareto points and static native
+
+
+def test_clip_export_keeps_the_best_front_and_absolute_bound_of_a_higher_is_better_metric(tmp_path, monkeypatch):
+    """CLIP score: higher is better. An absolute lower bound is reported as such, the Pareto front is the
+    brute-force front of the trials (more quality for more cost), and a bound nobody meets names '>='."""
+    from flexisearch.optimize.export import export_study
+    from flexisearch.optimize.optuna_backend import run_search
+
+    monkeypatch.chdir(tmp_path)
+    base = {"model": "embedded:text/flexidit-mnist16", "space": {"type": "threshold", "num_steps": STEPS,
+            "guidance_scale": GUIDANCE}, "reference": {"num_steps": STEPS, "guidance_scale": GUIDANCE},
+            "search_samples": 6, "heldout_samples": 6, "bootstrap": 5, "batch_size": 64, "sampler": "random"}
+    cfg = load_search_config(None, {**base, "study": "low", "n_trials": 4, "metric": {"name": "clip", "min": 0.0}})
+    evaluator = Evaluator(cfg)
+    study = run_search(cfg, evaluator, progress=False)
+    best = export_study(cfg, evaluator, study)
+    assert best["constraint"]["absolute"] == 0.0 and best["constraint"]["bound"] == 0.0  # CLIP scores are >= 0
+    trials = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    point = {t.number: (t.values[0], -t.user_attrs["quality"]) for t in trials}  # (cost, loss)
+    front = [n for n, (c, q) in point.items()  # nothing dominates it; of equal points, the first trial
+             if not any(d != n and d_c <= c and d_q <= q and ((d_c, d_q) != (c, q) or d < n)
+                        for d, (d_c, d_q) in point.items())]
+    assert len(front) >= 2
+    pareto = load_doc(tmp_path / "runs" / "low" / "pareto.json")
+    assert sorted(p["trial"] for p in pareto["points"]) == sorted(front)
+    cheapest = min(t.values[0] for t in trials)
+    assert best["trial"] == max((t for t in trials if t.values[0] == cheapest),
+                                key=lambda t: t.user_attrs["quality"]).number
+
+    high = load_search_config(None, {**base, "study": "high", "n_trials": 1, "metric": {"name": "clip", "min": 1e9}})
+    evaluator = Evaluator(high)
+    study = run_search(high, evaluator, progress=False)
+    with pytest.raises(UserError) as e:
+        export_study(high, evaluator, study)
+    q = study.trials[0].user_attrs["quality"]
+    assert str(e.value) == f"constraint clip >= 1e+09: no schedule met it in 1 trials (best clip: {q:.4g})"

@@ -14,6 +14,7 @@ from flexisearch.models.dit import FlexiDiT, FlexiDiTConfig
 from flexisearch.models.layers import (
     FlexiDeEmbed,
     FlexiPatchEmbed,
+    LoRALinear,
     pi_resize_matrix,
     resize_matrix,
     sincos_2d,
@@ -160,3 +161,25 @@ def test_timestep_features(shift: int) -> None:
         args = t[:, None] * torch.exp(-math.log(10000) * torch.arange(128, dtype=torch.float32) / 128)[None]
         want = torch.cat([torch.cos(args), torch.sin(args)], dim=1)
     assert torch.allclose(got, want, atol=1e-6)
+
+
+@pytest.mark.parametrize("rank,alpha", [(4, 4.0), (2, 8.0)])
+def test_lora_adapter_starts_as_the_identity_update_and_scales_by_alpha_over_rank(rank: int, alpha: float) -> None:
+    """LoRA (Hu et al. 2021, as in peft): A ~ kaiming_uniform(a=sqrt(5)) = U(-1/sqrt(in), 1/sqrt(in)), B = 0, so the
+    adapter starts as no change; the update is (alpha / rank) B A x, and only the named adapter applies."""
+    torch.manual_seed(0)
+    layer = LoRALinear(256, 48)
+    layer.add_adapter("p4", rank, alpha)
+    a, b = layer.lora_a["p4"], layer.lora_b["p4"]
+    bound = 1 / math.sqrt(256)
+    assert a.shape == (rank, 256) and b.shape == (48, rank) and torch.equal(b, torch.zeros_like(b))
+    assert 0.98 * bound < a.abs().max().item() <= bound
+    assert a.device == layer.weight.device and b.device == layer.weight.device
+    x = torch.randn(5, 256)
+    assert torch.equal(layer(x, "p4"), F.linear(x, layer.weight, layer.bias))
+    with torch.no_grad():
+        b.normal_()
+    want = F.linear(x, layer.weight, layer.bias) + (alpha / rank) * x @ a.T @ b.T
+    torch.testing.assert_close(layer(x, "p4"), want, rtol=1e-5, atol=1e-5)
+    assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))
+    assert torch.equal(layer(x, "p2"), F.linear(x, layer.weight, layer.bias))

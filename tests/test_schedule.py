@@ -146,3 +146,25 @@ def test_branch_split_accepts_every_step_weak_and_refuses_more():
     assert s.cond == s.uncond == (4, 4, 4, 4)
     with pytest.raises(UserError, match="k_uncond=5 must be within 0..4"):
         Schedule.branch_split(0, 5, 4, 4, 2, guidance_scale=2.0, solver="euler", model="m")
+
+
+def test_load_picks_a_pareto_point_only_by_a_valid_index(tmp_path):
+    """best.json and plain schedule files give their one schedule; a pareto.json needs --point N with
+    0 <= N < number of points (no negative indices), and --point on a one-schedule file is refused."""
+    first = Schedule.weak_first(2, 4, 4, 2, **KW)
+    second = Schedule.weak_first(1, 4, 4, 2, **KW)
+    pareto = tmp_path / "pareto.json"
+    pareto.write_text(json.dumps({"points": [{"schedule": first.to_dict()}, {"schedule": second.to_dict()}]}))
+    assert Schedule.load(pareto, 0) == first and Schedule.load(pareto, 1) == second
+    expect = f"{pareto}: a Pareto front of 2 points: pick one with --point N, N from 0 to 1"
+    for point in (None, -1, 2):
+        assert _message(Schedule.load, pareto, point) == expect
+    broken = tmp_path / "broken.json"
+    broken.write_text(json.dumps({"points": [first.to_dict(), "not a point"]}))
+    assert _message(Schedule.load, broken, 1) == f"{broken}: a Pareto front of 2 points: pick one with --point N, N from 0 to 1"
+    single = tmp_path / "best.json"
+    single.write_text(json.dumps({"schedule": first.to_dict(), "trial": 3}))
+    assert Schedule.load(single) == first
+    assert _message(Schedule.load, single, 0) == (f"{single}: --point 0 picks a point of a pareto.json; "
+                                                  "this file has one schedule")
+    assert _message(Schedule.load, tmp_path / "missing.json") == f"{tmp_path / 'missing.json'}: schedule file not found"

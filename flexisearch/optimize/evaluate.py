@@ -21,7 +21,7 @@ from ..models import flops
 from ..models.flexible import FlexibleDiT
 from ..models.loading import load_model, resolve_device
 from ..sampling.generate import TrajectoryCache, sample
-from ..sampling.schedule import Schedule
+from ..sampling.schedule import SOLVERS, Schedule
 from .config import SearchConfig, reference_schedule
 from .sample_sets import SampleSet, search_sample_sets
 from .spaces import make_space
@@ -63,13 +63,18 @@ class Evaluator:
         self.weak = cfg.space.weak_patch_size or max(mc.extra_patch_sizes)
         if self.weak not in mc.extra_patch_sizes:
             raise UserError(f"space.weak_patch_size is {self.weak}, the model has {list(mc.extra_patch_sizes)}")
+        solvers = SOLVERS[mc.prediction]
+        for solver in cfg.space.solver.values:
+            if solver not in solvers:
+                raise UserError(f"space.solver: {solver!r} does not suit a {mc.prediction} model, expected one of "
+                                f"{list(solvers)}")
         self.reference = reference_schedule(cfg, self.native, self.fingerprint)
-        self.reference.check_model(mc, self.fingerprint, "reference")
+        self.reference.check_model(mc, None, "reference")  # its sizes and solver; it is made for this model
         self.reference_macs = flops.schedule_macs(mc, self.reference)
         self.metric = load_metric(cfg, self.model)
         self.search_set, self.heldout_set = search_sample_sets(self.model, cfg)
         self.space = make_space(cfg.space, self.native, self.weak, mc.patch_sizes, self.fingerprint)
-        self.cache = TrajectoryCache()
+        self.cache = TrajectoryCache()  # the search set's trajectories, of this one model
         self._memo: dict[str, float] = {}
         self._native_samples: dict[str, torch.Tensor] = {}
 
@@ -77,7 +82,7 @@ class Evaluator:
         """Images of a schedule on a sample set: a latent model's samples are decoded by its VAE."""
         out = sample(self.model, schedule, list(sample_set.labels), list(sample_set.seeds),
                      batch_size=self.cfg.batch_size, cache=self.cache if sample_set.name == "search" else None,
-                     cache_tag=f"{sample_set.name}|{self.fingerprint}", progress=progress)
+                     progress=progress)
         return self.decode(out) if self.decode is not None else out
 
     def cost(self, schedule: Schedule) -> dict[str, float]:
@@ -93,7 +98,7 @@ class Evaluator:
     def quality(self, schedule: Schedule, sample_set: SampleSet | None = None) -> float:
         """The metric on the search set (memoised per schedule), or on another sample set."""
         sample_set = sample_set or self.search_set
-        key = f"{sample_set.name}|{json.dumps(schedule.to_dict(), sort_keys=True)}"
+        key = f"{sample_set.name}|{json.dumps(schedule.to_dict())}"
         if key not in self._memo:
             images = self.samples(schedule, sample_set)
             target = self.native_samples(sample_set) if self.metric.needs_native else None
@@ -104,7 +109,7 @@ class Evaluator:
         """Held-out quality with a bootstrap 95% interval, on seeds never used during the search."""
         images = self.samples(schedule, self.heldout_set, progress=progress)
         target = self.native_samples(self.heldout_set) if self.metric.needs_native else None
-        value, low, high = self.metric.score_with_ci(images, self.heldout_set, target, self.cfg.bootstrap, seed=0)
+        value, low, high = self.metric.score_with_ci(images, self.heldout_set, target, self.cfg.bootstrap)
         return {"value": value, "ci95": [low, high], "n": len(self.heldout_set.seeds),
                 "seeds": [self.heldout_set.seeds[0], self.heldout_set.seeds[-1]]}
 
@@ -123,7 +128,6 @@ class Evaluator:
 
     def evaluate(self, trial: Any, bound: float) -> TrialResult:
         """The trial's schedule (an Optuna Trial, or a FixedTrial of a Ray trial's parameters), measured."""
-        schedule = self.space.suggest(trial)
-        schedule.check_model(self.model.config, self.fingerprint, "trial")
+        schedule = self.space.suggest(trial)  # made of the model's sizes and solvers (checked at construction)
         quality = self.quality(schedule)
         return TrialResult(schedule, self.cost(schedule), quality, self.violation(quality, bound))

@@ -17,25 +17,30 @@ from ..files import atomic_write_json
 from .config import SearchConfig, run_dir, storage_url
 from .evaluate import Evaluator
 from .plots import plot_schedule, plot_tradeoff
-from .study import reference_quality, trial_records
+from .study import quality_bound, reference_quality, trial_records
+
+
+def _loss(record: dict[str, Any], higher_is_better: bool) -> float:
+    return -record["quality"] if higher_is_better else record["quality"]
+
+
+def _cost_then_loss(record: dict[str, Any], higher_is_better: bool) -> tuple[float, float]:
+    return record["fraction"], _loss(record, higher_is_better)
 
 
 def pareto_front(records: list[dict[str, Any]], higher_is_better: bool) -> list[dict[str, Any]]:
     """Feasible-or-not non-dominated records in (FLOPs fraction, quality), cheapest first."""
-    sign = -1.0 if higher_is_better else 1.0
-    front, best = [], float("inf")
-    for r in sorted(records, key=lambda r: (r["fraction"], sign * r["quality"])):
-        if sign * r["quality"] < best:
+    front: list[dict[str, Any]] = []
+    for r in sorted(records, key=lambda r: _cost_then_loss(r, higher_is_better)):
+        if not front or _loss(r, higher_is_better) < _loss(front[-1], higher_is_better):
             front.append(r)
-            best = sign * r["quality"]
     return front
 
 
 def best_record(records: list[dict[str, Any]], higher_is_better: bool) -> dict[str, Any] | None:
     """The cheapest feasible schedule (ties: better quality)."""
-    sign = -1.0 if higher_is_better else 1.0
     feasible = [r for r in records if r["feasible"]]
-    return min(feasible, key=lambda r: (r["fraction"], sign * r["quality"])) if feasible else None
+    return min(feasible, key=lambda r: _cost_then_loss(r, higher_is_better)) if feasible else None
 
 
 def _entry(evaluator: Evaluator, r: dict[str, Any], heldout: dict[str, Any]) -> dict[str, Any]:
@@ -53,7 +58,7 @@ def export_study(cfg: SearchConfig, evaluator: Evaluator, study: optuna.Study, p
         raise UserError(f"study '{cfg.study}' in {storage_url(cfg)} has no completed trials")
     hib = evaluator.metric.higher_is_better
     best = best_record(records, hib)
-    bound = float(study.user_attrs.get("bound", evaluator.threshold(reference_quality(study, evaluator))))
+    bound = quality_bound(study, evaluator)
     if best is None:
         raise UserError(f"constraint {evaluator.metric.name} {'>=' if hib else '<='} {bound:.4g}: no schedule met it "
                         f"in {len(records)} trials (best {evaluator.metric.name}: "

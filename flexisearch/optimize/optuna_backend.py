@@ -20,7 +20,7 @@ from optuna.trial import TrialState
 from ..errors import UserError
 from .config import SearchConfig, storage_url
 from .evaluate import Evaluator
-from .study import WORKER, open_study, record, reference_quality, release, release_trials, seed_study
+from .study import WORKER, open_study, quality_bound, record, release, release_trials, seed_study
 
 
 class _Stop(BaseException):
@@ -58,8 +58,7 @@ def run_worker(cfg: SearchConfig, evaluator: Evaluator, progress: bool = True) -
     """Run trials in this process until the study holds cfg.n_trials complete trials."""
     study = open_study(cfg, evaluator)
     release_trials(study)
-    bound = evaluator.threshold(reference_quality(study, evaluator))
-    study.set_user_attr("bound", bound)
+    bound = quality_bound(study, evaluator)
     remaining = max(0, cfg.n_trials - len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))))
     try:
         if remaining:

@@ -26,7 +26,7 @@ from ..errors import UserError
 from .config import SearchConfig, config_dict, config_from_dict, run_dir
 from .evaluate import Evaluator
 from .spaces import Space
-from .study import WORKER, open_study, record, reference_quality, release_trials, seed_study
+from .study import WORKER, open_study, quality_bound, record, release_trials, seed_study
 
 _WORKER_EVALUATORS: dict[str, Evaluator] = {}
 
@@ -155,8 +155,7 @@ def run_ray_search(cfg: SearchConfig, evaluator: Evaluator, address: str | None 
     address = check_address(address)
     study = seed_study(cfg, evaluator)  # created once, before any worker; the threshold family enqueued
     release_trials(study)  # those a killed driver left running are queued again
-    bound = evaluator.threshold(reference_quality(study, evaluator))
-    study.set_user_attr("bound", bound)
+    bound = quality_bound(study, evaluator)
     _init_ray(address, cfg)
     try:
         check_resources(cfg.resources)

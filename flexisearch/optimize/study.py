@@ -145,6 +145,13 @@ def reference_quality(study: optuna.Study, evaluator: Evaluator) -> float:
     return float(study.user_attrs[key])
 
 
+def quality_bound(study: optuna.Study, evaluator: Evaluator) -> float:
+    """The study's quality bound (relative bounds: to its static native quality), also kept as user attr "bound"."""
+    bound = evaluator.threshold(reference_quality(study, evaluator))
+    study.set_user_attr("bound", bound)
+    return bound
+
+
 def stored_config(url: str, name: str) -> SearchConfig | None:
     """The config study `name` was last searched with (seed_study stores it; None: no such study, or one from
     before configs were stored). Worker processes and export read it, so they use what the search used."""
