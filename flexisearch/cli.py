@@ -224,6 +224,33 @@ def cmd_flops(args: argparse.Namespace) -> None:
               f"{schedule.num_steps} steps, CFG {schedule.guidance_scale:g}")
 
 
+def cmd_profile(args: argparse.Namespace) -> None:
+    from .models.loading import load_model, resolve_device
+    from .sampling.latency import CostTable, profile
+
+    out = Path(args.out)
+    if out.is_dir() or out.suffix.lower() != ".json":
+        raise UserError(f"--out {args.out}: expected a .json file name")
+    model = load_model(args.model, resolve_device(args.device))
+    if args.merge_lora:
+        model.merge_lora()
+    table: CostTable = profile(model, args.batch, args.solver, dtype=args.dtype, compile_mode=args.compile,
+                               repeats=args.repeats)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    table.save(out)
+    key = table.key
+    print(f"# {args.model} ({key['model']}) on {key['device']}, {key['dtype']}, compile {key['compile']}, "
+          f"merge_lora {key['merge_lora']}, torch {key['torch']}; median [q25, q75] of {args.repeats}")
+    print(f"{'step (cond/uncond)':<19} {'batch':>5} {'ms':>9} {'q25-q75 ms':>15} {'peak MiB':>9}")
+    for (c, u, b), t in sorted(table.steps.items(), key=lambda kv: (kv[0][2], kv[0][0], kv[0][1] or 0)):
+        name = f"{c}/{u}" if u is not None else f"{c} (no CFG)"
+        print(f"{name:<19} {b:>5} {1e3 * t.median:>9.2f} {f'{1e3 * t.q25:.2f}-{1e3 * t.q75:.2f}':>15} "
+              f"{table.peak_bytes[(c, u, b)] / 2**20:>9.1f}")
+    for (solver, b), t in sorted(table.solvers.items()):
+        print(f"{'solver ' + solver:<19} {b:>5} {1e3 * t.median:>9.2f}")
+    print(f"wrote {args.out}")
+
+
 def cmd_train(args: argparse.Namespace) -> None:
     from .training.dit import BaseTrainConfig, FlexifyConfig, train_base, train_flexify
     from .training.loop import read_config
@@ -265,6 +292,8 @@ def _positive(value: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .sampling.schedule import SOLVERS
+
     ap = _Parser(prog="flexisearch", description=__doc__)
     ap.add_argument("--version", action="version", version=f"flexisearch {__version__}")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -333,6 +362,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--point", type=int, help="the Pareto point of a pareto.json (0: the cheapest)")
     p.add_argument("--json", action="store_true", help="as JSON (MACs; FLOPs = 2 x MACs)")
     p.set_defaults(fn=cmd_flops)
+
+    p = sub.add_parser("profile", help="measure sampling latency and memory per patch size: a cost table for "
+                                       "`cost: latency` searches")
+    p.add_argument("--model", default="embedded:flexidit-mnist16-lora",
+                   help="embedded:NAME, a model or pipeline directory, dit:HUB_ID or pixart:HUB_ID (default: the embedded model)")
+    p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when there is one, else cpu)")
+    p.add_argument("--batch", type=_positive, nargs="+", default=[1, 64], help="batch sizes (default: 1 64)")
+    p.add_argument("--solver", nargs="+", default=["euler"], choices=sorted({s for v in SOLVERS.values() for s in v}),
+                   help="solvers whose step to time (default: euler)")
+    p.add_argument("--dtype", default="float32", help="float32, or autocast to bfloat16 / float16 (default float32)")
+    p.add_argument("--compile", default="none", help="torch.compile mode: none (default), default, reduce-overhead "
+                                                    "(CUDA graphs) or max-autotune")
+    p.add_argument("--merge-lora", action="store_true", help="merge LoRA into per-size weights for inference")
+    p.add_argument("--repeats", type=_positive, default=7, help="timed repeats per entry, after 2 warm-ups (default 7)")
+    p.add_argument("--out", default="runs/cost_table.json", help="JSON file to write (default runs/cost_table.json)")
+    p.set_defaults(fn=cmd_profile)
 
     p = sub.add_parser("train", help="pretrain a base DiT or flexify one")
     p.add_argument("what", choices=["base", "flexify"])

@@ -609,6 +609,7 @@ def test_exported_documents_describe_the_study(in_tmp, model_dir):
     from flexisearch import __version__
     from flexisearch.models.flops import schedule_macs
     from flexisearch.optimize.export import export_study
+    from flexisearch.sampling.latency import CostTable
 
     cfg = load_search_config(write_space(in_tmp, model_dir, n_trials=5, sampler="random", pareto_max=20))
     evaluator = Evaluator(cfg)
@@ -626,6 +627,7 @@ def test_exported_documents_describe_the_study(in_tmp, model_dir):
     created = datetime.datetime.fromisoformat(prov.pop("created"))
     assert before <= created <= datetime.datetime.now(datetime.timezone.utc)
     assert prov == {"study": "t", "storage": "sqlite:///runs/t/study.db", "sampler": "random", "objective": "single",
+                    "cost": "flops",
                     "space": "branch_threshold", "n_trials": 5, "search_samples": 20, "search_seeds": [0, 19],
                     "flexisearch": __version__, "model_calls_saved_by_prefix_reuse": sum(c[0] for c in calls),
                     "model_calls_run": sum(c[1] for c in calls)}
@@ -633,7 +635,14 @@ def test_exported_documents_describe_the_study(in_tmp, model_dir):
     assert best["constraint"] == {"metric": "fid_native", "bound": 5.0, "relative": None, "absolute": 5.0,
                                   "search_reference_quality": study.user_attrs["reference_quality:fid_native"]}
     native = best["static_native"]
-    assert native["schedule"] == reference.to_dict() and native["cost"] == {"macs": schedule_macs(config, reference)}
+    native_latency = native["cost"]["latency"]
+    assert native["schedule"] == reference.to_dict() and native["cost"]["macs"] == schedule_macs(config, reference)
+    table = CostTable.load(in_tmp / "runs" / "t" / "cost_table.json")  # measured at export, kept for the next
+    assert table.key["model"] == evaluator.fingerprint and table.key["dtype"] == "float32"
+    assert native_latency == {"seconds_per_image": table.batch_seconds(reference, 32) / 32,
+                              "peak_bytes": table.schedule_peak_bytes(reference, 32), "fraction_of_static_native": 1.0,
+                              "batch_size": 32, **{k: table.key[k] for k in ("device", "dtype", "compile", "merge_lora",
+                                                                              "torch")}}
     assert native["quality"]["metric"] == "fid_native" and native["quality"]["heldout"]["n"] == 30
     assert best["model"] == evaluator.fingerprint and best["model_spec"] == str(model_dir)
     for key in ("model", "constraint", "static_native"):
@@ -646,6 +655,11 @@ def test_exported_documents_describe_the_study(in_tmp, model_dir):
         macs = schedule_macs(config, s)
         assert entry["schedule"] == t.user_attrs["schedule"]
         assert entry["family"] == t.user_attrs.get("family", "search")
+        latency = entry["cost"].pop("latency")
+        assert latency["seconds_per_image"] == table.batch_seconds(s, 32) / 32 > 0
+        assert latency["fraction_of_static_native"] == pytest.approx(
+            latency["seconds_per_image"] / native_latency["seconds_per_image"])
+        assert latency["peak_bytes"] == table.schedule_peak_bytes(s, 32) > 0
         assert entry["cost"] == {"macs": macs, "flops": 2 * macs, "units": "MACs per sample; flops = 2 x macs",
                                  "fraction_of_static_native": pytest.approx(macs / native["cost"]["macs"]),
                                  "saving": pytest.approx(1 - macs / native["cost"]["macs"])}

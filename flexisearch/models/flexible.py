@@ -46,9 +46,22 @@ class FlexibleDiT(Pretrained, nn.Module):
         nn.init.zeros_(self.x_embedder.proj.bias)
 
     def _add_lora(self, key: str) -> None:
-        for block in self.blocks:
-            for lin in (block.attn.qkv, block.attn.proj, block.mlp.fc1, block.mlp.fc2):
-                lin.add_adapter(key, self.config.lora_rank, self.config.lora_alpha or self.config.lora_rank)
+        for lin in self._lora_linears():
+            lin.add_adapter(key, self.config.lora_rank, self.config.lora_alpha or self.config.lora_rank)
+
+    def merge_lora(self, enabled: bool = True) -> FlexibleDiT:
+        """Run each LoRA adapter as one linear with its update merged into a per-size copy of the weight (an
+        inference option: a weak step then costs what its FLOPs without LoRA say; outputs equal to rounding)."""
+        for lin in self._lora_linears():
+            lin.merge = enabled
+        return self
+
+    @property
+    def lora_merged(self) -> bool:
+        return any(lin.merge for lin in self._lora_linears()) and bool(self.config.lora_rank)
+
+    def _lora_linears(self) -> list[nn.Module]:
+        return [lin for block in self.blocks for lin in (block.attn.qkv, block.attn.proj, block.mlp.fc1, block.mlp.fc2)]
 
     def _add_all_lora(self) -> None:
         if self.config.lora_rank:

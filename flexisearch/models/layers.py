@@ -8,11 +8,31 @@ Beyer et al. 2023), plus a small residual in the directions the resize cannot re
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from functools import lru_cache
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+T = TypeVar("T")
+
+
+def derived(owner: nn.Module, name: str, sources: tuple[torch.Tensor, ...], build: Callable[[], T]) -> T:
+    """build(), kept on owner under name until a source tensor changes, so that inference does no per-call
+    work that does not depend on the input (resized kernels, merged LoRA). A change is an in-place update
+    (optimizer steps and load_state_dict bump the tensor's version), new storage, dtype or device. Nothing is
+    kept while autograd records through a source (training): there the weights must stay in the graph."""
+    if torch.is_grad_enabled() and any(t.requires_grad for t in sources):
+        return build()
+    stamp = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in sources)
+    cache = owner.__dict__.setdefault("_derived", {})
+    hit = cache.get(name)
+    if hit is None or hit[0] != stamp:
+        hit = cache[name] = (stamp, build())
+    return hit[1]
 
 
 @lru_cache(maxsize=None)
@@ -87,13 +107,15 @@ class TimestepEmbedder(nn.Module):
 
 
 class LoRALinear(nn.Linear):
-    """nn.Linear with optional low-rank adapters, one per key; the base path is untouched."""
+    """nn.Linear with optional low-rank adapters, one per key; the base path is untouched. With `merge`
+    set, inference runs an adapter as one linear with W + scale B A (built once, see `derived`)."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True):
         super().__init__(in_features, out_features, bias=bias)
         self.lora_a = nn.ParameterDict()
         self.lora_b = nn.ParameterDict()
         self.lora_scale: dict[str, float] = {}
+        self.merge = False
 
     def add_adapter(self, key: str, rank: int, alpha: float) -> None:
         a = torch.empty(rank, self.in_features, device=self.weight.device)
@@ -103,10 +125,13 @@ class LoRALinear(nn.Linear):
         self.lora_scale[key] = alpha / rank
 
     def forward(self, x: torch.Tensor, adapter: str | None = None) -> torch.Tensor:
-        y = F.linear(x, self.weight, self.bias)
-        if adapter is not None and adapter in self.lora_a:
-            y = y + F.linear(F.linear(x, self.lora_a[adapter]), self.lora_b[adapter]) * self.lora_scale[adapter]
-        return y
+        if adapter is None or adapter not in self.lora_a:
+            return F.linear(x, self.weight, self.bias)
+        a, b, scale = self.lora_a[adapter], self.lora_b[adapter], self.lora_scale[adapter]
+        if self.merge:
+            w = derived(self, adapter, (self.weight, a, b), lambda: torch.addmm(self.weight, b, a, alpha=scale))
+            return F.linear(x, w, self.bias)
+        return F.linear(x, self.weight, self.bias) + F.linear(F.linear(x, a), b) * scale
 
 
 class Attention(nn.Module):
@@ -171,6 +196,9 @@ class FlexiPatchEmbed(nn.Module):
     def weight(self, p: int) -> torch.Tensor:
         if p == self.native:
             return self.proj.weight
+        return derived(self, str(p), (self.proj.weight, self.residual[str(p)]), lambda: self._resized(p))
+
+    def _resized(self, p: int) -> torch.Tensor:
         w0 = self.proj.weight.flatten(2)  # (hidden, C, native^2)
         m = pi_resize_matrix(self.native, p).to(w0)
         return (w0 @ m.T).reshape(self.hidden, self.in_channels, p, p) + self.residual[str(p)]
@@ -204,6 +232,10 @@ class FlexiDeEmbed(nn.Module):
     def weight_bias(self, p: int) -> tuple[torch.Tensor, torch.Tensor]:
         if p == self.native:
             return self.linear.weight, self.linear.bias
+        sources = (self.linear.weight, self.linear.bias, self.residual[str(p)])
+        return derived(self, str(p), sources, lambda: self._resized(p))
+
+    def _resized(self, p: int) -> tuple[torch.Tensor, torch.Tensor]:
         b = resize_matrix(self.native, p).to(self.linear.weight)  # (p^2, native^2)
         c, n0 = self.out_channels, self.native * self.native
         w = (b @ self.linear.weight.reshape(n0, c * self.hidden)).reshape(p * p * c, self.hidden)

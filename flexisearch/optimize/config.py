@@ -19,10 +19,12 @@ import yaml
 from ..errors import UserError
 from ..files import PACKAGE, read_text
 from ..metrics.registry import METRICS
+from ..sampling.latency import COMPILE_MODES, DTYPES
 from ..sampling.schedule import GUIDANCE_MODES, MAX_GUIDANCE, SOLVERS, Schedule
 from ..validate import key_error, read_dataclass
 from .spaces import SPACES, Choice, SpaceConfig
 
+COST_TYPES = ("flops", "latency")
 SAMPLERS = ("tpe", "nsga2", "gp", "random", "bruteforce")
 STUDY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")  # a folder name under runs/, never a path
 RUNS = Path("runs")
@@ -39,6 +41,21 @@ class MetricConfig:
 
 
 @dataclass(frozen=True)
+class CostConfig:
+    """What a schedule costs: its FLOPs, or its predicted seconds per image from a measured cost table
+    (sampling.latency) for sampling as it will be deployed: batch size, dtype, compile mode, LoRA merging."""
+
+    type: str = "flops"  # flops | latency (the search minimises it; export reports both)
+    batch_size: int | None = None  # the batch size schedules will be sampled at (default: batch_size)
+    table: str | None = None  # a cost table from `flexisearch profile`; default: runs/<study>/cost_table.json,
+    # measured when missing or made for another model, device, dtype, torch, compile mode or LoRA merging
+    dtype: str = "float32"  # float32 | bfloat16 | float16
+    compile: str = "none"  # none | default | reduce-overhead | max-autotune (torch.compile)
+    merge_lora: bool = False
+    repeats: int = 7  # timed repeats of each measured part (after 2 warm-up calls)
+
+
+@dataclass(frozen=True)
 class SearchConfig:
     """A whole search, as read from a YAML file."""
 
@@ -46,6 +63,7 @@ class SearchConfig:
     model: str = "embedded:flexidit-mnist16-lora"
     space: SpaceConfig = field(default_factory=SpaceConfig)
     metric: MetricConfig = field(default_factory=MetricConfig)
+    cost: CostConfig = field(default_factory=CostConfig)
     objective: str = "single"  # "single": min FLOPs s.t. the constraint; "multi": (FLOPs, quality)
     reference: dict = field(default_factory=lambda: {"num_steps": 20, "guidance_scale": 2.0, "solver": "euler"})
     search_samples: int = 256
@@ -206,6 +224,13 @@ def _check(cfg: SearchConfig, source: str) -> None:
     for key in ("search_samples", "heldout_samples", "batch_size", "n_trials", "bootstrap"):
         if getattr(cfg, key) < 1:
             raise key_error(source, key, "a positive integer", getattr(cfg, key))
+    c = cfg.cost
+    for key, value, allowed in (("type", c.type, COST_TYPES), ("dtype", c.dtype, list(DTYPES)),
+                                ("compile", c.compile, COMPILE_MODES)):
+        if value not in allowed:
+            raise key_error(source, f"cost.{key}", f"one of {list(allowed)}", value)
+    if c.repeats < 1 or (c.batch_size is not None and c.batch_size < 1):
+        raise key_error(source, "cost", "positive repeats and batch_size", {"repeats": c.repeats, "batch_size": c.batch_size})
 
 
 def reference_schedule(cfg: SearchConfig, native: int, fingerprint: str) -> Schedule:

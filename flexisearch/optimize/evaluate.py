@@ -21,15 +21,16 @@ from ..models import flops
 from ..models.flexible import FlexibleDiT
 from ..models.loading import load_model, resolve_device
 from ..sampling.generate import TrajectoryCache, sample
+from ..sampling.latency import CostTable, profile, table_key
 from ..sampling.schedule import SOLVERS, Schedule
-from .config import SearchConfig, reference_schedule
+from .config import SearchConfig, reference_schedule, run_dir
 from .sample_sets import SampleSet, search_sample_sets
 from .spaces import make_space
 
 
 @dataclass(frozen=True)
 class TrialResult:
-    """What one trial measured: the schedule, its cost (MACs, FLOPs, fraction of static native), its
+    """What one trial measured: the schedule, its cost (Evaluator.cost: `fraction` is the searched one), its
     quality on the search set and the constraint value (<= 0: the bound is met)."""
 
     schedule: Schedule
@@ -38,7 +39,7 @@ class TrialResult:
     violation: float
 
     def values(self, objective: str) -> float | tuple[float, float]:
-        """The study's objective values: FLOPs fraction ("single"), or (fraction, quality) ("multi")."""
+        """The study's objective values: the cost fraction ("single"), or (fraction, quality) ("multi")."""
         return self.cost["fraction"] if objective == "single" else (self.cost["fraction"], self.quality)
 
     def report(self) -> dict[str, Any]:
@@ -71,6 +72,10 @@ class Evaluator:
         self.reference = reference_schedule(cfg, self.native, self.fingerprint)
         self.reference.check_model(mc, None, "reference")  # its sizes and solver; it is made for this model
         self.reference_macs = flops.schedule_macs(mc, self.reference)
+        if cfg.cost.merge_lora:
+            self.model.merge_lora()  # quality is measured on the model as it will be deployed
+        self.cost_batch = cfg.cost.batch_size or cfg.batch_size
+        self._costs: CostTable | None = None
         self.metric = load_metric(cfg, self.model)
         self.search_set, self.heldout_set = search_sample_sets(self.model, cfg)
         self.space = make_space(cfg.space, self.native, self.weak, mc.patch_sizes, self.fingerprint)
@@ -86,8 +91,40 @@ class Evaluator:
         return self.decode(out) if self.decode is not None else out
 
     def cost(self, schedule: Schedule) -> dict[str, float]:
+        """MACs, FLOPs and their fraction of static native; under `cost: latency` also the predicted latency.
+        `fraction` is the searched cost: the FLOPs fraction, or the latency fraction."""
         macs = flops.schedule_macs(self.model.config, schedule)
-        return {"macs": macs, "flops": 2 * macs, "fraction": macs / self.reference_macs}
+        out = {"macs": macs, "flops": 2 * macs, "flops_fraction": macs / self.reference_macs}
+        if self.cfg.cost.type == "flops":
+            return {**out, "fraction": out["flops_fraction"]}
+        latency = self.latency(schedule)
+        return {**out, **latency, "fraction": latency["seconds_per_image"] / self.latency(self.reference)["seconds_per_image"]}
+
+    def latency(self, schedule: Schedule) -> dict[str, float]:
+        """Predicted seconds per image and peak memory (bytes) of sampling at cost.batch_size, from the cost table."""
+        b = self.cost_batch
+        return {"seconds_per_image": self.costs.batch_seconds(schedule, b) / b,
+                "peak_bytes": self.costs.schedule_peak_bytes(schedule, b)}
+
+    @property
+    def costs(self) -> CostTable:
+        """The cost table of sampling as cfg.cost describes: cost.table or the run's own if one matches this model
+        and device, else measured now (and kept in the run's folder for the next run)."""
+        if self._costs is None:
+            c = self.cfg.cost
+            key = table_key(self.model, c.dtype, c.compile)
+            solvers = {*self.cfg.space.solver.values, self.reference.solver}
+            own = run_dir(self.cfg) / "cost_table.json"
+            for path in [c.table] if c.table else [own] if own.exists() else []:
+                table = CostTable.load(path)
+                if table.key == key and table.covers(self.model.config.patch_sizes, solvers, self.cost_batch):
+                    self._costs = table
+            if self._costs is None:
+                self._costs = profile(self.model, [self.cost_batch], solvers, dtype=c.dtype, compile_mode=c.compile,
+                                      repeats=c.repeats)
+                own.parent.mkdir(parents=True, exist_ok=True)
+                self._costs.save(own)
+        return self._costs
 
     def native_samples(self, sample_set: SampleSet) -> torch.Tensor:
         """Samples of the static native reference on a sample set (the fid_native target)."""

@@ -14,6 +14,7 @@ import optuna
 from .. import __version__
 from ..errors import UserError
 from ..files import atomic_write_json
+from ..sampling.schedule import Schedule
 from .config import SearchConfig, run_dir, storage_url
 from .evaluate import Evaluator
 from .plots import plot_schedule, plot_tradeoff
@@ -43,11 +44,22 @@ def best_record(records: list[dict[str, Any]], higher_is_better: bool) -> dict[s
     return min(feasible, key=lambda r: _cost_then_loss(r, higher_is_better)) if feasible else None
 
 
+_KEY = ("device", "dtype", "compile", "merge_lora", "torch")  # what a latency prediction holds for
+
+
+def _latency(evaluator: Evaluator, schedule: Schedule) -> dict[str, Any]:
+    """Predicted sampling latency and peak memory, and what the prediction holds for."""
+    lat = evaluator.latency(schedule)
+    return {**lat, "fraction_of_static_native": lat["seconds_per_image"] / evaluator.latency(evaluator.reference)[
+        "seconds_per_image"], "batch_size": evaluator.cost_batch, **{k: evaluator.costs.key[k] for k in _KEY}}
+
+
 def _entry(evaluator: Evaluator, r: dict[str, Any], heldout: dict[str, Any]) -> dict[str, Any]:
     cost = evaluator.cost(r["schedule"])
     return {"schedule": r["schedule"].to_dict(), "trial": r["number"], "family": r["family"],
-            "cost": {"macs": cost["macs"], "flops": cost["flops"], "fraction_of_static_native": cost["fraction"],
-                     "saving": 1 - cost["fraction"], "units": "MACs per sample; flops = 2 x macs"},
+            "cost": {"macs": cost["macs"], "flops": cost["flops"], "fraction_of_static_native": cost["flops_fraction"],
+                     "saving": 1 - cost["flops_fraction"], "units": "MACs per sample; flops = 2 x macs",
+                     "latency": _latency(evaluator, r["schedule"])},
             "quality": {"metric": evaluator.metric.name, "heldout": heldout, "search": r["quality"]}}
 
 
@@ -73,6 +85,7 @@ def export_study(cfg: SearchConfig, evaluator: Evaluator, study: optuna.Study, p
     native = evaluator.confirm(evaluator.reference, progress=progress)
     calls = [v for k, v in study.user_attrs.items() if k.startswith("calls_saved_worker_")]
     provenance = {"study": cfg.study, "storage": storage_url(cfg), "sampler": cfg.sampler, "objective": cfg.objective,
+                  "cost": cfg.cost.type,
                   "space": cfg.space.type, "n_trials": len(records), "search_samples": cfg.search_samples,
                   "search_seeds": [0, cfg.search_samples - 1], "flexisearch": __version__,
                   "model_calls_saved_by_prefix_reuse": sum(c[0] for c in calls),
@@ -81,7 +94,8 @@ def export_study(cfg: SearchConfig, evaluator: Evaluator, study: optuna.Study, p
     constraint = {"metric": evaluator.metric.name, "bound": bound, "relative": cfg.metric.relative,
                   "absolute": cfg.metric.max if cfg.metric.max is not None else cfg.metric.min,
                   "search_reference_quality": reference_quality(study, evaluator)}
-    reference = {"schedule": evaluator.reference.to_dict(), "cost": {"macs": evaluator.reference_macs},
+    reference = {"schedule": evaluator.reference.to_dict(),
+                 "cost": {"macs": evaluator.reference_macs, "latency": _latency(evaluator, evaluator.reference)},
                  "quality": {"metric": evaluator.metric.name, "heldout": native}}
     best_doc = {**_entry(evaluator, best, confirmed[best["number"]]), "constraint": constraint, "model": evaluator.fingerprint,
                 "model_spec": cfg.model, "static_native": reference, "provenance": provenance}

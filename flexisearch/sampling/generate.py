@@ -60,7 +60,7 @@ def make_scheduler(solver: str, prediction: str, learn_sigma: bool = False) -> S
     raise ValueError(f"solver {solver!r} is not available for {prediction} models")
 
 
-def _uses_learned_variance(scheduler: SchedulerMixin) -> bool:
+def uses_learned_variance(scheduler: SchedulerMixin) -> bool:
     return getattr(scheduler.config, "variance_type", None) in ("learned", "learned_range")
 
 
@@ -192,7 +192,7 @@ def denoise(
         raise UserError(f"{type(scheduler).__name__} makes {len(scheduler.timesteps)} timesteps for "
                         f"{len(steps)} steps; a schedule needs one model evaluation per timestep")
     device, dtype = x.device, next(model.parameters()).dtype
-    learned_variance = model.config.learn_sigma and _uses_learned_variance(scheduler)
+    learned_variance = model.config.learn_sigma and uses_learned_variance(scheduler)
     step_kwargs = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
     scales_input = hasattr(scheduler, "scale_model_input")
     amp = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None else nullcontext()
