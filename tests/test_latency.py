@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 
 import optuna
 import pytest
@@ -172,15 +173,29 @@ def test_latency_search_minimises_predicted_seconds_from_a_matching_table(tmp_pa
         s = Schedule.from_dict(trial.user_attrs["schedule"])
         assert trial.values[0] == pytest.approx(table.batch_seconds(s, 2) / ref, rel=1e-12)
 
-    # a new run reads the table back; one made for another model is measured anew, and the user's file kept
+    # the config the study keeps (worker processes and export read it) names the table: all predict with it
+    from flexisearch.optimize.study import stored_config
+    stored = stored_config(f"sqlite:///{tmp_path / 'runs' / 'lat' / 'study.db'}", "lat")
+    assert stored.cost.table == str((tmp_path / "runs" / "lat" / "cost_table.json").resolve())
+
+    # a new run reads its table back; a given table is used as it is, if it is of this model and covers the space
     monkeypatch.setattr("flexisearch.optimize.evaluate.profile", lambda *a, **k: pytest.fail("profiled again"))
     assert Evaluator(cfg).costs == table
-    other = tmp_path / "other.json"
-    CostTable({**table.key, "model": "another"}, table.steps, table.peak_bytes, table.solvers, table.setup).save(other)
-    monkeypatch.undo()
-    monkeypatch.chdir(tmp_path)
-    again = Evaluator(load_search_config(None, {**doc, "cost": {**doc["cost"], "table": str(other)}}))
-    assert again.costs.key == table.key and CostTable.load(other).key["model"] == "another"
+    elsewhere = CostTable({**table.key, "device": "NVIDIA H200", "dtype": "bfloat16"}, table.steps, table.peak_bytes,
+                          table.solvers, table.setup)
+    for name, t, message in [("gpu", elsewhere, None),
+                             ("other", CostTable({**table.key, "model": "another"}, table.steps, table.peak_bytes,
+                                                 table.solvers, table.setup),
+                              f"measured for model another, this model is {evaluator.fingerprint}"),
+                             ("short", CostTable(table.key, table.steps, table.peak_bytes, table.solvers, {}),
+                              re.escape("lacks batch 2 or solvers ['euler']"))]:
+        t.save(tmp_path / f"{name}.json")
+        given = Evaluator(load_search_config(None, {**doc, "cost": {**doc["cost"], "table": str(tmp_path / f"{name}.json")}}))
+        if message is None:
+            assert given.costs == elsewhere
+        else:
+            with pytest.raises(UserError, match=message):
+                _ = given.costs
 
 
 def test_cli_profile_writes_a_table_and_refuses_bad_options(tmp_path, capsys):

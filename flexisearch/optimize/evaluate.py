@@ -9,8 +9,10 @@ more samples and a bootstrap confidence interval.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -108,23 +110,44 @@ class Evaluator:
 
     @property
     def costs(self) -> CostTable:
-        """The cost table of sampling as cfg.cost describes: cost.table or the run's own if one matches this model
-        and device, else measured now (and kept in the run's folder for the next run)."""
+        """The cost table of sampling as cfg.cost describes. cost.table, when given, is used as it is (it may come
+        from the device the schedules will run on; it must be of this model); else the run's own table if it was
+        measured for this model, device and settings; else measured now and kept in the run's folder."""
         if self._costs is None:
             c = self.cfg.cost
-            key = table_key(self.model, c.dtype, c.compile)
             solvers = {*self.cfg.space.solver.values, self.reference.solver}
-            own = run_dir(self.cfg) / "cost_table.json"
-            for path in [c.table] if c.table else [own] if own.exists() else []:
-                table = CostTable.load(path)
-                if table.key == key and table.covers(self.model.config.patch_sizes, solvers, self.cost_batch):
-                    self._costs = table
-            if self._costs is None:
-                self._costs = profile(self.model, [self.cost_batch], solvers, dtype=c.dtype, compile_mode=c.compile,
-                                      repeats=c.repeats)
-                own.parent.mkdir(parents=True, exist_ok=True)
-                self._costs.save(own)
+            sizes = self.model.config.patch_sizes
+            if c.table:
+                table = CostTable.load(c.table)
+                if table.key["model"] != self.fingerprint:
+                    raise UserError(f"cost.table {c.table}: measured for model {table.key['model']}, this model is "
+                                    f"{self.fingerprint}")
+                if not table.covers(sizes, solvers, self.cost_batch):
+                    raise UserError(f"cost.table {c.table}: lacks batch {self.cost_batch} or solvers {sorted(solvers)} "
+                                    f"(profile them: flexisearch profile --batch {self.cost_batch} --solver ...)")
+                self._costs = table
+            else:
+                own = self.own_cost_table()
+                table = CostTable.load(own) if own.exists() else None
+                if table is None or table.key != table_key(self.model, c.dtype, c.compile) or not table.covers(
+                        sizes, solvers, self.cost_batch):
+                    table = profile(self.model, [self.cost_batch], solvers, dtype=c.dtype, compile_mode=c.compile,
+                                    repeats=c.repeats)
+                    own.parent.mkdir(parents=True, exist_ok=True)
+                    table.save(own)
+                self._costs = table
         return self._costs
+
+    def own_cost_table(self) -> Path:
+        return run_dir(self.cfg) / "cost_table.json"
+
+    def pin_costs(self, cfg: SearchConfig) -> SearchConfig:
+        """cfg naming the cost table this evaluator predicts with (a latency search without cost.table): the
+        worker processes and Ray workers then use the same table, whichever device they run on."""
+        if cfg.cost.type != "latency" or cfg.cost.table:
+            return cfg
+        _ = self.costs
+        return dataclasses.replace(cfg, cost=dataclasses.replace(cfg.cost, table=str(self.own_cost_table().resolve())))
 
     def native_samples(self, sample_set: SampleSet) -> torch.Tensor:
         """Samples of the static native reference on a sample set (the fid_native target)."""

@@ -78,6 +78,7 @@ def run_search(cfg: SearchConfig, evaluator: Evaluator, workers: int = 1, progre
     processes read the config from the study (study.stored_config), overrides included."""
     if workers > 4 and storage_url(cfg).startswith("sqlite"):
         raise UserError("--workers: SQLite serves at most 4 local workers; use a PostgreSQL or journal storage")
+    cfg = evaluator.pin_costs(cfg)  # latency: every worker predicts with this process's cost table
     seed_study(cfg, evaluator)
     procs = []
     if workers > 1:

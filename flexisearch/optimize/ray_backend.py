@@ -153,6 +153,7 @@ def run_ray_search(cfg: SearchConfig, evaluator: Evaluator, address: str | None 
     from ray import tune
 
     address = check_address(address)
+    cfg = evaluator.pin_costs(cfg)  # latency: every worker predicts with this process's cost table
     study = seed_study(cfg, evaluator)  # created once, before any worker; the threshold family enqueued
     release_trials(study)  # those a killed driver left running are queued again
     bound = quality_bound(study, evaluator)
