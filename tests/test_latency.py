@@ -179,7 +179,7 @@ def test_latency_search_minimises_predicted_seconds_from_a_matching_table(tmp_pa
     assert stored.cost.table == str((tmp_path / "runs" / "lat" / "cost_table.json").resolve())
 
     # a new run reads its table back; a given table is used as it is, if it is of this model and covers the space
-    monkeypatch.setattr("flexisearch.optimize.evaluate.profile", lambda *a, **k: pytest.fail("profiled again"))
+    monkeypatch.setattr("flexisearch.sampling.latency.profile", lambda *a, **k: pytest.fail("profiled again"))
     assert Evaluator(cfg).costs == table
     elsewhere = CostTable({**table.key, "device": "NVIDIA H200", "dtype": "bfloat16"}, table.steps, table.peak_bytes,
                           table.solvers, table.setup)

@@ -7,7 +7,13 @@ import pytest
 import torch
 
 from flexisearch.errors import UserError
-from flexisearch.models.text_encoder import MINILM, MINILM_SHA256, check_files, encode, minilm_path
+from flexisearch.models.text_encoder import (
+    MINILM,
+    MINILM_SHA256,
+    check_files,
+    encode,
+    minilm_path,
+)
 
 CAPTIONS = ["a handwritten seven", "a thin zero leaning left", "two"]
 

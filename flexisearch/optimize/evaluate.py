@@ -23,7 +23,7 @@ from ..models import flops
 from ..models.flexible import FlexibleDiT
 from ..models.loading import load_model, resolve_device
 from ..sampling.generate import TrajectoryCache, sample
-from ..sampling.latency import CostTable, profile, table_key
+from ..sampling.latency import CostTable, cost_table
 from ..sampling.schedule import SOLVERS, Schedule
 from .config import SearchConfig, reference_schedule, run_dir
 from .sample_sets import SampleSet, search_sample_sets
@@ -110,32 +110,12 @@ class Evaluator:
 
     @property
     def costs(self) -> CostTable:
-        """The cost table of sampling as cfg.cost describes. cost.table, when given, is used as it is (it may come
-        from the device the schedules will run on; it must be of this model); else the run's own table if it was
-        measured for this model, device and settings; else measured now and kept in the run's folder."""
+        """The cost table of sampling as cfg.cost describes (latency.cost_table: cost.table, or the run's own)."""
         if self._costs is None:
             c = self.cfg.cost
-            solvers = {*self.cfg.space.solver.values, self.reference.solver}
-            sizes = self.model.config.patch_sizes
-            if c.table:
-                table = CostTable.load(c.table)
-                if table.key["model"] != self.fingerprint:
-                    raise UserError(f"cost.table {c.table}: measured for model {table.key['model']}, this model is "
-                                    f"{self.fingerprint}")
-                if not table.covers(sizes, solvers, self.cost_batch):
-                    raise UserError(f"cost.table {c.table}: lacks batch {self.cost_batch} or solvers {sorted(solvers)} "
-                                    f"(profile them: flexisearch profile --batch {self.cost_batch} --solver ...)")
-                self._costs = table
-            else:
-                own = self.own_cost_table()
-                table = CostTable.load(own) if own.exists() else None
-                if table is None or table.key != table_key(self.model, c.dtype, c.compile) or not table.covers(
-                        sizes, solvers, self.cost_batch):
-                    table = profile(self.model, [self.cost_batch], solvers, dtype=c.dtype, compile_mode=c.compile,
-                                    repeats=c.repeats)
-                    own.parent.mkdir(parents=True, exist_ok=True)
-                    table.save(own)
-                self._costs = table
+            self._costs = cost_table(self.model, self.cost_batch, {*self.cfg.space.solver.values, self.reference.solver},
+                                     given=c.table, own=self.own_cost_table(), dtype=c.dtype, compile_mode=c.compile,
+                                     repeats=c.repeats)
         return self._costs
 
     def own_cost_table(self) -> Path:

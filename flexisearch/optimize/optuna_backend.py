@@ -20,7 +20,15 @@ from optuna.trial import TrialState
 from ..errors import UserError
 from .config import SearchConfig, storage_url
 from .evaluate import Evaluator
-from .study import WORKER, open_study, quality_bound, record, release, release_trials, seed_study
+from .study import (
+    WORKER,
+    open_study,
+    quality_bound,
+    record,
+    release,
+    release_trials,
+    seed_study,
+)
 
 
 class _Stop(BaseException):

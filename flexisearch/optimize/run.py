@@ -3,8 +3,8 @@ best and the Pareto schedules on held-out seeds and export them. The CLI and the
 
 from __future__ import annotations
 
-import os
 import dataclasses
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,8 +14,15 @@ from optuna.trial import TrialState
 from ..errors import UserError
 from ..files import read_json
 from ..sampling.schedule import Schedule
-from .config import (SearchConfig, config_dict, config_from_dict, load_search_config, run_dir, space_path,
-                     storage_url)
+from .config import (
+    SearchConfig,
+    config_dict,
+    config_from_dict,
+    load_search_config,
+    run_dir,
+    space_path,
+    storage_url,
+)
 from .evaluate import Evaluator
 from .export import export_study
 from .optuna_backend import run_search

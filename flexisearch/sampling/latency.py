@@ -298,3 +298,26 @@ def profile(model: FlexibleDiT, batch_sizes: Iterable[int], solvers: Iterable[st
         table.setup[b] = _time(lambda b=b: initial_noise(list(range(b)), tuple(x.shape[1:]))[0].to(device),
                                device, warmup, repeats)
     return table
+
+
+def cost_table(model: FlexibleDiT, batch: int, solvers: Iterable[str], *, given: str | None, own: Path,
+               dtype: str = "float32", compile_mode: str = "none", repeats: int = 7) -> CostTable:
+    """The table to predict sampling costs of `model` at `batch` with: `given` is used as it is (it may come from
+    the device the schedules will run on) and must be of this model and cover its sizes and the solvers; else
+    `own` if it was measured for this model, device and settings; else one measured now and saved as `own`."""
+    solvers, sizes = sorted(set(solvers)), model.config.patch_sizes
+    if given:
+        table = CostTable.load(given)
+        if table.key["model"] != model.fingerprint():
+            raise UserError(f"cost.table {given}: measured for model {table.key['model']}, this model is "
+                            f"{model.fingerprint()}")
+        if not table.covers(sizes, solvers, batch):
+            raise UserError(f"cost.table {given}: lacks batch {batch} or solvers {solvers} "
+                            f"(profile them: flexisearch profile --batch {batch} --solver {' '.join(solvers)})")
+        return table
+    table = CostTable.load(own) if own.exists() else None
+    if table is None or table.key != table_key(model, dtype, compile_mode) or not table.covers(sizes, solvers, batch):
+        table = profile(model, [batch], solvers, dtype=dtype, compile_mode=compile_mode, repeats=repeats)
+        own.parent.mkdir(parents=True, exist_ok=True)
+        table.save(own)
+    return table
