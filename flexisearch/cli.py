@@ -21,7 +21,7 @@ def _overrides(args: argparse.Namespace) -> dict:
         for k in parents:
             node = node.setdefault(k, {})
         node[leaf] = value
-    return {**out, **{k: v for k in ("study", "n_trials", "sampler", "storage", "objective")
+    return {**out, **{k: v for k in ("study", "n_trials", "sampler", "storage", "objective", "warm_start")
                       if (v := getattr(args, k, None)) is not None}}
 
 
@@ -318,6 +318,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "left as it is)")
     p.add_argument("--add-trials", type=_positive, default=0, metavar="N", help="run N trials more than the study holds")
     p.add_argument("--sampler", choices=["tpe", "nsga2", "gp", "random", "bruteforce"], help="Optuna sampler (default tpe)")
+    p.add_argument("--warm-start", metavar="SOURCE", help="try first the schedules of another search: its best.json, "
+                   "pareto.json or exported study name (resampled to this space's step counts)")
     p.add_argument("--workers", type=_positive, default=1,
                    help="processes on this machine sharing the storage (default 1)")
     p.add_argument("--backend", choices=["optuna", "ray"], default="optuna", help="optuna (default): processes on this "

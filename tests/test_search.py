@@ -699,3 +699,68 @@ def test_export_of_a_study_without_complete_trials_is_one_line(in_tmp, model_dir
         export_study(cfg, evaluator, open_study(cfg, evaluator))
     assert str(e.value) == "study 't' in sqlite:///runs/t/study.db has no completed trials"
     assert not (in_tmp / "runs" / "t" / "best.json").exists()
+
+
+# ---- warm starts -------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind,branches", [("threshold", "joint"), ("branch_threshold", "joint"),
+                                           ("per_step", "joint"), ("per_step", "separate"),
+                                           ("segments", "joint"), ("segments", "separate")])
+def test_params_of_recovers_every_schedule_of_the_space_and_projects_others(kind, branches):
+    """A schedule the space made comes back exactly; another schedule becomes the space's schedule with its
+    settings (or the nearest offered), its steps resampled to an offered count and as many weak steps."""
+    cfg = load_search_config(None, {"space": {
+        "type": kind, "branches": branches, "segments": 3, "num_steps": [5, 7, 9],
+        "guidance_scale": {"low": 1.0, "high": 3.0, "step": 0.5}, "guidance_mode": ["cfg", "weak_guidance"],
+        "solver": ["euler", "dpm++"]}}).space
+    space = make_space(cfg, 2, 4, (2, 4), "fp")
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=1))
+    for _ in range(40):
+        trial = study.ask()
+        s = space.suggest(trial)
+        study.tell(trial, 0.0)
+        assert space.suggest(optuna.trial.FixedTrial(space.params_of(s))) == s
+
+    # another model's best: 10 steps (resampled to 9), CFG 2.2 (-> 2.0), weak for 4 of 10 cond / 6 of 10 uncond steps
+    other = Schedule(cond=(4,) * 4 + (2,) * 6, uncond=(4,) * 6 + (2,) * 4, guidance_scale=2.2,
+                     guidance_mode="weak_guidance", solver="ddim", model="another")
+    got = space.suggest(optuna.trial.FixedTrial(space.params_of(other)))
+    want = other.resample(9)
+    assert (got.num_steps, got.guidance_scale, got.guidance_mode, got.solver, got.model) == \
+        (9, 2.0, "weak_guidance", "euler", "fp")
+    if kind == "threshold":  # one threshold for both branches: the conditional one's
+        assert got.cond == got.uncond == want.cond
+    elif branches == "joint" and kind != "branch_threshold":
+        assert got.cond == got.uncond == want.cond
+    else:
+        assert (got.cond, got.uncond) == (want.cond, want.uncond)
+    assert space.params_of(other.replace(cond=(8,) * 10, uncond=(1,) * 10)) == space.params_of(
+        other.replace(cond=(4,) * 10, uncond=(2,) * 10))  # sizes the model lacks: its nearest
+
+
+def test_warm_start_evaluates_another_searchs_schedules_first(in_tmp, model_dir, capsys):
+    from flexisearch.optimize.export import export_study
+
+    first = load_search_config(write_space(in_tmp, model_dir, n_trials=4, sampler="random", study="a"))
+    evaluator = Evaluator(first)
+    export_study(first, evaluator, run_search(first, evaluator, progress=False))
+    pareto = json.loads((in_tmp / "runs" / "a" / "pareto.json").read_text())
+    best = json.loads((in_tmp / "runs" / "a" / "best.json").read_text())
+    expected = [Schedule.from_dict(best["schedule"])] + [Schedule.from_dict(p["schedule"]) for p in pareto["points"]]
+
+    second = load_search_config(write_space(in_tmp, model_dir, "b.yaml", n_trials=len(expected) + 1, study="b",
+                                            warm_start="a", space={"num_steps": 3}))
+    study = run_search(second, Evaluator(second), progress=False)
+    trials = sorted(study.trials, key=lambda t: t.number)
+    space = Evaluator(second).space
+    warm = [Schedule.from_dict(t.user_attrs["schedule"]) for t in trials if t.user_attrs.get("family") == "warm_start"]
+    seen = []
+    for s in expected:  # as the 3-step space expresses them, each once, before anything else
+        e = space.suggest(optuna.trial.FixedTrial(space.params_of(s)))
+        if e not in seen:
+            seen.append(e)
+    assert warm == seen and all(t.user_attrs["family"] == "warm_start" for t in trials[:len(seen)])
+    assert trials[len(seen)].user_attrs.get("family") == "threshold"
+    missing = load_search_config(write_space(in_tmp, model_dir, "c.yaml", study="c", warm_start="nowhere"))
+    with pytest.raises(UserError, match="warm_start nowhere: no such best.json or pareto.json"):
+        run_search(missing, Evaluator(missing), progress=False)

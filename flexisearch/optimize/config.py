@@ -81,6 +81,7 @@ class SearchConfig:
     max_concurrent: int = 2  # Ray backend
     max_failures: int = 2  # Ray backend retries per trial
     storage: str | None = None  # default: sqlite:///runs/<study>/study.db
+    warm_start: str | None = None  # a best.json, pareto.json or exported study whose schedules are tried first
 
 
 def _choice(kind: type) -> Any:

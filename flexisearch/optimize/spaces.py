@@ -9,12 +9,14 @@ Every space is joint with the sampler settings (num_steps, guidance_scale, guida
 Fractions (not step indices, multiples of 0.05) parametrise thresholds so that a searcher's knowledge
 carries over between step counts; fraction f of n steps is round(f * n) steps (Python's round). A space answers three questions, in the manner of Optuna's samplers: which
 schedule a trial proposes (`suggest`, define-by-run; a FixedTrial replays given parameters), the
-full grid (`grid`, for brute force), and the trial parameters of the paper's "weak for the first
-fraction f" schedule (`paper_params`). A new space type is one subclass and one line in SPACES.
+full grid (`grid`, for brute force), the trial parameters of the paper's "weak for the first
+fraction f" schedule (`paper_params`), and those of the schedule of the space nearest to any given one
+(`params_of`, for warm starts). A new space type is one subclass and one line in SPACES.
 """
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,6 +44,15 @@ class Choice:
         if self.values:
             return self.values[0] if len(self.values) == 1 else trial.suggest_categorical(name, list(self.values))
         return trial.suggest_float(name, self.low, self.high, step=self.step)
+
+    def nearest(self, value: Any) -> Any:
+        """The offered value nearest to `value` (itself when offered; for names: the first offered one)."""
+        if self.values:
+            if value in self.values or isinstance(value, str):
+                return value if value in self.values else self.values[0]
+            return min(self.values, key=lambda v: abs(v - value))
+        v = min(max(float(value), self.low), self.high)
+        return v if self.step is None else round(self.low + round((v - self.low) / self.step) * self.step, 10)
 
     def enumerate(self) -> list:
         if self.values:
@@ -96,6 +107,30 @@ class Space:
         """Trial parameters of the paper's schedule, weak for the first `fraction` of the steps."""
         return {**settings, **self._paper(int(settings.get("num_steps", self.cfg.num_steps.fixed)), fraction)}
 
+    def params_of(self, schedule: Schedule) -> dict[str, Any]:
+        """Trial parameters of the space's schedule nearest to `schedule` (e.g. another model's best): its
+        settings, or the nearest the space offers (the step count too: the sizes are then resampled), and its
+        patch sizes as the space can express them (the same where it can)."""
+        n = self.cfg.num_steps.nearest(schedule.num_steps)
+        s = schedule.resample(n)
+        settings = {name: getattr(self.cfg, name).nearest(getattr(s, name)) for name in SETTINGS
+                    if getattr(self.cfg, name).fixed is None}
+        sizes = {"cond": self._own_sizes(s.cond), "uncond": self._own_sizes(s.uncond)}
+        sizes["both"] = sizes["cond"]  # a space with one size per step for both branches follows the conditional
+        return {**settings, **self._params(sizes, n)}
+
+    def _own_sizes(self, sizes: tuple[int, ...]) -> tuple[int, ...]:
+        """Each size, or the nearest this model has (a sibling model may offer others)."""
+        return tuple(min(self.patch_sizes, key=lambda q: (abs(q - p), q)) for p in sizes)
+
+    def _weak_steps(self, sizes: tuple[int, ...], n: int) -> float:
+        """The fraction (a multiple of FRACTION_STEP) whose round(f * n) is the number of non-native steps."""
+        k = sum(p != self.native for p in sizes)
+        return min(FRACTIONS, key=lambda f: (abs(round(f * n) - k), abs(f - k / n)))
+
+    def _params(self, sizes: dict[str, tuple[int, ...]], n: int) -> dict[str, Any]:
+        raise NotImplementedError
+
     def _weak_first(self, k: int, n: int) -> tuple[int, ...]:
         return (self.weak,) * k + (self.native,) * (n - k)
 
@@ -125,6 +160,9 @@ class ThresholdSpace(Space):
     def _paper(self, n: int, fraction: float) -> dict[str, Any]:
         return {"weak_frac": fraction}
 
+    def _params(self, sizes: dict[str, tuple[int, ...]], n: int) -> dict[str, Any]:
+        return {"weak_frac": self._weak_steps(sizes["cond"], n)}
+
 
 class BranchThresholdSpace(Space):
     """Weak for the first fraction of the conditional and (another fraction) of the unconditional steps."""
@@ -139,6 +177,9 @@ class BranchThresholdSpace(Space):
     def _paper(self, n: int, fraction: float) -> dict[str, Any]:
         return {"weak_frac_cond": fraction, "weak_frac_uncond": fraction}
 
+    def _params(self, sizes: dict[str, tuple[int, ...]], n: int) -> dict[str, Any]:
+        return {f"weak_frac_{b}": self._weak_steps(sizes[b], n) for b in ("cond", "uncond")}
+
 
 class PerStepSpace(Space):
     """A free patch size per step, shared by both branches or (branches: separate) per branch."""
@@ -152,8 +193,10 @@ class PerStepSpace(Space):
         return {f"{b}_p{i}": list(self.patch_sizes) for b in self._branches() for i in range(n_max)}
 
     def _paper(self, n: int, fraction: float) -> dict[str, Any]:
-        sizes = self._weak_first(round(fraction * n), n)
-        return {f"{b}_p{i}": sizes[i] for b in self._branches() for i in range(n)}
+        return self._params({b: self._weak_first(round(fraction * n), n) for b in ("both", "cond", "uncond")}, n)
+
+    def _params(self, sizes: dict[str, tuple[int, ...]], n: int) -> dict[str, Any]:
+        return {f"{b}_p{i}": sizes[b][i] for b in self._branches() for i in range(n)}
 
 
 class SegmentsSpace(Space):
@@ -173,6 +216,22 @@ class SegmentsSpace(Space):
         for b in self._branches():
             p.update({f"{b}_seg{j}": self.weak if j == 0 else self.native for j in range(m)})
             p.update({f"{b}_cut{j}": fraction for j in range(m - 1)})
+        return p
+
+    def _params(self, sizes: dict[str, tuple[int, ...]], n: int) -> dict[str, Any]:
+        """The staircase of the schedule's runs of equal sizes; one with more runs than segments becomes the
+        paper's schedule with as many weak steps."""
+        m, p = self.cfg.segments, {}
+        for b in self._branches():
+            runs = [(size, sum(1 for _ in group)) for size, group in itertools.groupby(sizes[b])]
+            if len(runs) > m:
+                p.update({k: v for k, v in self._paper(n, self._weak_steps(sizes[b], n)).items() if k.startswith(b)})
+                continue
+            runs += [(runs[-1][0], 0)] * (m - len(runs))  # empty segments at the end
+            ends = list(itertools.accumulate(length for _, length in runs))
+            p.update({f"{b}_seg{j}": size for j, (size, _) in enumerate(runs)})
+            p.update({f"{b}_cut{j}": min(FRACTIONS, key=lambda f, e=ends[j]: (abs(round(f * n) - e), abs(f - e / n)))
+                      for j in range(m - 1)})
         return p
 
 

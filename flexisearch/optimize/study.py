@@ -15,6 +15,7 @@ import os
 import socket
 import time
 import warnings
+from pathlib import Path
 from typing import Any
 
 import optuna
@@ -22,8 +23,9 @@ import sqlalchemy.exc
 from optuna.trial import TrialState
 
 from ..errors import UserError
+from ..files import read_json
 from ..sampling.schedule import Schedule
-from .config import SearchConfig, config_dict, config_from_dict, storage_url
+from .config import RUNS, SearchConfig, config_dict, config_from_dict, storage_url
 from .evaluate import Evaluator
 from .spaces import Space
 from .storage import existing_study, open_storage
@@ -160,10 +162,32 @@ def stored_config(url: str, name: str) -> SearchConfig | None:
     return None if stored is None else config_from_dict({**stored, "storage": url}, f"study '{name}' in {url}")
 
 
+def warm_start_schedules(source: str) -> list[Schedule]:
+    """The schedules another search found: a best.json, every point of a pareto.json, or both files of a study
+    exported under runs/<source>/."""
+    path = Path(source)
+    files = [path] if path.suffix == ".json" else [RUNS / source / "best.json", RUNS / source / "pareto.json"]
+    found = [f for f in files if f.is_file()]
+    if not found:
+        raise UserError(f"warm_start {source}: no such best.json or pareto.json, nor an exported study runs/{source}/")
+    out = []
+    for f in found:
+        d = read_json(f, "result file")
+        points = d.get("points") if isinstance(d, dict) else None
+        out += [Schedule.load(f, i) for i in range(len(points))] if isinstance(points, list) else [Schedule.load(f)]
+    return out
+
+
 def seed_study(cfg: SearchConfig, evaluator: Evaluator) -> optuna.Study:
-    """Open the study, store its config and enqueue the paper's threshold schedules (once)."""
+    """Open the study, store its config and enqueue (once) the warm start's schedules, as this space expresses
+    them, then the paper's threshold schedules: the sampler takes over after them."""
     study = open_study(cfg, evaluator)
     study.set_user_attr("config", config_dict(cfg))
+    if cfg.warm_start and not study.user_attrs.get("warm_started") and cfg.sampler != "bruteforce":
+        for schedule in warm_start_schedules(cfg.warm_start):
+            study.enqueue_trial(evaluator.space.params_of(schedule), user_attrs={"family": "warm_start"},
+                                skip_if_exists=True)
+        study.set_user_attr("warm_started", cfg.warm_start)
     if not study.user_attrs.get("enqueued") and cfg.sampler != "bruteforce":
         for params in paper_params(cfg, evaluator):
             study.enqueue_trial(params, user_attrs={"family": "threshold"}, skip_if_exists=True)
