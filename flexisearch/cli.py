@@ -76,7 +76,7 @@ def _digest(doc: Any) -> dict:
     def entry(p: dict) -> dict:
         return {"description": _describe(p["schedule"]), "schedule": p["schedule"],
                 "fraction_of_static_native": p["cost"]["fraction_of_static_native"], "saving": p["cost"]["saving"],
-                "quality": p["quality"]}
+                "latency": p["cost"].get("latency"), "quality": p["quality"]}  # no latency: older result files
 
     def reference(d: dict) -> dict:  # the static native schedule every FLOPs fraction is relative to
         r = d["static_native"]["schedule"]
@@ -97,21 +97,30 @@ def _lines(d: dict) -> list[str]:
         return [d["description"]]
     ref = f"static native, {d['reference']['num_steps']} steps, CFG {d['reference']['guidance_scale']:g}"
     if d["kind"] == "pareto":
-        lines = [f"{'FLOPs':>7}  {'saving':>7}  {d['metric'] + ' held-out':>22}  schedule   (FLOPs: fraction of {ref})"]
+        lines = [f"{'FLOPs':>7}  {'saving':>7}  {'latency':>7}  {d['metric'] + ' held-out':>22}  schedule   "
+                 f"(FLOPs, latency: fractions of {ref})"]
         for p in d["points"]:
-            h = p["quality"]["heldout"]
+            h, lat = p["quality"]["heldout"], p["latency"]
             lines.append(f"{p['fraction_of_static_native']:7.3f}  {100 * p['saving']:6.1f}%  "
+                         f"{lat['fraction_of_static_native'] if lat else float('nan'):7.3f}  "
                          f"{h['value']:8.3f} [{h['ci95'][0]:.2f},{h['ci95'][1]:.2f}]  {p['description']}")
         return lines
     q, h, native = d["quality"], d["quality"]["heldout"], d["static_native_heldout"]
     rows = [("schedule", d["description"]),
             ("FLOPs", f"{d['fraction_of_static_native']:.3f} of {ref}  (saving {100 * d['saving']:.1f}%)"),
+            *([("latency (predicted)", _latency_line(d["latency"]))] if d["latency"] else []),
             (f"{q['metric']} held-out", f"{h['value']:.3f}  [{h['ci95'][0]:.3f}, {h['ci95'][1]:.3f}]  n={h['n']}"),
             (f"{q['metric']} static native", f"{native['value']:.3f}  [{native['ci95'][0]:.3f}, {native['ci95'][1]:.3f}]"),
             (f"{q['metric']} search seeds", f"{q['search']:.3f}  (bound {d['bound']:.3f})"),
             ("model calls saved by prefix reuse", str(d["model_calls_saved_by_prefix_reuse"]))]
     width = max(len(r[0]) for r in rows)
     return [*(f"{k:<{width}}  {v}" for k, v in rows), f"FLOPs saving: {100 * d['saving']:.1f}%"]
+
+
+def _latency_line(lat: dict) -> str:
+    return (f"{1e3 * lat['seconds_per_image']:.3g} ms per image at batch {lat['batch_size']} "
+            f"({lat['fraction_of_static_native']:.3f} of static native), peak {lat['peak_bytes'] / 2**20:.1f} MiB, "
+            f"{lat['device']}, {lat['dtype']}")
 
 
 def _report(result: Any) -> None:

@@ -274,6 +274,9 @@ def test_cli_show_best_and_pareto(exported, monkeypatch, capsys):
     fraction = independent_fraction(model.config, s)
     assert re.search(rf"FLOPs\s+{fraction:.3f} of static native, \d+ steps, CFG [0-9.]+ ", out), out
     assert f"saving {100 * (1 - fraction):.1f}%" in out
+    lat = best["cost"]["latency"]
+    assert re.search(rf"latency \(predicted\) +{1e3 * lat['seconds_per_image']:.3g} ms per image at batch 32 "
+                     rf"\({lat['fraction_of_static_native']:.3f} of static native\)", out), out
 
     pareto = load_doc(root / "runs" / "t" / "pareto.json")
     assert main(["show", "runs/t/pareto.json"]) == 0
@@ -282,6 +285,7 @@ def test_cli_show_best_and_pareto(exported, monkeypatch, capsys):
     for line, p in zip(lines[1:], pareto["points"]):
         ps = Schedule.from_dict(p["schedule"])
         assert line.strip().startswith(f"{independent_fraction(model.config, ps):.3f}") and ps.describe() in line
+        assert line.split()[2] == f"{p['cost']['latency']['fraction_of_static_native']:.3f}"
 
 
 def test_cli_sample_writes_the_grid(exported, monkeypatch, capsys):
