@@ -108,7 +108,7 @@ def embedded_text(tmp_path_factory):
     doc = {"study": "tx", "model": "embedded:text/flexidit-mnist16",
            "space": {"type": "threshold", "num_steps": STEPS, "guidance_scale": GUIDANCE},
            "metric": {"name": "clip", "relative": 0.1}, "reference": {"num_steps": STEPS, "guidance_scale": GUIDANCE},
-           "search_samples": 6, "heldout_samples": 6, "bootstrap": 5, "n_trials": 1, "batch_size": 64}
+           "search_samples": 6, "heldout_samples": 6, "bootstrap": 5, "n_trials": 1, "batch_size": 6}
     (root / "space.yaml").write_text(yaml.safe_dump(doc))
     cfg = load_search_config(root / "space.yaml")
     return root, cfg, Evaluator(cfg)
@@ -428,7 +428,7 @@ def test_clip_export_keeps_the_best_front_and_absolute_bound_of_a_higher_is_bett
     monkeypatch.chdir(tmp_path)
     base = {"model": "embedded:text/flexidit-mnist16", "space": {"type": "threshold", "num_steps": STEPS,
             "guidance_scale": GUIDANCE}, "reference": {"num_steps": STEPS, "guidance_scale": GUIDANCE},
-            "search_samples": 6, "heldout_samples": 6, "bootstrap": 5, "batch_size": 64, "sampler": "random"}
+            "search_samples": 6, "heldout_samples": 6, "bootstrap": 5, "batch_size": 6, "sampler": "random"}
     cfg = load_search_config(None, {**base, "study": "low", "n_trials": 4, "metric": {"name": "clip", "min": 0.0}})
     evaluator = Evaluator(cfg)
     study = run_search(cfg, evaluator, progress=False)
