@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import json
 import re
+from pathlib import Path
 
 import optuna
 import pytest
@@ -163,6 +164,10 @@ def test_latency_search_minimises_predicted_seconds_from_a_matching_table(tmp_pa
            "cost": {"type": "latency", "batch_size": 2, "repeats": 2}}
     cfg = load_search_config(None, doc)
     evaluator = Evaluator(cfg)
+    pinned = evaluator.pin_costs(cfg)  # measured before any worker could start, and named in the config
+    assert Path(pinned.cost.table).is_file() and evaluator.pin_costs(pinned) is pinned
+    flops = load_search_config(None, {**doc, "cost": {"type": "flops"}})
+    assert evaluator.pin_costs(flops) is flops  # a FLOPs search needs no table
     study = run_search(cfg, evaluator, progress=False)
     table = CostTable.load(tmp_path / "runs" / "lat" / "cost_table.json")
     assert table == evaluator.costs and set(table.setup) == {2}

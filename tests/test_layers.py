@@ -98,6 +98,32 @@ def test_deembed_downsamples_to_native(init_std: float) -> None:
             assert torch.allclose(weak, upsample_patch(native, WEAK), atol=1e-10)
 
 
+def test_weak_kernels_are_the_resized_native_ones_plus_their_residuals() -> None:
+    """Any input, residuals included: embedding at p uses PI-resize(native kernel) + residual, with the resize
+    built here from F.interpolate; de-embedding gives each token's native patch upsampled (bias included) plus
+    the residual's patch."""
+    torch.manual_seed(4)
+    embed = FlexiPatchEmbed(in_channels=3, hidden=12, native=NATIVE).double()
+    embed.add_patch_size(WEAK, init_std=0.5)
+    de = FlexiDeEmbed(hidden=12, out_channels=3, native=NATIVE).double()
+    de.add_patch_size(WEAK, init_std=0.5)
+    with torch.no_grad():
+        for t in (embed.proj.bias, de.linear.weight, de.linear.bias):
+            t.normal_()
+    eye = torch.eye(NATIVE * NATIVE, dtype=torch.float64).reshape(-1, NATIVE, NATIVE)
+    b = upsample_patch(eye, WEAK).reshape(NATIVE * NATIVE, -1).T  # (p^2, native^2): column j = upsampled e_j
+    kernel = (embed.proj.weight.flatten(2) @ torch.linalg.pinv(b.T).T).reshape(12, 3, WEAK, WEAK)
+    x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    want = F.conv2d(x, kernel + embed.residual[str(WEAK)], embed.proj.bias, stride=WEAK).flatten(2).transpose(1, 2)
+    tokens = torch.randn(5, 1, 12, dtype=torch.float64)
+    native = de.linear(tokens[:, 0]).reshape(5, NATIVE, NATIVE, 3).permute(0, 3, 1, 2)  # (n, c, p0, p0)
+    residual = (tokens[:, 0] @ de.residual[str(WEAK)].T).reshape(5, WEAK, WEAK, 3).permute(0, 3, 1, 2)
+    with torch.no_grad():
+        torch.testing.assert_close(embed(x, WEAK), want, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(de(tokens, WEAK, 1, 1), upsample_patch(native, WEAK) + residual, rtol=1e-10,
+                                   atol=1e-10)
+
+
 def randomized_model(config: FlexiDiTConfig) -> FlexiDiT:
     model = FlexiDiT(config)
     gen = torch.Generator().manual_seed(3)

@@ -105,6 +105,9 @@ def test_every_space_type_builds_valid_schedules(space_type):
             assert list(s.cond) == sorted(s.cond, reverse=True) and list(s.uncond) == sorted(s.uncond, reverse=True)
         if space_type == "threshold":
             assert s.cond == s.uncond
+        fractions = [v for k, v in trial.params.items() if "frac" in k or "_cut" in k]  # multiples of 0.05 only
+        assert (len(fractions) > 0) == (space_type != "per_step")
+        assert all(abs(v / 0.05 - round(v / 0.05)) < 1e-9 for v in fractions)
         seen.add((s.cond, s.uncond))
         study.tell(trial, 0.0)
     assert len(seen) > 5
@@ -719,7 +722,12 @@ def test_params_of_recovers_every_schedule_of_the_space_and_projects_others(kind
         trial = study.ask()
         s = space.suggest(trial)
         study.tell(trial, 0.0)
-        assert space.suggest(optuna.trial.FixedTrial(space.params_of(s))) == s
+        params = space.params_of(s)
+        assert space.suggest(optuna.trial.FixedTrial(params)) == s
+        assert set(params) == set(trial.params)  # the parameters a trial of the space has, no others
+    if kind == "segments":  # the paper's schedules are enqueued with the same parameters as well
+        assert set(space.paper_params({"num_steps": 5}, 0.4)) == set(trial.params) - {
+            "guidance_scale", "guidance_mode", "solver"}
 
     # another model's best: 10 steps (resampled to 9), CFG 2.2 (-> 2.0), weak for 4 of 10 cond / 6 of 10 uncond steps
     other = Schedule(cond=(4,) * 4 + (2,) * 6, uncond=(4,) * 6 + (2,) * 4, guidance_scale=2.2,
@@ -736,6 +744,30 @@ def test_params_of_recovers_every_schedule_of_the_space_and_projects_others(kind
         assert (got.cond, got.uncond) == (want.cond, want.uncond)
     assert space.params_of(other.replace(cond=(8,) * 10, uncond=(1,) * 10)) == space.params_of(
         other.replace(cond=(4,) * 10, uncond=(2,) * 10))  # sizes the model lacks: its nearest
+    # more changes of size than the space can express: as many weak steps, first (the paper's schedule)
+    zigzag = other.replace(cond=(4, 2) * 5)
+    got = space.suggest(optuna.trial.FixedTrial(space.params_of(zigzag)))
+    k = zigzag.resample(9).cond.count(4)
+    assert got.cond == (zigzag.resample(9).cond if kind == "per_step" else (4,) * k + (2,) * (9 - k))
+
+
+def test_choices_offer_their_nearest_value_and_say_what_cannot_be_enumerated():
+    from flexisearch.optimize.spaces import Choice, nearest_fraction
+
+    assert Choice((1.5, 2.0, 2.5)).nearest(2.2) == 2.0 and Choice((1.5, 2.0, 2.5)).nearest(2.5) == 2.5
+    assert Choice(("cfg", "weak_guidance")).nearest("weak_guidance") == "weak_guidance"
+    assert Choice(("euler",)).nearest("ddim") == "euler"
+    assert Choice(low=1.0, high=3.0).nearest(2.2) == 2.2 and Choice(low=1.0, high=3.0).nearest(5.0) == 3.0
+    assert Choice(low=1.0, high=3.0, step=0.5).nearest(2.2) == 2.0 and Choice(low=1.0, high=3.0, step=0.5).nearest(0) == 1.0
+    assert [round(nearest_fraction(k, 9) * 9) for k in range(10)] == list(range(10))
+    assert nearest_fraction(1, 3) == 0.35  # 1/3 = 0.333: the nearest multiple of 0.05
+    with pytest.raises(UserError) as e:
+        Choice(low=1.0, high=3.0).enumerate()
+    assert str(e.value) == "a continuous range cannot be enumerated (give it a step, or use another sampler)"
+    segments = make_space(load_search_config(None, {"space": {"type": "segments"}}).space, 2, 4, (2, 4), "fp")
+    with pytest.raises(UserError) as e:
+        segments.grid()
+    assert str(e.value) == "segments spaces are not enumerable; use another sampler"
 
 
 def test_warm_start_evaluates_another_searchs_schedules_first(in_tmp, model_dir, capsys):

@@ -8,6 +8,7 @@ Beyer et al. 2023), plus a small residual in the directions the resize cannot re
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Callable
 from functools import lru_cache
 from typing import TypeVar
@@ -17,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 T = TypeVar("T")
+_DERIVED: weakref.WeakKeyDictionary[nn.Module, dict] = weakref.WeakKeyDictionary()  # owner -> name -> (stamp, value)
 
 
 def derived(owner: nn.Module, name: str, sources: tuple[torch.Tensor, ...], build: Callable[[], T]) -> T:
@@ -27,7 +29,7 @@ def derived(owner: nn.Module, name: str, sources: tuple[torch.Tensor, ...], buil
     if torch.is_grad_enabled() and any(t.requires_grad for t in sources):
         return build()
     stamp = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in sources)
-    cache = owner.__dict__.setdefault("_derived", {})
+    cache = _DERIVED.setdefault(owner, {})
     hit = cache.get(name)
     if hit is None or hit[0] != stamp:
         hit = cache[name] = (stamp, build())

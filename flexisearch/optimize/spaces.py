@@ -82,6 +82,11 @@ def _fraction(trial: Any, name: str) -> float:
 FRACTIONS = [round(FRACTION_STEP * i, 2) for i in range(round(1 / FRACTION_STEP) + 1)]
 
 
+def nearest_fraction(k: int, n: int) -> float:
+    """The fraction parameter nearest to k of n steps (round(f * n) == k for every k when n <= 20)."""
+    return min(FRACTIONS, key=lambda f: abs(f - k / n))
+
+
 class Space:
     """A family of schedules for one model: native and weak patch size, all sizes, its fingerprint."""
 
@@ -124,9 +129,8 @@ class Space:
         return tuple(min(self.patch_sizes, key=lambda q: (abs(q - p), q)) for p in sizes)
 
     def _weak_steps(self, sizes: tuple[int, ...], n: int) -> float:
-        """The fraction (a multiple of FRACTION_STEP) whose round(f * n) is the number of non-native steps."""
-        k = sum(p != self.native for p in sizes)
-        return min(FRACTIONS, key=lambda f: (abs(round(f * n) - k), abs(f - k / n)))
+        """The fraction of the steps that are not native (as a fraction parameter, nearest_fraction)."""
+        return nearest_fraction(sum(p != self.native for p in sizes), n)
 
     def _params(self, sizes: dict[str, tuple[int, ...]], n: int) -> dict[str, Any]:
         raise NotImplementedError
@@ -230,8 +234,7 @@ class SegmentsSpace(Space):
             runs += [(runs[-1][0], 0)] * (m - len(runs))  # empty segments at the end
             ends = list(itertools.accumulate(length for _, length in runs))
             p.update({f"{b}_seg{j}": size for j, (size, _) in enumerate(runs)})
-            p.update({f"{b}_cut{j}": min(FRACTIONS, key=lambda f, e=ends[j]: (abs(round(f * n) - e), abs(f - e / n)))
-                      for j in range(m - 1)})
+            p.update({f"{b}_cut{j}": nearest_fraction(ends[j], n) for j in range(m - 1)})
         return p
 
 
