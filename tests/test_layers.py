@@ -209,3 +209,12 @@ def test_lora_adapter_starts_as_the_identity_update_and_scales_by_alpha_over_ran
     torch.testing.assert_close(layer(x, "p4"), want, rtol=1e-5, atol=1e-5)
     assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))
     assert torch.equal(layer(x, "p2"), F.linear(x, layer.weight, layer.bias))
+
+
+def test_weak_sizes_built_from_a_config_start_as_exact_pi_resize() -> None:
+    """Sizes given at construction (a config with extra patch sizes) get zero residuals: before their weights are
+    loaded or trained they are exactly the PI-resized native kernels."""
+    embed = FlexiPatchEmbed(in_channels=3, hidden=12, native=NATIVE, extra=(WEAK,))
+    de = FlexiDeEmbed(hidden=12, out_channels=3, native=NATIVE, extra=(WEAK,))
+    assert embed.residual[str(WEAK)].shape == (12, 3, WEAK, WEAK) and not embed.residual[str(WEAK)].any()
+    assert de.residual[str(WEAK)].shape == (WEAK * WEAK * 3, 12) and not de.residual[str(WEAK)].any()
