@@ -168,3 +168,10 @@ def test_load_picks_a_pareto_point_only_by_a_valid_index(tmp_path):
     assert _message(Schedule.load, single, 0) == (f"{single}: --point 0 picks a point of a pareto.json; "
                                                   "this file has one schedule")
     assert _message(Schedule.load, tmp_path / "missing.json") == f"{tmp_path / 'missing.json'}: schedule file not found"
+
+
+def test_guidance_scale_up_to_the_maximum_is_accepted_and_nan_is_refused_by_name():
+    d = Schedule.static(2, 3, **KW).to_dict()
+    assert Schedule.from_dict({**d, "guidance_scale": 100.0}).guidance_scale == 100.0  # the bound itself is allowed
+    assert _message(Schedule.from_dict, {**d, "guidance_scale": float("nan")}, "s.json") == \
+        "s.json: field 'guidance_scale': nan is not a number in [0, 100.0]"
