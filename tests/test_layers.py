@@ -218,3 +218,24 @@ def test_weak_sizes_built_from_a_config_start_as_exact_pi_resize() -> None:
     de = FlexiDeEmbed(hidden=12, out_channels=3, native=NATIVE, extra=(WEAK,))
     assert embed.residual[str(WEAK)].shape == (12, 3, WEAK, WEAK) and not embed.residual[str(WEAK)].any()
     assert de.residual[str(WEAK)].shape == (WEAK * WEAK * 3, 12) and not de.residual[str(WEAK)].any()
+
+
+def test_each_weak_size_keeps_its_own_derived_weights() -> None:
+    """Two weak sizes (and two LoRA adapters) in one layer: each size's kernels, de-embedding and merged weight
+    are its own, whichever was built first."""
+    torch.manual_seed(5)
+    embed = FlexiPatchEmbed(in_channels=1, hidden=8, native=NATIVE, extra=(4, 8))
+    de = FlexiDeEmbed(hidden=8, out_channels=1, native=NATIVE, extra=(4, 8))
+    lin = LoRALinear(8, 8)
+    for key in ("4", "8"):
+        lin.add_adapter(key, 2, 2.0)
+        with torch.no_grad():
+            lin.lora_b[key].normal_()
+    lin.merge = True
+    x, tokens = torch.randn(1, 1, 16, 16), torch.randn(1, 4, 8)
+    with torch.no_grad():
+        for p in (4, 8, 4):
+            assert embed(x, p).shape == (1, (16 // p) ** 2, 8) and de(tokens[:, :1], p, 1, 1).shape == (1, 1, p, p)
+        for key in ("4", "8", "4"):
+            want = F.linear(tokens, lin.weight, lin.bias) + 1.0 * tokens @ lin.lora_a[key].T @ lin.lora_b[key].T
+            torch.testing.assert_close(lin(tokens, key), want, rtol=1e-5, atol=1e-5)
