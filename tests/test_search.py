@@ -427,8 +427,10 @@ def test_interrupted_search_resumes_to_the_uninterrupted_result(in_tmp, model_di
     n_trials complete trials, the interrupted schedule run again, and the best of an uninterrupted run."""
     p = write_space(in_tmp, model_dir, study="cut", sampler="bruteforce", n_trials=8, space=PER_STEP_3)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    # as from a terminal: a suite run in the background (a non-interactive shell's `&`) would hand down an ignored SIGINT
     proc = subprocess.Popen([sys.executable, "-c", BLOCKING_SEARCH, "search", "--space", str(p), "--quiet"], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 120
     while not (in_tmp / "blocked").exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.1)
