@@ -76,7 +76,8 @@ def _digest(doc: Any) -> dict:
     def entry(p: dict) -> dict:
         return {"description": _describe(p["schedule"]), "schedule": p["schedule"],
                 "fraction_of_static_native": p["cost"]["fraction_of_static_native"], "saving": p["cost"]["saving"],
-                "latency": p["cost"].get("latency"), "quality": p["quality"]}  # no latency: older result files
+                "latency": p["cost"].get("latency"), "quality": p["quality"],  # no latency: older result files
+                "qualities": p.get("qualities") or {p["quality"]["metric"]: p["quality"]}}  # older: one metric
 
     def reference(d: dict) -> dict:  # the static native schedule every FLOPs fraction is relative to
         r = d["static_native"]["schedule"]
@@ -86,8 +87,11 @@ def _digest(doc: Any) -> dict:
         return {"kind": "pareto", "metric": doc["metric"], "reference": reference(doc),
                 "points": [entry(p) for p in doc["points"]]}
     if isinstance(doc, dict) and "static_native" in doc:
-        return {"kind": "best", **entry(doc), "reference": reference(doc), "bound": doc["constraint"]["bound"],
-                "static_native_heldout": doc["static_native"]["quality"]["heldout"],
+        native = doc["static_native"]
+        return {"kind": "best", **entry(doc), "reference": reference(doc),
+                "bounds": {c["metric"]: c["bound"] for c in doc["constraint"].get("constraints", [doc["constraint"]])},
+                "static_native_heldout": {k: v["heldout"] for k, v in
+                                          (native.get("qualities") or {native["quality"]["metric"]: native["quality"]}).items()},
                 "model_calls_saved_by_prefix_reuse": doc["provenance"]["model_calls_saved_by_prefix_reuse"]}
     return {"kind": "schedule", "description": _describe(doc), "schedule": doc}
 
@@ -105,14 +109,15 @@ def _lines(d: dict) -> list[str]:
                          f"{lat['fraction_of_static_native'] if lat else float('nan'):7.3f}  "
                          f"{h['value']:8.3f} [{h['ci95'][0]:.2f},{h['ci95'][1]:.2f}]  {p['description']}")
         return lines
-    q, h, native = d["quality"], d["quality"]["heldout"], d["static_native_heldout"]
     rows = [("schedule", d["description"]),
             ("FLOPs", f"{d['fraction_of_static_native']:.3f} of {ref}  (saving {100 * d['saving']:.1f}%)"),
-            *([("latency (predicted)", _latency_line(d["latency"]))] if d["latency"] else []),
-            (f"{q['metric']} held-out", f"{h['value']:.3f}  [{h['ci95'][0]:.3f}, {h['ci95'][1]:.3f}]  n={h['n']}"),
-            (f"{q['metric']} static native", f"{native['value']:.3f}  [{native['ci95'][0]:.3f}, {native['ci95'][1]:.3f}]"),
-            (f"{q['metric']} search seeds", f"{q['search']:.3f}  (bound {d['bound']:.3f})"),
-            ("model calls saved by prefix reuse", str(d["model_calls_saved_by_prefix_reuse"]))]
+            *([("latency (predicted)", _latency_line(d["latency"]))] if d["latency"] else [])]
+    for name, q in d["qualities"].items():
+        h, native = q["heldout"], d["static_native_heldout"][name]
+        rows += [(f"{name} held-out", f"{h['value']:.3f}  [{h['ci95'][0]:.3f}, {h['ci95'][1]:.3f}]  n={h['n']}"),
+                 (f"{name} static native", f"{native['value']:.3f}  [{native['ci95'][0]:.3f}, {native['ci95'][1]:.3f}]"),
+                 (f"{name} search seeds", f"{q['search']:.3f}  (bound {d['bounds'][name]:.3f})")]
+    rows.append(("model calls saved by prefix reuse", str(d["model_calls_saved_by_prefix_reuse"])))
     width = max(len(r[0]) for r in rows)
     return [*(f"{k:<{width}}  {v}" for k, v in rows), f"FLOPs saving: {100 * d['saving']:.1f}%"]
 

@@ -22,10 +22,10 @@ import torch
 
 from flexisearch.data.images import load_mnist
 from flexisearch.files import ASSETS, atomic_write_bytes, atomic_write_json
+from flexisearch.metrics.accuracy import classifier_accuracy
 from flexisearch.metrics.featnet import DigitFeatureNet
 from flexisearch.metrics.fid import (
     ReferenceStats,
-    classifier_accuracy,
     fid_against_stats,
 )
 from flexisearch.models import flops

@@ -10,6 +10,7 @@ from torchmetrics.image.fid import FrechetInceptionDistance
 
 from flexisearch.data.images import load_digits8, load_mnist
 from flexisearch.errors import UserError
+from flexisearch.metrics.accuracy import classifier_accuracy
 from flexisearch.metrics.featnet import (
     DEFAULT_FEATNET_DIR,
     DigitFeatureNet,
@@ -21,7 +22,6 @@ from flexisearch.metrics.fid import (
     FeatureExtractor,
     ReferenceStats,
     bootstrap_ci,
-    classifier_accuracy,
     compute_reference_stats,
     default_reference_stats,
     extract_features,

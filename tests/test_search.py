@@ -55,7 +55,7 @@ def in_tmp(tmp_path, monkeypatch):
     ("space: {guidance_mode: [cfg, bogus]}", "key 'space.guidance_mode'"),
     ("space: {solver: [euler, rk4]}", "key 'space.solver'"),
     ("space: {guidance_scale: [2.0, 1000.0]}", "key 'space.guidance_scale'"),
-    ("metric: {name: fid, relative: 0.1, max: 3}", "exactly one of relative, max, min"),
+    ("metric: {name: fid, relative: 0.1, max: 3}", "exactly one of relative, within, max, min"),
     ("metric: {name: clip, relative: null, max: 3}", "clip is bounded with min"),
     ("metric: {name: fid_native, relative: 0.1}", "fid_native of static native is 0"),
     ("n_trials: many", "key 'n_trials'"),
@@ -383,17 +383,17 @@ import sys, time
 from pathlib import Path
 from flexisearch.cli import main
 from flexisearch.optimize.evaluate import Evaluator
-measure, calls = Evaluator.quality, []
+measure, calls = Evaluator.qualities, []
 
-def quality(self, schedule):  # call 1 is the reference; the third trial (call 4) blocks until signalled
+def qualities(self, schedule, sample_set=None):  # call 1 is the reference; the third trial (call 4) blocks
     calls.append(schedule)
     if len(calls) == 4:
         Path("blocked").touch()
         while True:
             time.sleep(0.05)
-    return measure(self, schedule)
+    return measure(self, schedule, sample_set)
 
-Evaluator.quality = quality
+Evaluator.qualities = qualities
 sys.exit(main(sys.argv[1:]))
 """
 
@@ -637,8 +637,9 @@ def test_exported_documents_describe_the_study(in_tmp, model_dir):
                     "flexisearch": __version__, "model_calls_saved_by_prefix_reuse": sum(c[0] for c in calls),
                     "model_calls_run": sum(c[1] for c in calls)}
     assert len(calls) == 1 and calls[0][1] > 0
-    assert best["constraint"] == {"metric": "fid_native", "bound": 5.0, "relative": None, "absolute": 5.0,
-                                  "search_reference_quality": study.user_attrs["reference_quality:fid_native"]}
+    c = {"metric": "fid_native", "bound": 5.0, "relative": None, "within": None, "absolute": 5.0,
+         "search_reference_quality": study.user_attrs["reference_quality:fid_native"]}
+    assert best["constraint"] == {**c, "constraints": [c]}  # one metric: the list holds the searched one
     native = best["static_native"]
     native_latency = native["cost"]["latency"]
     assert native["schedule"] == reference.to_dict() and native["cost"]["macs"] == schedule_macs(config, reference)
@@ -670,6 +671,7 @@ def test_exported_documents_describe_the_study(in_tmp, model_dir):
                                  "saving": pytest.approx(1 - macs / native["cost"]["macs"])}
         q = entry["quality"]
         assert q["metric"] == "fid_native" and q["search"] == t.user_attrs["quality"]
+        assert entry["qualities"] == {"fid_native": {k: q[k] for k in ("heldout", "search")}}
         h = q["heldout"]
         assert h["n"] == 30 and h["seeds"] == [1_000_000, 1_000_029]  # held-out seeds: never the search's 0..19
         assert h["ci95"][0] - 1e-4 <= h["value"] <= h["ci95"][1] + 1e-4

@@ -24,6 +24,7 @@ from typing import Any, Sequence
 import torch
 
 from ..errors import UserError
+from .accuracy import mean_ci
 from .tiny_clip import ASSET as DEFAULT_CLIP
 from .tiny_clip import load_clip, per_sample_scores, to_pixels
 
@@ -92,12 +93,8 @@ class CLIPMetric:
         value = self.score(images, sample_set, target)
         if self._pair is None:
             return value, float("nan"), float("nan")
-        s = self.per_sample(images, sample_set).double()
-        gen = torch.Generator().manual_seed(seed)
-        idx = torch.randint(len(s), (max(1, n_boot), len(s)), generator=gen)
-        means = s[idx].mean(1).clamp_min(0)
-        low, high = torch.quantile(means, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
-        return value, low, high
+        low, high = mean_ci(self.per_sample(images, sample_set), n_boot, seed)
+        return value, max(low, 0.0), max(high, 0.0)  # the score is clamped at 0
 
 
 def load_clip_metric(cfg: Any, model: Any) -> CLIPMetric:

@@ -73,15 +73,6 @@ def extract_features(net: FeatureNet, images: torch.Tensor) -> torch.Tensor:
     return torch.cat([net.features(chunk.to(device, torch.float32)).double().cpu() for chunk in images.split(net.feature_batch_size)])
 
 
-@torch.no_grad()
-def classifier_accuracy(net: FeatureNet, images: torch.Tensor, labels: torch.Tensor) -> float:
-    """Fraction of images the net classifies as their label."""
-    net.eval()
-    device = _device(net)
-    preds = torch.cat([net(chunk.to(device, torch.float32)).argmax(1).cpu() for chunk in images.split(net.feature_batch_size)])
-    return (preds == labels.cpu()).double().mean().item()
-
-
 @dataclass(frozen=True)
 class _StatsMeta:
     """meta.json beside the statistics: which net and data they came from."""
@@ -262,6 +253,6 @@ def bootstrap_ci(net: FeatureNet, images: torch.Tensor, stats: ReferenceStats, n
 
 
 __all__ = [
-    "FeatureExtractor", "ReferenceStats", "bootstrap_ci", "classifier_accuracy", "compute_reference_stats",
+    "FeatureExtractor", "ReferenceStats", "bootstrap_ci", "compute_reference_stats",
     "default_reference_stats", "extract_features", "fid_against_stats", "fid_between", "frechet_distance_np",
 ]

@@ -3,6 +3,7 @@
   fid         FID against reference statistics (the embedded digit net, or the FID Inception + .npz)
   fid_native  FID against the static native model's own samples on the same seeds (cheaper, lower variance)
   clip        CLIP score of text-to-image samples against their prompts (metrics.clip)
+  class_accuracy  the feature net's classifier recognises a sample as the class asked for (metrics.accuracy)
 
 A metric has name, higher_is_better, needs_native, score(images, sample_set, target) and
 score_with_ci(images, sample_set, target, n_boot, seed). A new metric is one module in metrics/ and
@@ -18,6 +19,7 @@ import torch
 
 from ..errors import UserError
 from ..files import ASSETS
+from .accuracy import ClassAccuracyMetric, check_classifier
 from .clip import load_clip_metric
 from .featnet import DigitFeatureNet
 from .fid import (
@@ -80,13 +82,22 @@ def _fid_metric(cfg: Any, model: Any, native: bool) -> FIDMetric:
     return FIDMetric(net, ReferenceStats.load(ref or ASSETS / "ref_stats_mnist16"))
 
 
+def _class_accuracy(cfg: Any, model: Any) -> ClassAccuracyMetric:
+    """Class accuracy under the config's feature network (default: the embedded digit net, a classifier)."""
+    net = load_feature_net(cfg.feature_net).to(next(model.parameters()).device)
+    check_classifier(net, model, cfg.feature_net or "embedded featnet")
+    return ClassAccuracyMetric(net)
+
+
 METRICS: dict[str, Callable[[Any, Any], Any]] = {
     "fid": lambda cfg, model: _fid_metric(cfg, model, native=False),
     "fid_native": lambda cfg, model: _fid_metric(cfg, model, native=True),
     "clip": load_clip_metric,
+    "class_accuracy": _class_accuracy,
 }
+HIGHER_IS_BETTER = {"clip", "class_accuracy"}  # known before a metric is loaded: configs are checked with it
 
 
-def load_metric(cfg: Any, model: Any) -> Any:
-    """The metric a search config names (cfg.metric.name), for this model."""
-    return METRICS[cfg.metric.name](cfg, model)
+def load_metric(name: str, cfg: Any, model: Any) -> Any:
+    """The metric called `name` (METRICS) with a search config's feature network and statistics, for this model."""
+    return METRICS[name](cfg, model)

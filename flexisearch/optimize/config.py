@@ -18,7 +18,7 @@ import yaml
 
 from ..errors import UserError
 from ..files import PACKAGE, read_text
-from ..metrics.registry import METRICS
+from ..metrics.registry import HIGHER_IS_BETTER, METRICS
 from ..sampling.latency import COMPILE_MODES, DTYPES
 from ..sampling.schedule import GUIDANCE_MODES, MAX_GUIDANCE, SOLVERS, Schedule
 from ..validate import key_error, read_dataclass
@@ -34,10 +34,13 @@ DEFAULT_SPACE = "default"
 
 @dataclass(frozen=True)
 class MetricConfig:
+    """A quality metric and its bound: exactly one of relative, within, max (lower is better) or min."""
+
     name: str = "fid"
     relative: float | None = 0.05  # quality at most this fraction worse than static native (same run)
+    within: float | None = None  # quality at most this much worse than static native, in the metric's unit
     max: float | None = None  # absolute bound for fid / fid_native
-    min: float | None = None  # absolute bound for clip
+    min: float | None = None  # absolute bound for clip / class_accuracy
 
 
 @dataclass(frozen=True)
@@ -62,7 +65,8 @@ class SearchConfig:
     study: str = "default"
     model: str = "embedded:flexidit-mnist16-lora"
     space: SpaceConfig = field(default_factory=SpaceConfig)
-    metric: MetricConfig = field(default_factory=MetricConfig)
+    metric: MetricConfig = field(default_factory=MetricConfig)  # the quality of a multi-objective search
+    constraints: tuple[MetricConfig, ...] = ()  # more quality bounds every exported schedule meets
     cost: CostConfig = field(default_factory=CostConfig)
     objective: str = "single"  # "single": min FLOPs s.t. the constraint; "multi": (FLOPs, quality)
     reference: dict = field(default_factory=lambda: {"num_steps": 20, "guidance_scale": 2.0, "solver": "euler"})
@@ -82,6 +86,11 @@ class SearchConfig:
     max_failures: int = 2  # Ray backend retries per trial
     storage: str | None = None  # default: sqlite:///runs/<study>/study.db
     warm_start: str | None = None  # a best.json, pareto.json or exported study whose schedules are tried first
+
+    @property
+    def metrics(self) -> tuple[MetricConfig, ...]:
+        """Every bounded metric, the searched quality (metric) first."""
+        return (self.metric, *self.constraints)
 
 
 def _choice(kind: type) -> Any:
@@ -137,12 +146,18 @@ def load_search_config(path: str | Path | None, overrides: dict | None = None, s
                               {k: (lambda v, kk, f=f: f(v, kk, source)) for k, f in _CHOICES.items()})
 
     def metric(value: Any, key: str) -> MetricConfig:
-        # A metric block that gives an absolute bound drops the default relative one.
-        if isinstance(value, dict) and {"max", "min"} & set(value):
+        # A metric block that gives another bound drops the default relative one.
+        if isinstance(value, dict) and {"max", "min", "within"} & set(value):
             value = {"relative": None, **value}
-        return read_dataclass(MetricConfig, value, source, "metric.")
+        return read_dataclass(MetricConfig, value, source, f"{key}.")
 
-    cfg = read_dataclass(SearchConfig, raw, source, parsers={"space": space, "metric": metric})
+    def constraints(value: Any, key: str) -> tuple[MetricConfig, ...]:
+        if not isinstance(value, list):
+            raise key_error(source, key, "a list of metric blocks ({name, relative | within | max | min})", value)
+        return tuple(metric(v, f"{key}[{i}]") for i, v in enumerate(value))
+
+    cfg = read_dataclass(SearchConfig, raw, source, parsers={"space": space, "metric": metric,
+                                                             "constraints": constraints})
     _check(cfg, source)
     return cfg
 
@@ -172,6 +187,7 @@ def space_path(space: str | os.PathLike | None) -> Path:
 def config_dict(cfg: SearchConfig) -> dict[str, Any]:
     """The config as the YAML that gives it back (config_from_dict): stored with the study, sent to workers."""
     d = dataclasses.asdict(cfg)
+    d["constraints"] = list(d["constraints"])
     for key in _CHOICES:
         c = d["space"][key]
         d["space"][key] = list(c["values"]) if c["values"] else {
@@ -204,16 +220,11 @@ def _check(cfg: SearchConfig, source: str) -> None:
         raise key_error(source, "space.num_steps", "positive step counts", list(s.num_steps.values))
     if s.segments < 1:
         raise key_error(source, "space.segments", "at least 1", s.segments)
-    if m.name not in METRICS:
-        raise key_error(source, "metric.name", f"one of {list(METRICS)}", m.name)
-    bounds = [b for b in ("relative", "max", "min") if getattr(m, b) is not None]
-    if len(bounds) != 1:
-        raise UserError(f"{source}: key 'metric' needs exactly one of relative, max, min (has {bounds or 'none'})")
-    if m.name == "clip" and m.max is not None or m.name != "clip" and m.min is not None:
-        raise UserError(f"{source}: key 'metric': {m.name} is bounded with "
-                        f"{'min' if m.name == 'clip' else 'max'}, not {'max' if m.name == 'clip' else 'min'}")
-    if m.name == "fid_native" and m.relative is not None:
-        raise UserError(f"{source}: key 'metric.relative': fid_native of static native is 0; use metric.max")
+    names = [m.name for m in cfg.metrics]
+    if len(set(names)) < len(names):
+        raise key_error(source, "constraints", "metrics other than metric.name and each other", names)
+    for key, m in [("metric", cfg.metric)] + [(f"constraints[{i}]", c) for i, c in enumerate(cfg.constraints)]:
+        _check_metric(m, key, source)
     if cfg.objective not in ("single", "multi"):
         raise key_error(source, "objective", "'single' or 'multi'", cfg.objective)
     if cfg.sampler not in SAMPLERS:
@@ -232,6 +243,21 @@ def _check(cfg: SearchConfig, source: str) -> None:
             raise key_error(source, f"cost.{key}", f"one of {list(allowed)}", value)
     if c.repeats < 1 or (c.batch_size is not None and c.batch_size < 1):
         raise key_error(source, "cost", "positive repeats and batch_size", {"repeats": c.repeats, "batch_size": c.batch_size})
+
+
+def _check_metric(m: MetricConfig, key: str, source: str) -> None:
+    if m.name not in METRICS:
+        raise key_error(source, f"{key}.name", f"one of {list(METRICS)}", m.name)
+    bounds = [b for b in ("relative", "within", "max", "min") if getattr(m, b) is not None]
+    if len(bounds) != 1:
+        raise UserError(f"{source}: key '{key}' needs exactly one of relative, within, max, min "
+                        f"(has {bounds or 'none'})")
+    hib = m.name in HIGHER_IS_BETTER
+    if hib and m.max is not None or not hib and m.min is not None:
+        raise UserError(f"{source}: key '{key}': {m.name} is bounded with "
+                        f"{'min' if hib else 'max'}, not {'max' if hib else 'min'}")
+    if m.name == "fid_native" and (m.relative is not None or m.within is not None):
+        raise UserError(f"{source}: key '{key}.{bounds[0]}': fid_native of static native is 0; use max")
 
 
 def reference_schedule(cfg: SearchConfig, native: int, fingerprint: str) -> Schedule:

@@ -25,7 +25,7 @@ from ..models.loading import load_model, resolve_device
 from ..sampling.generate import TrajectoryCache, sample
 from ..sampling.latency import CostTable, cost_table
 from ..sampling.schedule import SOLVERS, Schedule
-from .config import SearchConfig, reference_schedule, run_dir
+from .config import MetricConfig, SearchConfig, reference_schedule, run_dir
 from .sample_sets import SampleSet, search_sample_sets
 from .spaces import make_space
 
@@ -33,12 +33,17 @@ from .spaces import make_space
 @dataclass(frozen=True)
 class TrialResult:
     """What one trial measured: the schedule, its cost (Evaluator.cost: `fraction` is the searched one), its
-    quality on the search set and the constraint value (<= 0: the bound is met)."""
+    quality on the search set per metric (the searched metric first) and each constraint value (<= 0: met)."""
 
     schedule: Schedule
     cost: dict[str, float]
-    quality: float
-    violation: float
+    qualities: dict[str, float]
+    violations: dict[str, float]
+
+    @property
+    def quality(self) -> float:
+        """The searched metric's value (config `metric`)."""
+        return next(iter(self.qualities.values()))
 
     def values(self, objective: str) -> float | tuple[float, float]:
         """The study's objective values: the cost fraction ("single"), or (fraction, quality) ("multi")."""
@@ -47,7 +52,33 @@ class TrialResult:
     def report(self) -> dict[str, Any]:
         """Plain values, as a Ray trial reports them and the study records them."""
         return {"fraction": self.cost["fraction"], "quality": self.quality, "macs": self.cost["macs"],
-                "violation": self.violation, "schedule": json.dumps(self.schedule.to_dict())}
+                "qualities": json.dumps(self.qualities), "violations": json.dumps(self.violations),
+                "schedule": json.dumps(self.schedule.to_dict())}
+
+
+@dataclass(frozen=True)
+class Constraint:
+    """A loaded metric and its configured bound (config.MetricConfig)."""
+
+    config: MetricConfig
+    metric: Any  # metrics.registry: name, higher_is_better, needs_native, score, score_with_ci
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    def bound(self, native: float) -> float:
+        """The bound: absolute, or relative to (within a distance of) static native's value in this run."""
+        m, hib = self.config, self.metric.higher_is_better
+        if m.max is not None or m.min is not None:
+            return m.max if m.max is not None else m.min
+        if m.within is not None:
+            return native - m.within if hib else native + m.within
+        return native * (1 - m.relative) if hib else native * (1 + m.relative)
+
+    def violation(self, quality: float, bound: float) -> float:
+        """Optuna constraint value: <= 0 when the bound is met."""
+        return bound - quality if self.metric.higher_is_better else quality - bound
 
 
 class Evaluator:
@@ -78,11 +109,12 @@ class Evaluator:
             self.model.merge_lora()  # quality is measured on the model as it will be deployed
         self.cost_batch = cfg.cost.batch_size or cfg.batch_size
         self._costs: CostTable | None = None
-        self.metric = load_metric(cfg, self.model)
+        self.constraints = [Constraint(m, load_metric(m.name, cfg, self.model)) for m in cfg.metrics]
+        self.metric = self.constraints[0].metric  # the searched quality
         self.search_set, self.heldout_set = search_sample_sets(self.model, cfg)
         self.space = make_space(cfg.space, self.native, self.weak, mc.patch_sizes, self.fingerprint)
         self.cache = TrajectoryCache()  # the search set's trajectories, of this one model
-        self._memo: dict[str, float] = {}
+        self._memo: dict[str, dict[str, float]] = {}
         self._native_samples: dict[str, torch.Tensor] = {}
 
     def samples(self, schedule: Schedule, sample_set: SampleSet, progress: bool = False) -> torch.Tensor:
@@ -135,39 +167,41 @@ class Evaluator:
             self._native_samples[sample_set.name] = self.samples(self.reference, sample_set)
         return self._native_samples[sample_set.name]
 
-    def quality(self, schedule: Schedule, sample_set: SampleSet | None = None) -> float:
-        """The metric on the search set (memoised per schedule), or on another sample set."""
+    def qualities(self, schedule: Schedule, sample_set: SampleSet | None = None) -> dict[str, float]:
+        """Every metric on the search set (memoised per schedule), or on another sample set; one sampling."""
         sample_set = sample_set or self.search_set
         key = f"{sample_set.name}|{json.dumps(schedule.to_dict())}"
         if key not in self._memo:
             images = self.samples(schedule, sample_set)
-            target = self.native_samples(sample_set) if self.metric.needs_native else None
-            self._memo[key] = self.metric.score(images, sample_set, target)
+            self._memo[key] = {c.name: c.metric.score(images, sample_set, self._target(c, sample_set))
+                               for c in self.constraints}
         return self._memo[key]
 
-    def confirm(self, schedule: Schedule, progress: bool = False) -> dict[str, Any]:
-        """Held-out quality with a bootstrap 95% interval, on seeds never used during the search."""
+    def quality(self, schedule: Schedule, sample_set: SampleSet | None = None) -> float:
+        """The searched metric (config `metric`) on the search set, or on another sample set."""
+        return self.qualities(schedule, sample_set)[self.constraints[0].name]
+
+    def _target(self, constraint: Constraint, sample_set: SampleSet) -> torch.Tensor | None:
+        return self.native_samples(sample_set) if constraint.metric.needs_native else None
+
+    def confirm(self, schedule: Schedule, progress: bool = False) -> dict[str, dict[str, Any]]:
+        """Held-out value of every metric with a bootstrap 95% interval, on seeds never used during the search."""
         images = self.samples(schedule, self.heldout_set, progress=progress)
-        target = self.native_samples(self.heldout_set) if self.metric.needs_native else None
-        value, low, high = self.metric.score_with_ci(images, self.heldout_set, target, self.cfg.bootstrap)
-        return {"value": value, "ci95": [low, high], "n": len(self.heldout_set.seeds),
-                "seeds": [self.heldout_set.seeds[0], self.heldout_set.seeds[-1]]}
+        out = {}
+        for c in self.constraints:
+            value, low, high = c.metric.score_with_ci(images, self.heldout_set, self._target(c, self.heldout_set),
+                                                      self.cfg.bootstrap)
+            out[c.name] = {"value": value, "ci95": [low, high], "n": len(self.heldout_set.seeds),
+                           "seeds": [self.heldout_set.seeds[0], self.heldout_set.seeds[-1]]}
+        return out
 
-    def threshold(self, reference_quality: float) -> float:
-        """The quality bound: absolute, or relative to the static native schedule measured in this run."""
-        m = self.cfg.metric
-        if m.max is not None:
-            return m.max
-        if m.min is not None:
-            return m.min
-        return reference_quality * (1 - m.relative) if self.metric.higher_is_better else reference_quality * (1 + m.relative)
+    def bounds(self, native: dict[str, float]) -> dict[str, float]:
+        """Each metric's bound, given static native's values on the search set."""
+        return {c.name: c.bound(native[c.name]) for c in self.constraints}
 
-    def violation(self, quality: float, bound: float) -> float:
-        """Optuna constraint value: <= 0 when the bound is met."""
-        return bound - quality if self.metric.higher_is_better else quality - bound
-
-    def evaluate(self, trial: Any, bound: float) -> TrialResult:
+    def evaluate(self, trial: Any, bounds: dict[str, float]) -> TrialResult:
         """The trial's schedule (an Optuna Trial, or a FixedTrial of a Ray trial's parameters), measured."""
         schedule = self.space.suggest(trial)  # made of the model's sizes and solvers (checked at construction)
-        quality = self.quality(schedule)
-        return TrialResult(schedule, self.cost(schedule), quality, self.violation(quality, bound))
+        qualities = self.qualities(schedule)
+        return TrialResult(schedule, self.cost(schedule), qualities,
+                           {c.name: c.violation(qualities[c.name], bounds[c.name]) for c in self.constraints})

@@ -18,7 +18,7 @@ from ..sampling.schedule import Schedule
 from .config import SearchConfig, run_dir, storage_url
 from .evaluate import Evaluator
 from .plots import plot_schedule, plot_tradeoff
-from .study import quality_bound, reference_quality, trial_records
+from .study import quality_bounds, reference_qualities, trial_records
 
 
 def _loss(record: dict[str, Any], higher_is_better: bool) -> float:
@@ -54,13 +54,25 @@ def _latency(evaluator: Evaluator, schedule: Schedule) -> dict[str, Any]:
         "seconds_per_image"], "batch_size": evaluator.cost_batch, **{k: evaluator.costs.key[k] for k in _KEY}}
 
 
-def _entry(evaluator: Evaluator, r: dict[str, Any], heldout: dict[str, Any]) -> dict[str, Any]:
+def _entry(evaluator: Evaluator, r: dict[str, Any], heldout: dict[str, dict[str, Any]]) -> dict[str, Any]:
     cost = evaluator.cost(r["schedule"])
     return {"schedule": r["schedule"].to_dict(), "trial": r["number"], "family": r["family"],
             "cost": {"macs": cost["macs"], "flops": cost["flops"], "fraction_of_static_native": cost["flops_fraction"],
                      "saving": 1 - cost["flops_fraction"], "units": "MACs per sample; flops = 2 x macs",
                      "latency": _latency(evaluator, r["schedule"])},
-            "quality": {"metric": evaluator.metric.name, "heldout": heldout, "search": r["quality"]}}
+            **_quality(evaluator, heldout, r["qualities"] or {evaluator.constraints[0].name: r["quality"]})}
+
+
+def _quality(evaluator: Evaluator, heldout: dict[str, Any], search: dict[str, float] | None = None) -> dict[str, Any]:
+    """"quality": the searched metric, held out (and on the search seeds); "qualities": every metric the same way."""
+    every = {c.name: {"heldout": heldout[c.name], **({"search": search.get(c.name)} if search else {})}
+             for c in evaluator.constraints}
+    return {"quality": {"metric": evaluator.metric.name, **every[evaluator.constraints[0].name]}, "qualities": every}
+
+
+def _bounds_text(evaluator: Evaluator, bounds: dict[str, float]) -> str:
+    return " and ".join(f"{c.name} {'>=' if c.metric.higher_is_better else '<='} {bounds[c.name]:.4g}"
+                        for c in evaluator.constraints)
 
 
 def export_study(cfg: SearchConfig, evaluator: Evaluator, study: optuna.Study, progress: bool = False) -> dict[str, Any]:
@@ -70,11 +82,12 @@ def export_study(cfg: SearchConfig, evaluator: Evaluator, study: optuna.Study, p
         raise UserError(f"study '{cfg.study}' in {storage_url(cfg)} has no completed trials")
     hib = evaluator.metric.higher_is_better
     best = best_record(records, hib)
-    bound = quality_bound(study, evaluator)
+    bounds = quality_bounds(study, evaluator)
+    bound = bounds[evaluator.constraints[0].name]
     if best is None:
-        raise UserError(f"constraint {evaluator.metric.name} {'>=' if hib else '<='} {bound:.4g}: no schedule met it "
-                        f"in {len(records)} trials (best {evaluator.metric.name}: "
-                        f"{(max if hib else min)(r['quality'] for r in records):.4g})")
+        raise UserError(f"constraint {_bounds_text(evaluator, bounds)}: no schedule met "
+                        f"{'it' if len(bounds) == 1 else 'them all'} in {len(records)} trials (best "
+                        f"{evaluator.metric.name}: {(max if hib else min)(r['quality'] for r in records):.4g})")
     out = run_dir(cfg)
     full_front = pareto_front([r for r in records if r["feasible"]] or records, hib)
     front = full_front[: cfg.pareto_max]
@@ -91,12 +104,14 @@ def export_study(cfg: SearchConfig, evaluator: Evaluator, study: optuna.Study, p
                   "model_calls_saved_by_prefix_reuse": sum(c[0] for c in calls),
                   "model_calls_run": sum(c[1] for c in calls),
                   "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
-    constraint = {"metric": evaluator.metric.name, "bound": bound, "relative": cfg.metric.relative,
-                  "absolute": cfg.metric.max if cfg.metric.max is not None else cfg.metric.min,
-                  "search_reference_quality": reference_quality(study, evaluator)}
+    native_search = reference_qualities(study, evaluator)
+    every = [{"metric": c.name, "bound": bounds[c.name], "relative": c.config.relative, "within": c.config.within,
+              "absolute": c.config.max if c.config.max is not None else c.config.min,
+              "search_reference_quality": native_search[c.name]} for c in evaluator.constraints]
+    constraint = {**every[0], "constraints": every}
     reference = {"schedule": evaluator.reference.to_dict(),
                  "cost": {"macs": evaluator.reference_macs, "latency": _latency(evaluator, evaluator.reference)},
-                 "quality": {"metric": evaluator.metric.name, "heldout": native}}
+                 **_quality(evaluator, native)}
     best_doc = {**_entry(evaluator, best, confirmed[best["number"]]), "constraint": constraint, "model": evaluator.fingerprint,
                 "model_spec": cfg.model, "static_native": reference, "provenance": provenance}
     pareto_doc = {"model": evaluator.fingerprint, "metric": evaluator.metric.name, "constraint": constraint,

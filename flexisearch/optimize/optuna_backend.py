@@ -23,7 +23,7 @@ from .evaluate import Evaluator
 from .study import (
     WORKER,
     open_study,
-    quality_bound,
+    quality_bounds,
     record,
     release,
     release_trials,
@@ -44,7 +44,7 @@ class _Interrupted(_Stop):
     """Ctrl-C during a trial."""
 
 
-def _trial_fn(cfg: SearchConfig, evaluator: Evaluator, bound: float):
+def _trial_fn(cfg: SearchConfig, evaluator: Evaluator, bounds: dict[str, float]):
     """The callable study.optimize runs: one trial evaluation, recorded in the study."""
     def fn(trial: optuna.Trial) -> float | tuple[float, float]:
         ahead = trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING))
@@ -53,7 +53,7 @@ def _trial_fn(cfg: SearchConfig, evaluator: Evaluator, bound: float):
             raise _StudyFull
         trial.set_user_attr("worker", WORKER)
         try:
-            result = evaluator.evaluate(trial, bound)
+            result = evaluator.evaluate(trial, bounds)
             record(trial, result.report())
         except KeyboardInterrupt:
             release(trial.study, trial)
@@ -66,11 +66,11 @@ def run_worker(cfg: SearchConfig, evaluator: Evaluator, progress: bool = True) -
     """Run trials in this process until the study holds cfg.n_trials complete trials."""
     study = open_study(cfg, evaluator)
     release_trials(study)
-    bound = quality_bound(study, evaluator)
+    bounds = quality_bounds(study, evaluator)
     remaining = max(0, cfg.n_trials - len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))))
     try:
         if remaining:
-            study.optimize(_trial_fn(cfg, evaluator, bound), n_trials=remaining, show_progress_bar=progress,
+            study.optimize(_trial_fn(cfg, evaluator, bounds), n_trials=remaining, show_progress_bar=progress,
                            callbacks=[optuna.study.MaxTrialsCallback(cfg.n_trials, states=(TrialState.COMPLETE,))],
                            catch=(RuntimeError,))
     except _StudyFull:

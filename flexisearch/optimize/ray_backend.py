@@ -26,7 +26,14 @@ from ..errors import UserError
 from .config import SearchConfig, config_dict, config_from_dict, run_dir
 from .evaluate import Evaluator
 from .spaces import Space
-from .study import WORKER, open_study, quality_bound, record, release_trials, seed_study
+from .study import (
+    WORKER,
+    open_study,
+    quality_bounds,
+    record,
+    release_trials,
+    seed_study,
+)
 
 _WORKER_EVALUATORS: dict[str, Evaluator] = {}
 
@@ -38,12 +45,12 @@ def _worker_evaluator(cfg_json: str) -> Evaluator:
     return _WORKER_EVALUATORS[cfg_json]
 
 
-def _trainable(config: dict, cfg_json: str, bound: float) -> None:
+def _trainable(config: dict, cfg_json: str, bounds: dict[str, float]) -> None:
     import ray
     from ray import tune
 
     evaluator = _worker_evaluator(cfg_json)
-    result = evaluator.evaluate(optuna.trial.FixedTrial(config), bound)
+    result = evaluator.evaluate(optuna.trial.FixedTrial(config), bounds)
     tune.report({**result.report(), "node": ray.get_runtime_context().get_node_id(), "pid": os.getpid(),
                  "calls_saved": evaluator.cache.calls_saved, "calls_run": evaluator.cache.calls_run})
 
@@ -74,7 +81,7 @@ def constrained_optuna_search(**kwargs: Any) -> Any:
 
         def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
             ot_trial = self._ot_trials.get(trial_id)
-            if result and ot_trial is not None and trial_id not in self._completed_trials and "violation" in result:
+            if result and ot_trial is not None and trial_id not in self._completed_trials and "violations" in result:
                 record(ot_trial, result)
                 ot_trial.set_user_attr("node", result["node"])
                 self._ot_study.set_user_attr(f"calls_saved_worker_{result['node'][:8]}_{result['pid']}",
@@ -156,13 +163,13 @@ def run_ray_search(cfg: SearchConfig, evaluator: Evaluator, address: str | None 
     cfg = evaluator.pin_costs(cfg)  # latency: every worker predicts with this process's cost table
     study = seed_study(cfg, evaluator)  # created once, before any worker; the threshold family enqueued
     release_trials(study)  # those a killed driver left running are queued again
-    bound = quality_bound(study, evaluator)
+    bounds = quality_bounds(study, evaluator)
     _init_ray(address, cfg)
     try:
         check_resources(cfg.resources)
         storage_path = str((run_dir(cfg) / "ray").resolve())
         trainable = tune.with_resources(
-            tune.with_parameters(_trainable, cfg_json=json.dumps(config_dict(cfg), sort_keys=True), bound=bound),
+            tune.with_parameters(_trainable, cfg_json=json.dumps(config_dict(cfg), sort_keys=True), bounds=bounds),
             {k: v for k, v in cfg.resources.items() if v})
         # Round 0 runs the trials the study lacks; later rounds top up trials that failed for good (e.g. their
         # node died more often than FailureConfig allows). Each round is a new Tune experiment.

@@ -96,14 +96,17 @@ def paper_params(cfg: SearchConfig, evaluator: Evaluator) -> list[dict[str, Any]
 
 
 def record(trial: Any, report: dict[str, Any]) -> None:
-    """Store a trial's result (TrialResult.report) in the study: its schedule, MACs, quality and the
-    quality constraint, which Optuna's constrained samplers and export read."""
+    """Store a trial's result (TrialResult.report) in the study: its schedule, MACs, quality per metric and
+    one constraint per metric, which Optuna's constrained samplers and export read."""
+    violations = json.loads(report["violations"])
     trial.set_user_attr("schedule", json.loads(report["schedule"]))
     trial.set_user_attr("macs", report["macs"])
     trial.set_user_attr("quality", report["quality"])
-    trial.set_constraint("quality", report["violation"])
+    trial.set_user_attr("qualities", json.loads(report["qualities"]))
+    for name, value in violations.items():
+        trial.set_constraint(name, value)
     # optuna-dashboard (0.21) reads only the list Optuna < 5 kept under "constraints"; Optuna reads both.
-    trial.storage.set_trial_system_attr(trial._trial_id, "constraints", [report["violation"]])
+    trial.storage.set_trial_system_attr(trial._trial_id, "constraints", list(violations.values()))
 
 
 def release(study: optuna.Study, trial: optuna.Trial | optuna.trial.FrozenTrial) -> bool:
@@ -139,19 +142,25 @@ def release_trials(study: optuna.Study, mine: bool = False) -> int:
     return released
 
 
-def reference_quality(study: optuna.Study, evaluator: Evaluator) -> float:
-    """Static native quality on the search seeds: measured once per study, then read back."""
-    key = f"reference_quality:{evaluator.metric.name}"
-    if key not in study.user_attrs:
-        study.set_user_attr(key, evaluator.quality(evaluator.reference))
-    return float(study.user_attrs[key])
+def reference_qualities(study: optuna.Study, evaluator: Evaluator) -> dict[str, float]:
+    """Static native's value of every metric on the search seeds: measured once per study, then read back."""
+    keys = {c.name: f"reference_quality:{c.name}" for c in evaluator.constraints}
+    if not set(keys.values()) <= set(study.user_attrs):
+        measured = evaluator.qualities(evaluator.reference)
+        for name, key in keys.items():
+            if key not in study.user_attrs:
+                study.set_user_attr(key, measured[name])
+    attrs = study.user_attrs
+    return {name: float(attrs[key]) for name, key in keys.items()}
 
 
-def quality_bound(study: optuna.Study, evaluator: Evaluator) -> float:
-    """The study's quality bound (relative bounds: to its static native quality), also kept as user attr "bound"."""
-    bound = evaluator.threshold(reference_quality(study, evaluator))
-    study.set_user_attr("bound", bound)
-    return bound
+def quality_bounds(study: optuna.Study, evaluator: Evaluator) -> dict[str, float]:
+    """The study's bound per metric (relative ones: to its static native values), also kept as user attrs
+    "bounds" and "bound" (the searched metric's)."""
+    bounds = evaluator.bounds(reference_qualities(study, evaluator))
+    study.set_user_attr("bounds", bounds)
+    study.set_user_attr("bound", bounds[evaluator.constraints[0].name])
+    return bounds
 
 
 def stored_config(url: str, name: str) -> SearchConfig | None:
@@ -203,6 +212,7 @@ def trial_records(study: optuna.Study) -> list[dict[str, Any]]:
             continue
         out.append({"number": t.number, "schedule": Schedule.from_dict(t.user_attrs["schedule"]),
                     "fraction": t.values[0], "macs": t.user_attrs["macs"], "quality": t.user_attrs["quality"],
+                    "qualities": t.user_attrs.get("qualities", {}),
                     "feasible": all(v <= 0 for v in t.constraints.values()),
                     "family": t.user_attrs.get("family", "search"), "params": t.params})
     return out

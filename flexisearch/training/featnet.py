@@ -14,10 +14,10 @@ import torch.nn.functional as F
 
 from ..data.images import load_mnist
 from ..files import atomic_write_bytes
+from ..metrics.accuracy import classifier_accuracy
 from ..metrics.featnet import DigitFeatureNet, FeatureNetConfig
 from ..metrics.fid import (
     bootstrap_ci,
-    classifier_accuracy,
     compute_reference_stats,
     fid_against_stats,
     fid_between,
