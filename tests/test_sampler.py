@@ -87,11 +87,11 @@ def test_prefix_cache_reuses_and_matches():
     run_before = cache.calls_run
     got = sample(m, b, labels, seeds, batch_size=2, cache=cache, cache_tag="s")
     assert torch.equal(got, sample(m, b, labels, seeds, batch_size=2))
-    assert cache.calls_saved == 3 * 3  # 3 chunks x 3 shared steps, one batched call each
-    assert cache.calls_run - run_before == 3 * (2 * 2 + 1)  # steps 3-4 differ (2 calls), step 5 shared size
+    assert cache.calls_saved == 5 * 3  # 5 samples (chunks of 2, 2, 1) x 3 shared steps, one call per sample each
+    assert cache.calls_run - run_before == 5 * (2 * 2 + 1)  # steps 3-4 differ (2 calls), step 5 shared size
     # other seeds never hit the cache
     sample(m, b, labels, [s + 10 for s in seeds], batch_size=2, cache=cache, cache_tag="s")
-    assert cache.calls_saved == 9
+    assert cache.calls_saved == 15
 
 
 def test_cache_evicts_to_stay_under_budget():
@@ -175,7 +175,7 @@ def test_fresh_cache_counts_exactly_the_calls_it_ran():
     assert (cache.calls_run, cache.calls_saved) == (0, 0)
     s = Schedule(cond=(4, 2, 2), uncond=(4, 4, 2), guidance_scale=2.0, solver="euler", model="x")
     sample(m, s, [0, 1], [0, 1], cache=cache)
-    assert (cache.calls_run, cache.calls_saved) == (1 + 2 + 1, 0)  # shared size: one batched call
+    assert (cache.calls_run, cache.calls_saved) == (2 * (1 + 2 + 1), 0)  # 2 samples; shared size: one call
 
 
 def test_schedules_sharing_only_their_first_step_reuse_it():
@@ -185,7 +185,7 @@ def test_schedules_sharing_only_their_first_step_reuse_it():
     b = Schedule.weak_first(1, 3, 4, 2, guidance_scale=2.0, solver="euler", model="x")
     sample(m, a, [0, 1], [0, 1], cache=cache)
     got = sample(m, b, [0, 1], [0, 1], cache=cache)
-    assert cache.calls_saved == 1 and cache.calls_run == 3 + 2
+    assert cache.calls_saved == 2 * 1 and cache.calls_run == 2 * (3 + 2)  # per sample
     assert torch.equal(got, sample(m, b, [0, 1], [0, 1]))
 
 
@@ -195,7 +195,7 @@ def test_cache_evicts_least_recently_used_state():
     s = Schedule.static(2, 3, guidance_scale=2.0, solver="euler", model="x")
     first = sample(m, s, [0, 1], [0, 1], cache=cache)  # states after steps 1, 2, 3; the oldest goes
     again = sample(m, s, [0, 1], [0, 1], cache=cache)
-    assert cache.calls_saved == 3 and cache.calls_run == 3  # the final state was kept: nothing reruns
+    assert cache.calls_saved == 2 * 3 and cache.calls_run == 2 * 3  # the final state was kept: nothing reruns
     assert torch.equal(first, again)
 
 
@@ -205,7 +205,7 @@ def test_a_state_of_exactly_the_budget_is_cached():
     s = Schedule.static(2, 2, guidance_scale=2.0, solver="euler", model="x")
     sample(m, s, [0, 1], [0, 1], cache=cache)
     sample(m, s, [0, 1], [0, 1], cache=cache)
-    assert cache.calls_saved == 2 and cache.calls_run == 2
+    assert cache.calls_saved == 2 * 2 and cache.calls_run == 2 * 2
 
 
 def test_a_state_over_the_budget_is_skipped_and_evicts_nothing():
@@ -215,7 +215,7 @@ def test_a_state_over_the_budget_is_skipped_and_evicts_nothing():
     sample(m, s, [0], [0], cache=cache, cache_tag="one")
     sample(m, s, [0, 1], [0, 1], cache=cache, cache_tag="two")
     sample(m, s, [0], [0], cache=cache, cache_tag="one")
-    assert cache.calls_saved == 1 and cache.calls_run == 2
+    assert cache.calls_saved == 1 and cache.calls_run == 1 + 2  # one sample, then two
 
 
 def test_starting_latents_are_scaled_by_the_schedulers_initial_sigma():

@@ -1,5 +1,7 @@
 """Search spaces, the Optuna backend, held-out confirmation and export, on a tiny random 16x16 model."""
 
+import dataclasses
+import itertools
 import json
 import os
 import signal
@@ -10,11 +12,13 @@ from pathlib import Path
 
 import optuna
 import pytest
+import torch
 import yaml
 from conftest import random_flexidit
 
 from flexisearch.cli import main
 from flexisearch.errors import UserError
+from flexisearch.files import ASSETS
 from flexisearch.optimize.config import load_search_config
 from flexisearch.optimize.evaluate import Evaluator
 from flexisearch.optimize.optuna_backend import run_search
@@ -58,6 +62,16 @@ def in_tmp(tmp_path, monkeypatch):
     ("metric: {name: fid, relative: 0.1, max: 3}", "exactly one of relative, within, max, min"),
     ("metric: {name: clip, relative: null, max: 3}", "clip is bounded with min"),
     ("metric: {name: fid_native, relative: 0.1}", "fid_native of static native is 0"),
+    ("constraints: {name: class_accuracy}", "key 'constraints' has"),
+    ("constraints: [{name: class_accuracy, max: 0.9}]", "key 'constraints[0]': class_accuracy is bounded with min"),
+    ("constraints: [{name: class_accuracy, min: 0.9, within: 0.01}]", "key 'constraints[0]' needs exactly one"),
+    ("constraints: [{name: acc, within: 0.01}]", "key 'constraints[0].name'"),
+    ("constraints: [{name: fid, within: 0.5}]", "key 'constraints' has ['fid', 'fid']"),
+    ("metric: {name: fid_native, max: 1}\nconstraints: [{name: fid, relative: 0.1}, {name: fid_native, max: 2}]",
+     "key 'constraints' has ['fid_native', 'fid', 'fid_native']"),
+    ("constraints: [{name: fid_native, within: 1}]", "key 'constraints[0].within': fid_native of static native is 0"),
+    ("fidelities: [64, 32]", "key 'fidelities' has [64, 32], expected increasing sample counts"),
+    ("fidelities: [256]", "key 'fidelities' has [256], expected increasing sample counts from 2 to below"),
     ("n_trials: many", "key 'n_trials'"),
     ("sampler: annealing", "key 'sampler'"),
 ])
@@ -634,7 +648,7 @@ def test_exported_documents_describe_the_study(in_tmp, model_dir):
     assert prov == {"study": "t", "storage": "sqlite:///runs/t/study.db", "sampler": "random", "objective": "single",
                     "cost": "flops",
                     "space": "branch_threshold", "n_trials": 5, "search_samples": 20, "search_seeds": [0, 19],
-                    "flexisearch": __version__, "model_calls_saved_by_prefix_reuse": sum(c[0] for c in calls),
+                    "fidelities": [20], "trials_stopped_early": 0, "flexisearch": __version__, "model_calls_saved_by_prefix_reuse": sum(c[0] for c in calls),
                     "model_calls_run": sum(c[1] for c in calls)}
     assert len(calls) == 1 and calls[0][1] > 0
     c = {"metric": "fid_native", "bound": 5.0, "relative": None, "within": None, "absolute": 5.0,
@@ -800,3 +814,121 @@ def test_warm_start_evaluates_another_searchs_schedules_first(in_tmp, model_dir,
     missing = load_search_config(write_space(in_tmp, model_dir, "c.yaml", study="c", warm_start="nowhere"))
     with pytest.raises(UserError, match="warm_start nowhere: no such best.json or pareto.json"):
         run_search(missing, Evaluator(missing), progress=False)
+
+
+def three_class_net(directory):
+    """The shipped digit net told to tell apart 0, 1 and 2 only (the random models generate 3 classes)."""
+    from flexisearch.metrics.featnet import DigitFeatureNet
+
+    digits = DigitFeatureNet.from_pretrained(ASSETS / "featnet")
+    net = DigitFeatureNet(dataclasses.replace(digits.config, num_classes=3)).eval()
+    net.load_state_dict({k: v[:3] if k.startswith("head.") else v for k, v in digits.state_dict().items()})
+    net.save_pretrained(directory / "net3")
+    return str(directory / "net3")
+
+
+def test_several_constraints_each_reach_optuna_and_a_schedule_is_feasible_only_when_it_meets_all(in_tmp, model_dir):
+    """fid_native and class_accuracy (a classifier over the model's 3 classes) bound together: each metric is its
+    own Optuna constraint equal to its value against its bound, a trial is feasible only when every constraint is
+    met, and export picks the cheapest schedule meeting them all and reports each metric held out."""
+    from flexisearch.metrics.accuracy import classifier_accuracy
+    from flexisearch.metrics.featnet import DigitFeatureNet
+    from flexisearch.optimize.export import export_study
+    from flexisearch.optimize.study import trial_records
+
+    net = DigitFeatureNet.from_pretrained(three_class_net(in_tmp))
+    base = {"study": "both", "sampler": "bruteforce", "n_trials": 8, "space": PER_STEP_3, "search_samples": 60,
+            "feature_net": three_class_net(in_tmp)}
+    probe = Evaluator(load_search_config(write_space(in_tmp, model_dir, "probe.yaml", **base,
+                                                     constraints=[{"name": "class_accuracy", "min": 0.0}])))
+    grid = probe.space.grid()
+    schedules = [probe.space.suggest(optuna.trial.FixedTrial(dict(zip(grid, values))))
+                 for values in itertools.product(*grid.values())]
+    measured = [probe.qualities(s) for s in schedules]
+    images = probe.samples(schedules[0], probe.search_set)  # the metric is the classifier's accuracy on the samples
+    assert measured[0]["class_accuracy"] == classifier_accuracy(net, images, torch.tensor(probe.search_set.labels))
+
+    def split(fid_max, acc_min):  # (feasible, failing only accuracy, failing only FID) schedules
+        ok = [(q["fid_native"] <= fid_max, q["class_accuracy"] >= acc_min) for q in measured]
+        return sum(f and a for f, a in ok), sum(f and not a for f, a in ok), sum(a and not f for f, a in ok)
+
+    # bounds under which each constraint alone would let through a schedule that the pair rejects
+    fid_max, acc_min = next((f, a) for f in sorted({q["fid_native"] for q in measured})
+                            for a in sorted({q["class_accuracy"] for q in measured}) if all(split(f, a)))
+    cfg = load_search_config(write_space(in_tmp, model_dir, **base, metric={"max": fid_max},
+                                         constraints=[{"name": "class_accuracy", "min": acc_min}]))
+    evaluator = Evaluator(cfg)
+    study = run_search(cfg, evaluator, progress=False)
+    records = trial_records(study)
+    assert len(records) == 8
+    for r, t in zip(records, study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))):
+        q = r["qualities"]
+        assert q == probe.qualities(r["schedule"])  # the same seeds: the same values
+        assert t.constraints == {"fid_native": pytest.approx(q["fid_native"] - fid_max),
+                                 "class_accuracy": pytest.approx(acc_min - q["class_accuracy"]),
+                                 "0": t.constraints["fid_native"], "1": t.constraints["class_accuracy"]}
+        fid_ok, acc_ok = q["fid_native"] <= fid_max, q["class_accuracy"] >= acc_min
+        assert r["feasible"] == (fid_ok and acc_ok)
+    best = export_study(cfg, evaluator, study)
+    feasible = [r for r in records if r["feasible"]]
+    assert best["trial"] == min(feasible, key=lambda r: (r["fraction"], r["quality"]))["number"]
+    assert [c["metric"] for c in best["constraint"]["constraints"]] == ["fid_native", "class_accuracy"]
+    assert [c["bound"] for c in best["constraint"]["constraints"]] == [fid_max, acc_min]
+    assert best["constraint"]["constraints"][1]["search_reference_quality"] == probe.qualities(probe.reference)[
+        "class_accuracy"]
+    acc = best["qualities"]["class_accuracy"]
+    held = evaluator.samples(Schedule.from_dict(best["schedule"]), evaluator.heldout_set)
+    assert acc["heldout"]["value"] == classifier_accuracy(net, held, torch.tensor(evaluator.heldout_set.labels))
+    assert acc["heldout"]["ci95"][0] <= acc["heldout"]["value"] <= acc["heldout"]["ci95"][1]
+    assert acc["search"] >= acc_min and best["qualities"]["fid_native"]["search"] <= fid_max
+
+
+def test_class_accuracy_needs_a_classifier_of_the_models_classes(in_tmp, model_dir):
+    # the embedded digit net classifies 10 digits; the random model generates 3 classes
+    cfg = load_search_config(write_space(in_tmp, model_dir, constraints=[{"name": "class_accuracy", "within": 0.01}]))
+    with pytest.raises(UserError, match="classifies 10 classes, the model generates 3"):
+        Evaluator(cfg)
+
+
+def test_multi_fidelity_stops_hopeless_trials_at_the_first_fidelity_and_keeps_the_best(in_tmp, model_dir):
+    """The embedded model, fidelities [16] of 64 search samples, class accuracy at least 0.9: a trial whose
+    accuracy interval on the first 16 samples lies below 0.9 (guidance scale 0 ignores the class), or that costs
+    at least the cheapest feasible schedule so far, stops there (scored on 16 samples, never exported); every
+    other trial is scored on all 96, and the exported best is the one of a search that scored every schedule on
+    all 96."""
+    from flexisearch.optimize.export import export_study
+    from flexisearch.optimize.study import trial_records
+
+    over = {"model": "embedded:flexidit-mnist16-lora", "sampler": "bruteforce", "n_trials": 10,
+            "space": {"type": "threshold", "num_steps": [1, 4], "guidance_scale": [0.0, 2.0]},
+            "reference": {"num_steps": 4}, "search_samples": 64, "batch_size": 64,
+            "metric": {"name": "fid", "max": 1e6}, "constraints": [{"name": "class_accuracy", "min": 0.9}]}
+    whole_cfg = load_search_config(write_space(in_tmp, model_dir, "whole.yaml", study="whole", **over))
+    cfg = load_search_config(write_space(in_tmp, model_dir, study="mf", fidelities=[16], **over))
+    evaluator = Evaluator(cfg)
+    study = run_search(cfg, evaluator, progress=False)
+    records = sorted(trial_records(study), key=lambda r: r["number"])
+    assert len(records) == 10
+    head = evaluator.search_at(16)
+    cheapest, why = None, set()
+    for r in records:
+        infeasible = evaluator.intervals(r["schedule"], head)["class_accuracy"][2] < 0.9
+        dominated = cheapest is not None and r["fraction"] >= cheapest
+        t = study.trials[r["number"]]
+        assert r["stopped"] == (infeasible or dominated) and t.user_attrs["samples"] == (16 if r["stopped"] else 64)
+        why |= {"infeasible"} if infeasible else {"dominated"} if dominated else set()
+        on = head if r["stopped"] else evaluator.search_set  # the qualities recorded: of the samples it was scored on
+        assert r["qualities"] == pytest.approx(evaluator.qualities(r["schedule"], on), rel=1e-9)
+        assert t.constraints["class_accuracy"] == pytest.approx(0.9 - r["qualities"]["class_accuracy"])
+        assert r["feasible"] == (not r["stopped"] and r["qualities"]["class_accuracy"] >= 0.9)
+        if r["feasible"]:
+            cheapest = min(cheapest if cheapest is not None else r["fraction"], r["fraction"])
+    assert why == {"infeasible", "dominated"}  # both rules stopped trials
+    assert all(r["stopped"] for r in records if r["schedule"].guidance_scale == 0.0)
+
+    best = export_study(cfg, evaluator, study)
+    whole = Evaluator(whole_cfg)
+    assert best["schedule"] == export_study(whole_cfg, whole, run_search(whole_cfg, whole, progress=False))["schedule"]
+    stopped = sum(r["stopped"] for r in records)
+    assert best["provenance"]["fidelities"] == [16, 64] and best["provenance"]["trials_stopped_early"] == stopped
+    assert best["provenance"]["model_calls_run"] < whole.cache.calls_run  # the stopped trials' calls were saved

@@ -42,6 +42,7 @@ class ClassAccuracyMetric:
     name = "class_accuracy"
     higher_is_better = True
     needs_native = False
+    mean_of_samples = True  # unbiased on fewer samples: a trial may stop early on it (Evaluator.evaluate)
 
     def __init__(self, net: Any):
         self.net = net

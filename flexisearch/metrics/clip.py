@@ -37,6 +37,7 @@ class CLIPMetric:
     name = "clip"
     higher_is_better = True
     needs_native = False
+    mean_of_samples = True  # unbiased on fewer samples: a trial may stop early on it (Evaluator.evaluate)
 
     def __init__(self, captions: Sequence[str] | Any, clip: str | Path = DEFAULT_CLIP, batch_size: int = 256):
         # A text model (its prompt table is read at scoring time, so set_prompts after this is fine) or captions.

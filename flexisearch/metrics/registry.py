@@ -5,7 +5,8 @@
   clip        CLIP score of text-to-image samples against their prompts (metrics.clip)
   class_accuracy  the feature net's classifier recognises a sample as the class asked for (metrics.accuracy)
 
-A metric has name, higher_is_better, needs_native, score(images, sample_set, target) and
+A metric has name, higher_is_better, needs_native, mean_of_samples (its value on fewer samples estimates
+the same quantity: a trial may stop early on it), score(images, sample_set, target) and
 score_with_ci(images, sample_set, target, n_boot, seed). A new metric is one module in metrics/ and
 one line in METRICS.
 """
@@ -36,6 +37,7 @@ class FIDMetric:
     """FID of generated images in a feature network's space (lower is better)."""
 
     higher_is_better = False
+    mean_of_samples = False  # biased by the sample count: never stops a trial early
 
     def __init__(self, net: Any, stats: ReferenceStats | None, name: str = "fid"):
         self.net, self.stats, self.name = net, stats, name

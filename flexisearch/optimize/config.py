@@ -71,6 +71,7 @@ class SearchConfig:
     objective: str = "single"  # "single": min FLOPs s.t. the constraint; "multi": (FLOPs, quality)
     reference: dict = field(default_factory=lambda: {"num_steps": 20, "guidance_scale": 2.0, "solver": "euler"})
     search_samples: int = 256
+    fidelities: tuple[int, ...] = ()  # fewer search samples a trial is scored on first, stopping early when hopeless
     heldout_samples: int = 1024
     bootstrap: int = 200
     batch_size: int = 64  # samples per chunk: on CPU larger chunks run slower per sample
@@ -187,7 +188,7 @@ def space_path(space: str | os.PathLike | None) -> Path:
 def config_dict(cfg: SearchConfig) -> dict[str, Any]:
     """The config as the YAML that gives it back (config_from_dict): stored with the study, sent to workers."""
     d = dataclasses.asdict(cfg)
-    d["constraints"] = list(d["constraints"])
+    d["constraints"], d["fidelities"] = list(d["constraints"]), list(d["fidelities"])
     for key in _CHOICES:
         c = d["space"][key]
         d["space"][key] = list(c["values"]) if c["values"] else {
@@ -233,6 +234,11 @@ def _check(cfg: SearchConfig, source: str) -> None:
         raise key_error(source, "reference", "keys num_steps, guidance_scale, solver, guidance_mode", cfg.reference)
     if not STUDY_NAME.fullmatch(cfg.study):
         raise key_error(source, "study", "a name of letters, digits and ._- starting with a letter or digit", cfg.study)
+    if list(cfg.fidelities) != sorted(set(cfg.fidelities)) or any(not 2 <= n < cfg.search_samples
+                                                                    for n in cfg.fidelities):
+        raise key_error(source, "fidelities", f"increasing sample counts from 2 to below search_samples "
+                        f"({cfg.search_samples})",
+                        list(cfg.fidelities))
     for key in ("search_samples", "heldout_samples", "batch_size", "n_trials", "bootstrap"):
         if getattr(cfg, key) < 1:
             raise key_error(source, key, "a positive integer", getattr(cfg, key))

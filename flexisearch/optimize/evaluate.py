@@ -33,12 +33,15 @@ from .spaces import make_space
 @dataclass(frozen=True)
 class TrialResult:
     """What one trial measured: the schedule, its cost (Evaluator.cost: `fraction` is the searched one), its
-    quality on the search set per metric (the searched metric first) and each constraint value (<= 0: met)."""
+    quality per metric (the searched metric first) and each constraint value (<= 0: met), on the first `samples`
+    search samples: fewer than the whole set (`stopped`) when the trial stopped at a lower fidelity."""
 
     schedule: Schedule
     cost: dict[str, float]
     qualities: dict[str, float]
     violations: dict[str, float]
+    samples: int
+    stopped: bool = False
 
     @property
     def quality(self) -> float:
@@ -53,7 +56,7 @@ class TrialResult:
         """Plain values, as a Ray trial reports them and the study records them."""
         return {"fraction": self.cost["fraction"], "quality": self.quality, "macs": self.cost["macs"],
                 "qualities": json.dumps(self.qualities), "violations": json.dumps(self.violations),
-                "schedule": json.dumps(self.schedule.to_dict())}
+                "samples": self.samples, "stopped": self.stopped, "schedule": json.dumps(self.schedule.to_dict())}
 
 
 @dataclass(frozen=True)
@@ -115,6 +118,8 @@ class Evaluator:
         self.space = make_space(cfg.space, self.native, self.weak, mc.patch_sizes, self.fingerprint)
         self.cache = TrajectoryCache()  # the search set's trajectories, of this one model
         self._memo: dict[str, dict[str, float]] = {}
+        self._interims: dict[str, dict[str, tuple[float, float, float]]] = {}
+        self.fidelities = (*cfg.fidelities, cfg.search_samples)  # search samples of each stage of a trial
         self._native_samples: dict[str, torch.Tensor] = {}
 
     def samples(self, schedule: Schedule, sample_set: SampleSet, progress: bool = False) -> torch.Tensor:
@@ -163,14 +168,19 @@ class Evaluator:
 
     def native_samples(self, sample_set: SampleSet) -> torch.Tensor:
         """Samples of the static native reference on a sample set (the fid_native target)."""
-        if sample_set.name not in self._native_samples:
-            self._native_samples[sample_set.name] = self.samples(self.reference, sample_set)
-        return self._native_samples[sample_set.name]
+        key = f"{sample_set.name}|{len(sample_set.seeds)}"
+        if key not in self._native_samples:
+            self._native_samples[key] = self.samples(self.reference, sample_set)
+        return self._native_samples[key]
+
+    def search_at(self, n: int) -> SampleSet:
+        """The search set at fidelity n: its first n samples."""
+        return self.search_set if n == len(self.search_set.seeds) else self.search_set.head(n)
 
     def qualities(self, schedule: Schedule, sample_set: SampleSet | None = None) -> dict[str, float]:
         """Every metric on the search set (memoised per schedule), or on another sample set; one sampling."""
         sample_set = sample_set or self.search_set
-        key = f"{sample_set.name}|{json.dumps(schedule.to_dict())}"
+        key = f"{sample_set.name}|{len(sample_set.seeds)}|{json.dumps(schedule.to_dict())}"
         if key not in self._memo:
             images = self.samples(schedule, sample_set)
             self._memo[key] = {c.name: c.metric.score(images, sample_set, self._target(c, sample_set))
@@ -184,24 +194,53 @@ class Evaluator:
     def _target(self, constraint: Constraint, sample_set: SampleSet) -> torch.Tensor | None:
         return self.native_samples(sample_set) if constraint.metric.needs_native else None
 
+    def intervals(self, schedule: Schedule, sample_set: SampleSet,
+                  progress: bool = False) -> dict[str, tuple[float, float, float]]:
+        """Every metric as (value, low, high) with a bootstrap 95% interval over the samples of a sample set."""
+        images = self.samples(schedule, sample_set, progress=progress)
+        return {c.name: c.metric.score_with_ci(images, sample_set, self._target(c, sample_set), self.cfg.bootstrap)
+                for c in self.constraints}
+
     def confirm(self, schedule: Schedule, progress: bool = False) -> dict[str, dict[str, Any]]:
         """Held-out value of every metric with a bootstrap 95% interval, on seeds never used during the search."""
-        images = self.samples(schedule, self.heldout_set, progress=progress)
-        out = {}
-        for c in self.constraints:
-            value, low, high = c.metric.score_with_ci(images, self.heldout_set, self._target(c, self.heldout_set),
-                                                      self.cfg.bootstrap)
-            out[c.name] = {"value": value, "ci95": [low, high], "n": len(self.heldout_set.seeds),
-                           "seeds": [self.heldout_set.seeds[0], self.heldout_set.seeds[-1]]}
-        return out
+        h = self.heldout_set
+        return {name: {"value": value, "ci95": [low, high], "n": len(h.seeds), "seeds": [h.seeds[0], h.seeds[-1]]}
+                for name, (value, low, high) in self.intervals(schedule, h, progress).items()}
 
     def bounds(self, native: dict[str, float]) -> dict[str, float]:
         """Each metric's bound, given static native's values on the search set."""
         return {c.name: c.bound(native[c.name]) for c in self.constraints}
 
-    def evaluate(self, trial: Any, bounds: dict[str, float]) -> TrialResult:
-        """The trial's schedule (an Optuna Trial, or a FixedTrial of a Ray trial's parameters), measured."""
+    def evaluate(self, trial: Any, bounds: dict[str, float], incumbent: float | None = None) -> TrialResult:
+        """The trial's schedule (an Optuna Trial, or a FixedTrial of a Ray trial's parameters), measured on growing
+        prefixes of the search set (cfg.fidelities, then all of it). It stops at a lower fidelity when it costs at
+        least the incumbent (the cheapest schedule known to meet every bound: it cannot be better), or when it is
+        confidently infeasible there: the 95% interval of a metric that is a mean over samples (class accuracy,
+        CLIP score) lies wholly on the wrong side of its bound. FID is biased by the sample count, so its value
+        on fewer samples says little about its value on all of them: it never stops a trial early."""
         schedule = self.space.suggest(trial)  # made of the model's sizes and solvers (checked at construction)
-        qualities = self.qualities(schedule)
-        return TrialResult(schedule, self.cost(schedule), qualities,
-                           {c.name: c.violation(qualities[c.name], bounds[c.name]) for c in self.constraints})
+        cost = self.cost(schedule)
+        for n in self.fidelities[:-1]:
+            scored = self._interim(schedule, n)
+            hopeless = any(c.violation(scored[c.name][2 if c.metric.higher_is_better else 1], bounds[c.name]) > 0
+                           for c in self.constraints if c.metric.mean_of_samples)
+            if hopeless or (incumbent is not None and cost["fraction"] >= incumbent):
+                return self._result(schedule, cost, {k: v[0] for k, v in scored.items()}, bounds, n)
+        return self._result(schedule, cost, self.qualities(schedule), bounds, self.fidelities[-1])
+
+    def _interim(self, schedule: Schedule, n: int) -> dict[str, tuple[float, float, float]]:
+        """Every metric on the first n search samples: (value, low, high), the interval only for means over samples."""
+        key = f"{n}|{json.dumps(schedule.to_dict())}"
+        if key not in self._interims:
+            sample_set = self.search_at(n)
+            images, nan = self.samples(schedule, sample_set), float("nan")
+            self._interims[key] = {
+                c.name: c.metric.score_with_ci(images, sample_set, None, self.cfg.bootstrap) if c.metric.mean_of_samples
+                else (c.metric.score(images, sample_set, self._target(c, sample_set)), nan, nan)
+                for c in self.constraints}
+        return self._interims[key]
+
+    def _result(self, schedule: Schedule, cost: dict[str, float], qualities: dict[str, float],
+                bounds: dict[str, float], n: int) -> TrialResult:
+        violations = {c.name: c.violation(qualities[c.name], bounds[c.name]) for c in self.constraints}
+        return TrialResult(schedule, cost, qualities, violations, n, stopped=n < self.fidelities[-1])

@@ -100,7 +100,8 @@ def export_study(cfg: SearchConfig, evaluator: Evaluator, study: optuna.Study, p
     provenance = {"study": cfg.study, "storage": storage_url(cfg), "sampler": cfg.sampler, "objective": cfg.objective,
                   "cost": cfg.cost.type,
                   "space": cfg.space.type, "n_trials": len(records), "search_samples": cfg.search_samples,
-                  "search_seeds": [0, cfg.search_samples - 1], "flexisearch": __version__,
+                  "search_seeds": [0, cfg.search_samples - 1], "fidelities": list(evaluator.fidelities),
+                  "trials_stopped_early": sum(r["stopped"] for r in records), "flexisearch": __version__,
                   "model_calls_saved_by_prefix_reuse": sum(c[0] for c in calls),
                   "model_calls_run": sum(c[1] for c in calls),
                   "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}

@@ -22,6 +22,7 @@ from .config import SearchConfig, storage_url
 from .evaluate import Evaluator
 from .study import (
     WORKER,
+    incumbent,
     open_study,
     quality_bounds,
     record,
@@ -53,7 +54,7 @@ def _trial_fn(cfg: SearchConfig, evaluator: Evaluator, bounds: dict[str, float])
             raise _StudyFull
         trial.set_user_attr("worker", WORKER)
         try:
-            result = evaluator.evaluate(trial, bounds)
+            result = evaluator.evaluate(trial, bounds, incumbent(trial.study, cfg))
             record(trial, result.report())
         except KeyboardInterrupt:
             release(trial.study, trial)

@@ -28,6 +28,7 @@ from .evaluate import Evaluator
 from .spaces import Space
 from .study import (
     WORKER,
+    incumbent,
     open_study,
     quality_bounds,
     record,
@@ -45,12 +46,16 @@ def _worker_evaluator(cfg_json: str) -> Evaluator:
     return _WORKER_EVALUATORS[cfg_json]
 
 
+INCUMBENT = "_incumbent"  # passed with a trial's parameters: workers do not read the study
+
+
 def _trainable(config: dict, cfg_json: str, bounds: dict[str, float]) -> None:
     import ray
     from ray import tune
 
     evaluator = _worker_evaluator(cfg_json)
-    result = evaluator.evaluate(optuna.trial.FixedTrial(config), bounds)
+    params = {k: v for k, v in config.items() if k != INCUMBENT}
+    result = evaluator.evaluate(optuna.trial.FixedTrial(params), bounds, config.get(INCUMBENT))
     tune.report({**result.report(), "node": ray.get_runtime_context().get_node_id(), "pid": os.getpid(),
                  "calls_saved": evaluator.cache.calls_saved, "calls_run": evaluator.cache.calls_run})
 
@@ -65,7 +70,7 @@ class _SpaceFn:
         self.space.suggest(trial)
 
 
-def constrained_optuna_search(**kwargs: Any) -> Any:
+def constrained_optuna_search(cfg: SearchConfig, **kwargs: Any) -> Any:
     """An OptunaSearch that sets the quality constraint and the schedule on each Optuna trial."""
     from ray.tune.search.optuna import OptunaSearch
 
@@ -77,7 +82,7 @@ def constrained_optuna_search(**kwargs: Any) -> Any:
             params = super().suggest(trial_id)
             if trial_id in self._ot_trials:  # released and queued again if this driver dies (study.release_trials)
                 self._ot_trials[trial_id].set_user_attr("worker", WORKER)
-            return params
+            return params if not isinstance(params, dict) else {**params, INCUMBENT: incumbent(self._ot_study, cfg)}
 
         def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
             ot_trial = self._ot_trials.get(trial_id)
@@ -142,7 +147,7 @@ def _tuner(cfg: SearchConfig, evaluator: Evaluator, study: optuna.Study, trainab
     multi = cfg.objective == "multi"
     hib = evaluator.metric.higher_is_better
     searcher = constrained_optuna_search(
-        space=_SpaceFn(evaluator.space), metric=["fraction", "quality"] if multi else "fraction",
+        cfg, space=_SpaceFn(evaluator.space), metric=["fraction", "quality"] if multi else "fraction",
         mode=["min", "max" if hib else "min"] if multi else "min",
         study_name=cfg.study, storage=study._storage, sampler=study.sampler, seed=cfg.seed)
     return tune.Tuner(

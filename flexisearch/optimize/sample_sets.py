@@ -27,6 +27,10 @@ class SampleSet:
     labels: tuple[int, ...]
     seeds: tuple[int, ...]
 
+    def head(self, n: int) -> SampleSet:
+        """The first n samples: a lower fidelity of the same set (each sample depends on its seed and label only)."""
+        return SampleSet(self.name, self.labels[:n], self.seeds[:n])
+
     @classmethod
     def balanced(cls, name: str, n: int, num_classes: int, seed_base: int) -> SampleSet:
         return cls(name, tuple(i % num_classes for i in range(n)), tuple(seed_base + i for i in range(n)))

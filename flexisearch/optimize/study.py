@@ -103,6 +103,9 @@ def record(trial: Any, report: dict[str, Any]) -> None:
     trial.set_user_attr("macs", report["macs"])
     trial.set_user_attr("quality", report["quality"])
     trial.set_user_attr("qualities", json.loads(report["qualities"]))
+    trial.set_user_attr("samples", report["samples"])
+    if report["stopped"]:  # measured on fewer samples: never exported (trial_records: not feasible)
+        trial.set_user_attr("stopped", True)
     for name, value in violations.items():
         trial.set_constraint(name, value)
     # optuna-dashboard (0.21) reads only the list Optuna < 5 kept under "constraints"; Optuna reads both.
@@ -163,6 +166,14 @@ def quality_bounds(study: optuna.Study, evaluator: Evaluator) -> dict[str, float
     return bounds
 
 
+def incumbent(study: optuna.Study, cfg: SearchConfig) -> float | None:
+    """The cost of the cheapest schedule known to meet every bound (None: none yet, or a multi-objective study,
+    where a costlier schedule can still be on the front)."""
+    if cfg.objective != "single":
+        return None
+    return min((r["fraction"] for r in trial_records(study) if r["feasible"]), default=None)
+
+
 def stored_config(url: str, name: str) -> SearchConfig | None:
     """The config study `name` was last searched with (seed_study stores it; None: no such study, or one from
     before configs were stored). Worker processes and export read it, so they use what the search used."""
@@ -205,7 +216,8 @@ def seed_study(cfg: SearchConfig, evaluator: Evaluator) -> optuna.Study:
 
 
 def trial_records(study: optuna.Study) -> list[dict[str, Any]]:
-    """Completed trials as plain records (schedule, cost, quality, feasibility, family)."""
+    """Completed trials as plain records (schedule, cost, quality, feasibility, family). A trial stopped at a
+    lower fidelity is never feasible: it was not measured on the whole search set."""
     out = []
     for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
         if "schedule" not in t.user_attrs:
@@ -213,6 +225,7 @@ def trial_records(study: optuna.Study) -> list[dict[str, Any]]:
         out.append({"number": t.number, "schedule": Schedule.from_dict(t.user_attrs["schedule"]),
                     "fraction": t.values[0], "macs": t.user_attrs["macs"], "quality": t.user_attrs["quality"],
                     "qualities": t.user_attrs.get("qualities", {}),
-                    "feasible": all(v <= 0 for v in t.constraints.values()),
+                    "feasible": all(v <= 0 for v in t.constraints.values()) and not t.user_attrs.get("stopped"),
+                    "stopped": bool(t.user_attrs.get("stopped")),
                     "family": t.user_attrs.get("family", "search"), "params": t.params})
     return out

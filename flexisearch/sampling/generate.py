@@ -114,7 +114,7 @@ class TrajectoryCache:
         self.max_bytes = max_bytes
         self._store: OrderedDict[str, _State] = OrderedDict()
         self._bytes = 0
-        self.calls_saved = 0  # model forward calls (one per branch per step) skipped thanks to the cache
+        self.calls_saved = 0  # model calls (one per sample per branch per step) skipped thanks to the cache
         self.calls_run = 0
 
     @staticmethod
@@ -256,13 +256,13 @@ def sample(
             noise, gens = initial_noise(chunk_seeds, shape)
             state = _State(prepare_scheduler(sched, schedule.num_steps, noise, device), sched, gens)
         if cache is not None:
-            cache.calls_saved += sum(_calls_per_step(schedule, *s) for s in steps[:done])
+            cache.calls_saved += len(chunk_seeds) * sum(_calls_per_step(schedule, *s) for s in steps[:done])
         if bar is not None:
             bar.update(done)
 
         def after_step(i: int, t: torch.Tensor, x: torch.Tensor, base: str = base, state: _State = state) -> torch.Tensor:
             if cache is not None:
-                cache.calls_run += _calls_per_step(schedule, *steps[i])
+                cache.calls_run += len(chunk_seeds) * _calls_per_step(schedule, *steps[i])
                 cache.put(base, steps[: i + 1], _State(x, state.scheduler, state.generators))
             if bar is not None:
                 bar.update(1)
