@@ -2,6 +2,7 @@
 
     python bench/bench_search.py default      # (a) + (c) + (d): the default search vs the baselines
     python bench/bench_search.py samplers     # (b): brute-force optimum vs TPE / GP / NSGA-II / random
+    python bench/bench_search.py fidelity     # the default search with and without multi-fidelity (issue 15)
 
 (a) FLOPs saving of the exported schedule against the best "weak for the first k steps" schedule and
     the cheapest static native schedule at any step count (at the reference guidance scale, and at
@@ -31,17 +32,38 @@ from flexisearch.optimize.study import make_sampler
 from flexisearch.sampling.schedule import Schedule
 
 
-def bench_default() -> None:
-    study_dir = Path("runs/bench-default")
-    shutil.rmtree(study_dir, ignore_errors=True)
+def fresh_search(study: str, *settings: str) -> tuple[dict, float, float]:
+    """`flexisearch search` of the default space on a fresh study: (best.json, wall s, peak RSS GB)."""
+    shutil.rmtree(Path("runs") / study, ignore_errors=True)
     t0 = time.time()
-    proc = subprocess.run([sys.executable, "-m", "flexisearch.cli", "search", "--study", "bench-default", "--quiet"],
-                          capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-m", "flexisearch.cli", "search", "--study", study, "--quiet",
+                           *(a for kv in settings for a in ("--set", kv))], capture_output=True, text=True)
     wall = time.time() - t0
-    peak_gb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20
     if proc.returncode:
         sys.exit(proc.stderr)
-    best = json.loads((study_dir / "best.json").read_text())
+    peak_gb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20
+    return json.loads((Path("runs") / study / "best.json").read_text()), wall, peak_gb
+
+
+def _ci(h: dict) -> str:
+    return f"{h['value']:.4g} [{h['ci95'][0]:.4g}, {h['ci95'][1]:.4g}]"
+
+
+def bench_fidelity() -> None:
+    """The default search from the same seed and space, scoring every trial on all search samples vs first on 64."""
+    print(f"{'fidelities':<12} {'stopped':>7} {'model calls run':>15} {'saved by reuse':>14} {'wall s':>6} "
+          f"{'best FLOPs':>10}  held-out metrics [95% CI]  schedule")
+    for fidelities in ([], [64]):
+        best, wall, _ = fresh_search(f"bench-fidelity-{len(fidelities)}", f"fidelities={json.dumps(fidelities)}")
+        p, s = best["provenance"], Schedule.from_dict(best["schedule"])
+        held = ", ".join(f"{k} {_ci(v['heldout'])}" for k, v in best["qualities"].items())
+        print(f"{str(p['fidelities']):<12} {p['trials_stopped_early']:>7} {p['model_calls_run']:>15,} "
+              f"{p['model_calls_saved_by_prefix_reuse']:>14,} {wall:>6.0f} {best['cost']['fraction_of_static_native']:>10.3f}"
+              f"  {held}  {s.num_steps} steps cfg {s.guidance_scale} {s.guidance_mode}: {s.describe()}")
+
+
+def bench_default() -> None:
+    best, wall, peak_gb = fresh_search("bench-default")
     cfg = load_search_config("search_spaces/default.yaml", {"study": "bench-default"})
     evaluator = Evaluator(cfg)
     bounds = {c["metric"]: c["bound"] for c in best["constraint"]["constraints"]}
@@ -133,4 +155,5 @@ def bench_samplers(budget: int = 80, repeats: int = 3) -> None:
 
 if __name__ == "__main__":
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    {"default": bench_default, "samplers": bench_samplers}[sys.argv[1] if len(sys.argv) > 1 else "default"]()
+    benches = {"default": bench_default, "fidelity": bench_fidelity, "samplers": bench_samplers}
+    benches[sys.argv[1] if len(sys.argv) > 1 else "default"]()

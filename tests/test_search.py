@@ -827,7 +827,8 @@ def three_class_net(directory):
     return str(directory / "net3")
 
 
-def test_several_constraints_each_reach_optuna_and_a_schedule_is_feasible_only_when_it_meets_all(in_tmp, model_dir):
+def test_several_constraints_each_reach_optuna_and_a_schedule_is_feasible_only_when_it_meets_all(in_tmp, model_dir,
+                                                                                                  capsys):
     """fid_native and class_accuracy (a classifier over the model's 3 classes) bound together: each metric is its
     own Optuna constraint equal to its value against its bound, a trial is feasible only when every constraint is
     met, and export picks the cheapest schedule meeting them all and reports each metric held out."""
@@ -881,6 +882,14 @@ def test_several_constraints_each_reach_optuna_and_a_schedule_is_feasible_only_w
     assert acc["heldout"]["value"] == classifier_accuracy(net, held, torch.tensor(evaluator.heldout_set.labels))
     assert acc["heldout"]["ci95"][0] <= acc["heldout"]["value"] <= acc["heldout"]["ci95"][1]
     assert acc["search"] >= acc_min and best["qualities"]["fid_native"]["search"] <= fid_max
+    capsys.readouterr()
+    assert main(["show", "runs/both/best.json"]) == 0  # every metric: held out, static native, search seeds and bound
+    shown = dict(line.split("  ", 1) for line in capsys.readouterr().out.splitlines() if "  " in line)
+    for name, bound in (("fid_native", fid_max), ("class_accuracy", acc_min)):
+        q, native = best["qualities"][name], best["static_native"]["qualities"][name]["heldout"]
+        assert shown[f"{name} held-out"].strip().startswith(f"{q['heldout']['value']:.3f}  [{q['heldout']['ci95'][0]:.3f}")
+        assert shown[f"{name} static native"].strip().startswith(f"{native['value']:.3f}")
+        assert shown[f"{name} search seeds"].strip() == f"{q['search']:.3f}  (bound {bound:.3f})"
 
 
 def test_class_accuracy_needs_a_classifier_of_the_models_classes(in_tmp, model_dir):
