@@ -918,7 +918,7 @@ def test_multi_fidelity_stops_hopeless_trials_at_the_first_fidelity_and_keeps_th
     study = run_search(cfg, evaluator, progress=False)
     records = sorted(trial_records(study), key=lambda r: r["number"])
     assert len(records) == 10
-    head = evaluator.search_at(16)
+    head = evaluator.search_set.head(16)
     cheapest, why = None, set()
     for r in records:
         infeasible = evaluator.intervals(r["schedule"], head)["class_accuracy"][2] < 0.9

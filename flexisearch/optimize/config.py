@@ -202,7 +202,7 @@ def config_from_dict(d: dict[str, Any], source: str) -> SearchConfig:
 
 
 def _check(cfg: SearchConfig, source: str) -> None:
-    s, m = cfg.space, cfg.metric
+    s = cfg.space
     if s.type not in SPACES:
         raise key_error(source, "space.type", f"one of {list(SPACES)}", s.type)
     if s.branches not in ("joint", "separate"):
@@ -234,11 +234,10 @@ def _check(cfg: SearchConfig, source: str) -> None:
         raise key_error(source, "reference", "keys num_steps, guidance_scale, solver, guidance_mode", cfg.reference)
     if not STUDY_NAME.fullmatch(cfg.study):
         raise key_error(source, "study", "a name of letters, digits and ._- starting with a letter or digit", cfg.study)
-    if list(cfg.fidelities) != sorted(set(cfg.fidelities)) or any(not 2 <= n < cfg.search_samples
-                                                                    for n in cfg.fidelities):
+    fid = list(cfg.fidelities)
+    if fid != sorted(set(fid)) or any(not 2 <= n < cfg.search_samples for n in fid):
         raise key_error(source, "fidelities", f"increasing sample counts from 2 to below search_samples "
-                        f"({cfg.search_samples})",
-                        list(cfg.fidelities))
+                        f"({cfg.search_samples})", fid)
     for key in ("search_samples", "heldout_samples", "batch_size", "n_trials", "bootstrap"):
         if getattr(cfg, key) < 1:
             raise key_error(source, key, "a positive integer", getattr(cfg, key))

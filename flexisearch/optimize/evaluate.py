@@ -1,10 +1,12 @@
 """The one trial evaluation: a schedule's exact cost, its measured quality on fixed seeds, and its
-constraint value, used by the Optuna and the Ray backend alike.
+constraint values, used by the Optuna and the Ray backend alike.
 
-An Evaluator loads the model and the quality metric once and evaluates schedules on one fixed
-set of seeds and labels shared by all trials (common random numbers), reusing trajectories that
-share a prefix. Held-out confirmation re-scores schedules on seeds the search never used, with
-more samples and a bootstrap confidence interval.
+An Evaluator loads the model and every bounded metric (config `metric` and `constraints`) once and
+evaluates schedules on one fixed set of seeds and labels shared by all trials (common random
+numbers), reusing trajectories that share a prefix; with `fidelities` a trial is scored on the first
+samples of that set first and stops there when it cannot be the answer. Held-out confirmation
+re-scores schedules on seeds the search never used, with more samples and a bootstrap confidence
+interval.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ class TrialResult:
     qualities: dict[str, float]
     violations: dict[str, float]
     samples: int
-    stopped: bool = False
+    stopped: bool
 
     @property
     def quality(self) -> float:
@@ -173,10 +175,6 @@ class Evaluator:
             self._native_samples[key] = self.samples(self.reference, sample_set)
         return self._native_samples[key]
 
-    def search_at(self, n: int) -> SampleSet:
-        """The search set at fidelity n: its first n samples."""
-        return self.search_set if n == len(self.search_set.seeds) else self.search_set.head(n)
-
     def qualities(self, schedule: Schedule, sample_set: SampleSet | None = None) -> dict[str, float]:
         """Every metric on the search set (memoised per schedule), or on another sample set; one sampling."""
         sample_set = sample_set or self.search_set
@@ -232,7 +230,7 @@ class Evaluator:
         """Every metric on the first n search samples: (value, low, high), the interval only for means over samples."""
         key = f"{n}|{json.dumps(schedule.to_dict())}"
         if key not in self._interims:
-            sample_set = self.search_at(n)
+            sample_set = self.search_set.head(n)
             images, nan = self.samples(schedule, sample_set), float("nan")
             self._interims[key] = {
                 c.name: c.metric.score_with_ci(images, sample_set, None, self.cfg.bootstrap) if c.metric.mean_of_samples
