@@ -54,7 +54,11 @@ def plot_tradeoff(records: list[dict[str, Any]], front: list[dict[str, Any]], ev
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    ax.scatter([r["fraction"] for r in records], [r["quality"] for r in records], s=10, c="0.7", label="trials")
+    for stopped, style in ((False, {"s": 10, "c": "0.7", "label": "trials"}),
+                           (True, {"s": 14, "c": "0.7", "marker": "x", "label": "stopped early (fewer samples)"})):
+        pts = [r for r in records if r["stopped"] == stopped]
+        if pts:
+            ax.scatter([r["fraction"] for r in pts], [r["quality"] for r in pts], **style)
     fam = sorted((r for r in records if r["family"] == "threshold"), key=lambda r: r["fraction"])
     ax.plot([r["fraction"] for r in fam], [r["quality"] for r in fam], "o-", c="tab:blue", label="weak first k (paper)")
     ax.plot([r["fraction"] for r in front], [r["quality"] for r in front], "s-", c="tab:red", label="Pareto front")
