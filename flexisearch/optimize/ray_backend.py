@@ -116,6 +116,9 @@ def _init_ray(address: str | None, cfg: SearchConfig) -> None:
     import ray
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    # Tune's result loggers and experiment checkpoints are never read (the study is the only state read back)
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "3600")
     if address is None:
         tmp = Path(os.environ.get("RAY_TMPDIR") or (run_dir(cfg) / "ray_tmp")).resolve()
         if len(str(tmp)) > 40:  # Ray's socket paths below it must fit in 107 bytes (AF_UNIX)
