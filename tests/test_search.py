@@ -941,3 +941,23 @@ def test_multi_fidelity_stops_hopeless_trials_at_the_first_fidelity_and_keeps_th
     stopped = sum(r["stopped"] for r in records)
     assert best["provenance"]["fidelities"] == [16, 64] and best["provenance"]["trials_stopped_early"] == stopped
     assert best["provenance"]["model_calls_run"] < whole.cache.calls_run  # the stopped trials' calls were saved
+
+
+@pytest.mark.parametrize("bound,hib,want", [
+    ({"relative": 0.05}, False, 2.0 * 1.05), ({"relative": 0.05}, True, 2.0 * 0.95),
+    ({"within": 0.01}, False, 2.01), ({"within": 0.01}, True, 1.99),
+    ({"max": 3.0}, False, 3.0), ({"min": 1.5}, True, 1.5),
+])
+def test_each_kind_of_bound_lies_on_the_worse_side_of_static_native(bound, hib, want):
+    """A bound relative to static native (value 2.0) is that much worse than it: above for lower-is-better metrics,
+    below for higher-is-better ones; an absolute bound is itself. The constraint value is <= 0 exactly when met."""
+    from types import SimpleNamespace
+
+    from flexisearch.optimize.config import MetricConfig
+    from flexisearch.optimize.evaluate import Constraint
+
+    c = Constraint(MetricConfig(**{"name": "x", "relative": None, **bound}), SimpleNamespace(higher_is_better=hib))
+    assert c.bound(2.0) == pytest.approx(want, rel=1e-12)
+    better, worse = (want + 0.1, want - 0.1) if hib else (want - 0.1, want + 0.1)
+    assert c.violation(better, want) == pytest.approx(-0.1) and c.violation(worse, want) == pytest.approx(0.1)
+    assert c.violation(want, want) == 0
