@@ -117,6 +117,10 @@ def _lines(d: dict) -> list[str]:
         rows += [(f"{name} held-out", f"{h['value']:.3f}  [{h['ci95'][0]:.3f}, {h['ci95'][1]:.3f}]  n={h['n']}"),
                  (f"{name} static native", f"{native['value']:.3f}  [{native['ci95'][0]:.3f}, {native['ci95'][1]:.3f}]"),
                  (f"{name} search seeds", f"{q['search']:.3f}  (bound {d['bounds'][name]:.3f})")]
+        if "vs_static_native" in h:  # paired: the same held-out seeds
+            v = h["vs_static_native"]
+            rows.append((f"{name} minus static native", f"{v['difference']:+.3f}  [{v['ci95'][0]:+.3f}, "
+                                                         f"{v['ci95'][1]:+.3f}]  same held-out seeds"))
     rows.append(("model calls saved by prefix reuse", str(d["model_calls_saved_by_prefix_reuse"])))
     width = max(len(r[0]) for r in rows)
     return [*(f"{k:<{width}}  {v}" for k, v in rows), f"FLOPs saving: {100 * d['saving']:.1f}%"]

@@ -218,3 +218,39 @@ def test_cli_profile_writes_a_table_and_refuses_bad_options(tmp_path, capsys):
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1
     assert not (tmp_path / "x.json").exists()
+
+
+def test_a_memory_ceiling_is_a_constraint_that_stops_trials_over_it(tmp_path, monkeypatch):
+    """cost.max_memory_mb: each trial carries a "peak_memory" constraint, its predicted peak (the cost table's,
+    at cost.batch_size) minus the ceiling; a schedule over it stops at the first fidelity and is never
+    exported, even in a FLOPs search (which then measures a cost table too)."""
+    from flexisearch.optimize.export import export_study
+    from flexisearch.optimize.optuna_backend import run_search
+    from flexisearch.optimize.study import trial_records
+
+    monkeypatch.chdir(tmp_path)
+    model = random_flexidit(size=16)
+    model.save_pretrained(tmp_path / "m")
+    doc = {"study": "mem", "model": str(tmp_path / "m"), "space": {"type": "branch_threshold", "num_steps": 4},
+           "metric": {"name": "fid_native", "max": 1e6}, "reference": {"num_steps": 4, "guidance_scale": 2.0},
+           "search_samples": 8, "fidelities": [4], "heldout_samples": 4, "bootstrap": 2, "n_trials": 8,
+           "batch_size": 4, "cost": {"type": "flops", "batch_size": 2, "repeats": 2, "max_memory_mb": 1e6}}
+    probe = Evaluator(load_search_config(None, doc))
+    assert Path(probe.pin_costs(probe.cfg).cost.table).is_file()
+    weak = Schedule.static(4, 4, guidance_scale=2.0, solver="euler", model=probe.fingerprint)
+    low, high = (probe.latency(s)["peak_bytes"] / 2**20 for s in (weak, probe.reference))
+    assert low < high  # four times fewer tokens
+    ceiling = (low + high) / 2
+    cfg = load_search_config(None, {**doc, "cost": {**doc["cost"], "max_memory_mb": ceiling}})
+    evaluator = Evaluator(cfg, model=probe.model)
+    study = run_search(cfg, evaluator, progress=False)
+    over = 0
+    for r, t in zip(trial_records(study), study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))):
+        peak = evaluator.latency(r["schedule"])["peak_bytes"] / 2**20
+        assert t.constraints["peak_memory"] == pytest.approx(peak - ceiling, rel=1e-12)
+        assert (r["stopped"] == "peak_memory") == (peak > ceiling)  # under it: only the cost rule may stop it
+        assert r["feasible"] == (not r["stopped"])  # fid_native <= 1e6: every other bound is met
+        over += peak > ceiling
+    assert 0 < over < 8  # static native (the first trial) is over it, static weak (the second) under
+    best = export_study(cfg, evaluator, study)
+    assert best["cost"]["latency"]["peak_bytes"] / 2**20 <= ceiling and best["constraint"]["max_memory_mb"] == ceiling

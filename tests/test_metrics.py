@@ -10,7 +10,7 @@ from torchmetrics.image.fid import FrechetInceptionDistance
 
 from flexisearch.data.images import load_digits8, load_mnist
 from flexisearch.errors import UserError
-from flexisearch.metrics.accuracy import classifier_accuracy
+from flexisearch.metrics.accuracy import ClassAccuracyMetric, classifier_accuracy, correct, mean_ci
 from flexisearch.metrics.featnet import (
     DEFAULT_FEATNET_DIR,
     DigitFeatureNet,
@@ -28,6 +28,7 @@ from flexisearch.metrics.fid import (
     fid_against_stats,
     fid_between,
     frechet_distance_np,
+    paired_bootstrap_ci,
 )
 from flexisearch.training.featnet import train_feature_net
 
@@ -143,6 +144,42 @@ def test_bootstrap_ci_contains_point_and_widens_with_fewer_samples(net, stats, h
     blurred = torch.nn.functional.avg_pool2d(x, 3, 1, 1)  # a worse "generator": interval away from 0 and real FIDs
     low_b, high_b = bootstrap_ci(net, blurred, stats, n_boot=200)
     assert REAL_FID_MAX < low_b < fid_against_stats(net, blurred, stats) < high_b
+
+
+def test_paired_fid_difference_resamples_the_same_rows_of_both_sets(net, stats, heldout):
+    """The paired interval of FID(a) - FID(b), written out with scipy's sqrtm (frechet_distance_np): the same
+    resampled rows of both sets, percentiles shifted by the resamples' mean minus the point difference."""
+    x = heldout[0][torch.randperm(len(heldout[0]), generator=torch.Generator().manual_seed(0))[:300]]
+    blurred = torch.nn.functional.avg_pool2d(x, 3, 1, 1)  # the same "seeds", a worse generator
+    diff, low, high = paired_bootstrap_ci(net, blurred, x, stats, n_boot=30, seed=3)
+    assert diff == pytest.approx(fid_against_stats(net, blurred, stats) - fid_against_stats(net, x, stats), rel=1e-6)
+    fa, fb = extract_features(net, blurred).numpy(), extract_features(net, x).numpy()
+    mu, cov = stats.mu.numpy(), stats.cov.numpy()
+
+    def fid(f: np.ndarray) -> float:
+        return frechet_distance_np(f.mean(0), np.cov(f, rowvar=False), mu, cov)
+
+    rng = np.random.default_rng(3)
+    boot = np.array([fid(fa[i]) - fid(fb[i]) for i in (rng.integers(0, 300, 300) for _ in range(30))])
+    want = np.quantile(boot, [0.025, 0.975]) - (boot.mean() - (fid(fa) - fid(fb)))
+    assert (low, high) == pytest.approx(tuple(want), rel=1e-6)
+    assert REAL_FID_MAX < low < diff < high
+    # pairing: the interval of the difference is narrower than the two sets' own intervals side by side
+    (la, ha), (lb, hb) = bootstrap_ci(net, blurred, stats, n_boot=30, seed=3), bootstrap_ci(net, x, stats, n_boot=30, seed=3)
+    assert high - low < (ha - la) + (hb - lb)
+    assert paired_bootstrap_ci(net, x, x, stats, n_boot=10) == (0.0, 0.0, 0.0)
+
+
+def test_paired_accuracy_difference_is_the_mean_of_per_sample_differences(net, heldout):
+    x, y = heldout[0][:400], heldout[1][:400]
+    noisy = x + 1.5 * torch.randn(x.shape, generator=torch.Generator().manual_seed(0))
+    sample_set = type("S", (), {"labels": tuple(y.tolist())})()
+    metric = ClassAccuracyMetric(net)
+    diff, low, high = metric.paired_interval(noisy, x, sample_set, n_boot=200)
+    assert diff == pytest.approx(classifier_accuracy(net, noisy, y) - classifier_accuracy(net, x, y), abs=1e-12)
+    assert low < diff < high < 0
+    per_sample = correct(net, noisy, y).double() - correct(net, x, y).double()  # not two independent means
+    assert (low, high) == mean_ci(per_sample, 200)
 
 
 def test_fid_refuses_stats_of_another_net(stats, heldout):

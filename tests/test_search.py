@@ -20,7 +20,7 @@ from flexisearch.cli import main
 from flexisearch.errors import UserError
 from flexisearch.files import ASSETS
 from flexisearch.optimize.config import load_search_config
-from flexisearch.optimize.evaluate import Evaluator
+from flexisearch.optimize.evaluate import Evaluator, TrialResult
 from flexisearch.optimize.optuna_backend import run_search
 from flexisearch.optimize.spaces import SPACES, make_space
 from flexisearch.sampling.schedule import Schedule
@@ -648,12 +648,12 @@ def test_exported_documents_describe_the_study(in_tmp, model_dir):
     assert prov == {"study": "t", "storage": "sqlite:///runs/t/study.db", "sampler": "random", "objective": "single",
                     "cost": "flops",
                     "space": "branch_threshold", "n_trials": 5, "search_samples": 20, "search_seeds": [0, 19],
-                    "fidelities": [20], "trials_stopped_early": 0, "flexisearch": __version__, "model_calls_saved_by_prefix_reuse": sum(c[0] for c in calls),
+                    "fidelities": [20], "trials_stopped_early": 0, "trials_stopped_by": {}, "flexisearch": __version__, "model_calls_saved_by_prefix_reuse": sum(c[0] for c in calls),
                     "model_calls_run": sum(c[1] for c in calls)}
     assert len(calls) == 1 and calls[0][1] > 0
     c = {"metric": "fid_native", "bound": 5.0, "relative": None, "within": None, "absolute": 5.0,
          "search_reference_quality": study.user_attrs["reference_quality:fid_native"]}
-    assert best["constraint"] == {**c, "constraints": [c]}  # one metric: the list holds the searched one
+    assert best["constraint"] == {**c, "constraints": [c], "max_memory_mb": None}  # one metric: the list holds the searched one
     native = best["static_native"]
     native_latency = native["cost"]["latency"]
     assert native["schedule"] == reference.to_dict() and native["cost"]["macs"] == schedule_macs(config, reference)
@@ -890,6 +890,11 @@ def test_several_constraints_each_reach_optuna_and_a_schedule_is_feasible_only_w
         assert shown[f"{name} held-out"].strip().startswith(f"{q['heldout']['value']:.3f}  [{q['heldout']['ci95'][0]:.3f}")
         assert shown[f"{name} static native"].strip().startswith(f"{native['value']:.3f}")
         assert shown[f"{name} search seeds"].strip() == f"{q['search']:.3f}  (bound {bound:.3f})"
+    assert best["schedule"] != best["static_native"]["schedule"]  # so class accuracy has a paired held-out difference
+    d = acc["heldout"]["vs_static_native"]
+    assert shown["class_accuracy minus static native"].strip() == (
+        f"{d['difference']:+.3f}  [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]  same held-out seeds")
+    assert "fid_native minus static native" not in shown
 
 
 def test_class_accuracy_needs_a_classifier_of_the_models_classes(in_tmp, model_dir):
@@ -900,11 +905,12 @@ def test_class_accuracy_needs_a_classifier_of_the_models_classes(in_tmp, model_d
 
 
 def test_multi_fidelity_stops_hopeless_trials_at_the_first_fidelity_and_keeps_the_best(in_tmp, model_dir):
-    """The embedded model, fidelities [16] of 64 search samples, class accuracy at least 0.9: a trial whose
-    accuracy interval on the first 16 samples lies below 0.9 (guidance scale 0 ignores the class), or that costs
-    at least the cheapest feasible schedule so far, stops there (scored on 16 samples, never exported); every
-    other trial is scored on all 96, and the exported best is the one of a search that scored every schedule on
-    all 96."""
+    """The embedded model, fidelities [16] of 64 search samples, class accuracy at least 0.9: a trial that is
+    confidently below 0.9 on the first 16 samples (static native's accuracy on all 64 plus the upper end of the
+    paired interval of its difference from static native on those 16 is below 0.9: guidance scale 0 ignores
+    the class), or that costs at least the cheapest feasible schedule so far, stops there (scored on 16
+    samples, never exported); every other trial is scored on all 64, and the exported best is the one of a
+    search that scored every schedule on all 64."""
     from flexisearch.optimize.export import export_study
     from flexisearch.optimize.study import trial_records
 
@@ -919,12 +925,17 @@ def test_multi_fidelity_stops_hopeless_trials_at_the_first_fidelity_and_keeps_th
     records = sorted(trial_records(study), key=lambda r: r["number"])
     assert len(records) == 10
     head = evaluator.search_set.head(16)
+    native = evaluator.qualities(evaluator.reference)["class_accuracy"]
+    accuracy = evaluator.constraints[1].metric
     cheapest, why = None, set()
     for r in records:
-        infeasible = evaluator.intervals(r["schedule"], head)["class_accuracy"][2] < 0.9
+        paired = accuracy.paired_interval(evaluator.samples(r["schedule"], head), evaluator.native_samples(head), head,
+                                          cfg.bootstrap)
+        infeasible = native + paired[2] < 0.9
         dominated = cheapest is not None and r["fraction"] >= cheapest
         t = study.trials[r["number"]]
-        assert r["stopped"] == (infeasible or dominated) and t.user_attrs["samples"] == (16 if r["stopped"] else 64)
+        assert r["stopped"] == ("cost" if dominated else "class_accuracy" if infeasible else "")
+        assert t.user_attrs["samples"] == (16 if r["stopped"] else 64)
         why |= {"infeasible"} if infeasible else {"dominated"} if dominated else set()
         on = head if r["stopped"] else evaluator.search_set  # the qualities recorded: of the samples it was scored on
         assert r["qualities"] == pytest.approx(evaluator.qualities(r["schedule"], on), rel=1e-9)
@@ -938,9 +949,58 @@ def test_multi_fidelity_stops_hopeless_trials_at_the_first_fidelity_and_keeps_th
     best = export_study(cfg, evaluator, study)
     whole = Evaluator(whole_cfg)
     assert best["schedule"] == export_study(whole_cfg, whole, run_search(whole_cfg, whole, progress=False))["schedule"]
-    stopped = sum(r["stopped"] for r in records)
-    assert best["provenance"]["fidelities"] == [16, 64] and best["provenance"]["trials_stopped_early"] == stopped
+    stopped = [r["stopped"] for r in records if r["stopped"]]
+    assert best["provenance"]["fidelities"] == [16, 64] and best["provenance"]["trials_stopped_early"] == len(stopped)
+    assert best["provenance"]["trials_stopped_by"] == {k: stopped.count(k) for k in ("cost", "class_accuracy")}
     assert best["provenance"]["model_calls_run"] < whole.cache.calls_run  # the stopped trials' calls were saved
+
+
+def test_fid_stops_a_trial_by_its_paired_difference_from_static_native(in_tmp, model_dir):
+    """FID relative 5% of 4 native steps, fidelities [32] of 64: one weak step (FID several times static
+    native's) stops at 32 samples on FID alone, static native itself never (difference 0), and fid_native (no
+    paired difference: it is 0 for static native at every sample count) never stops a trial; the stop follows
+    the rule: static native's FID on all 64 plus the low end of the paired interval on the first 32 is above
+    the bound."""
+    over = {"model": "embedded:flexidit-mnist16-lora", "space": {"type": "threshold", "num_steps": [1, 4]},
+            "reference": {"num_steps": 4}, "search_samples": 64, "batch_size": 64, "fidelities": [32],
+            "bootstrap": 50, "metric": {"name": "fid", "relative": 0.05, "max": None}}
+    cfg = load_search_config(write_space(in_tmp, model_dir, **over))
+    evaluator = Evaluator(cfg)
+    native = evaluator.qualities(evaluator.reference)
+    head = evaluator.search_set.head(32)
+
+    def run(steps: int, fraction: float, e: Evaluator = evaluator) -> TrialResult:
+        params = e.space.paper_params({"num_steps": steps}, fraction)
+        return e.evaluate(optuna.trial.FixedTrial(params), e.qualities(e.reference))
+
+    weak, static = run(1, 1.0), run(4, 0.0)
+    assert weak.stopped == "fid" and weak.samples == 32 and static.stopped == "" and static.samples == 64
+    _, low, _ = evaluator.metric.paired_interval(evaluator.samples(weak.schedule, head), evaluator.native_samples(head),
+                                                 head, cfg.bootstrap)
+    assert native["fid"] + low > evaluator.bounds(native)["fid"]
+    assert weak.qualities["fid"] == pytest.approx(evaluator.metric.score(evaluator.samples(weak.schedule, head)))
+    own = Evaluator(load_search_config(write_space(in_tmp, model_dir, "own.yaml",
+                                                   **{**over, "metric": {"name": "fid_native", "max": 0.5}})))
+    weak_own = run(1, 1.0, own)
+    assert weak_own.stopped == "" and weak_own.violations["fid_native"] > 0  # infeasible, but measured on all 64
+
+
+def test_heldout_confirmation_reports_the_paired_difference_from_static_native(in_tmp, model_dir):
+    """confirm() adds, per metric with a paired interval, the difference from static native on the same held-out
+    seeds: the difference of the two confirmed values, inside its own interval; static native has none, and
+    neither has fid_native (static native's own samples are its target)."""
+    over = {"model": "embedded:flexidit-mnist16-lora", "space": {"type": "threshold", "num_steps": 4},
+            "reference": {"num_steps": 4}, "heldout_samples": 64, "batch_size": 64, "bootstrap": 50,
+            "constraints": [{"name": "class_accuracy", "within": 0.01}, {"name": "fid", "relative": 0.05}]}
+    evaluator = Evaluator(load_search_config(write_space(in_tmp, model_dir, **over)))
+    weak = evaluator.space.suggest(optuna.trial.FixedTrial(evaluator.space.paper_params({}, 1.0)))
+    native, held = evaluator.confirm(evaluator.reference), evaluator.confirm(weak)
+    assert all("vs_static_native" not in v for v in native.values()) and "vs_static_native" not in held["fid_native"]
+    for name in ("class_accuracy", "fid"):
+        d = held[name]["vs_static_native"]
+        assert d["difference"] == pytest.approx(held[name]["value"] - native[name]["value"], rel=1e-6, abs=1e-12)
+        assert d["ci95"][0] <= d["difference"] <= d["ci95"][1]
+    assert held["fid"]["vs_static_native"]["difference"] > 0  # static weak is worse than static native
 
 
 @pytest.mark.parametrize("bound,hib,want", [

@@ -42,7 +42,6 @@ class ClassAccuracyMetric:
     name = "class_accuracy"
     higher_is_better = True
     needs_native = False
-    mean_of_samples = True  # unbiased on fewer samples: a trial may stop early on it (Evaluator.evaluate)
 
     def __init__(self, net: Any):
         self.net = net
@@ -55,6 +54,13 @@ class ClassAccuracyMetric:
         """(value, low, high): the accuracy and a bootstrap 95% interval over the samples."""
         hits = correct(self.net, images, torch.tensor(sample_set.labels))
         return (hits.double().mean().item(), *mean_ci(hits, n_boot, seed))
+
+    def paired_interval(self, images: torch.Tensor, others: torch.Tensor, sample_set: Any, n_boot: int,
+                        seed: int = 0) -> tuple[float, float, float]:
+        """(accuracy(images) - accuracy(others), low, high): the mean and interval of per-sample differences."""
+        labels = torch.tensor(sample_set.labels)
+        diff = correct(self.net, images, labels).double() - correct(self.net, others, labels).double()
+        return (diff.mean().item(), *mean_ci(diff, n_boot, seed))
 
 
 def check_classifier(net: Any, model: Any, net_name: str) -> None:

@@ -2,7 +2,7 @@
 
 `load_clip_metric(cfg, model)` (called by registry.load_metric for metric name "clip") returns a
 metric with the interface the Evaluator uses: name, higher_is_better, needs_native, score(images,
-sample_set, target) and score_with_ci(images, sample_set, target, n_boot, seed).
+sample_set, target), score_with_ci(images, sample_set, target, n_boot, seed) and paired_interval.
 
 Which prompt an image was generated for: a text model's sample labels are rows of its prompt table
 (models.text_dit.FlexiTextDiT), and `model.captions[row]` is that row's caption text, so the metric maps
@@ -37,7 +37,6 @@ class CLIPMetric:
     name = "clip"
     higher_is_better = True
     needs_native = False
-    mean_of_samples = True  # unbiased on fewer samples: a trial may stop early on it (Evaluator.evaluate)
 
     def __init__(self, captions: Sequence[str] | Any, clip: str | Path = DEFAULT_CLIP, batch_size: int = 256):
         # A text model (its prompt table is read at scoring time, so set_prompts after this is fine) or captions.
@@ -96,6 +95,14 @@ class CLIPMetric:
             return value, float("nan"), float("nan")
         low, high = mean_ci(self.per_sample(images, sample_set), n_boot, seed)
         return value, max(low, 0.0), max(high, 0.0)  # the score is clamped at 0
+
+    def paired_interval(self, images: torch.Tensor, others: torch.Tensor, sample_set: Any, n_boot: int,
+                        seed: int = 0) -> tuple[float, float, float] | None:
+        """(score(images) - score(others), low, high) from per-sample differences (None without a local CLIP)."""
+        if self._pair is None:
+            return None
+        diff = self.per_sample(images, sample_set) - self.per_sample(others, sample_set)
+        return (diff.mean().item(), *mean_ci(diff, n_boot, seed))
 
 
 def load_clip_metric(cfg: Any, model: Any) -> CLIPMetric:

@@ -223,36 +223,69 @@ def _sqrt_psd(cov: np.ndarray) -> np.ndarray:
     return (v * np.sqrt(np.clip(w, 0, None))) @ v.T
 
 
+def _bootstrap_fids(feats: np.ndarray, stats: ReferenceStats, draws: list[np.ndarray]) -> np.ndarray:
+    """FID against the statistics of each resample (row indices) of the features.
+
+    A fast Frechet distance: tr sqrtm(C R) = sum sqrt(eig(R^1/2 C R^1/2)), symmetric, so eigvalsh; one
+    d x d covariance at a time (Inception features are 2048-d)."""
+    ref_mu, ref_cov = stats.mu.numpy(), stats.cov.numpy()
+    ref_sqrt = _sqrt_psd(ref_cov)
+    fids = []
+    for idx in draws:
+        mu, cov = feats[idx].mean(0), np.cov(feats[idx], rowvar=False)
+        eig = np.linalg.eigvalsh(ref_sqrt @ cov @ ref_sqrt)
+        fids.append(((mu - ref_mu) ** 2).sum() + np.trace(cov) + np.trace(ref_cov) - 2 * np.sqrt(np.clip(eig, 0, None)).sum())
+    return np.array(fids)
+
+
+def _draws(n: int, n_boot: int, seed: int) -> list[np.ndarray]:
+    """The set itself, then n_boot resamples with replacement."""
+    rng = np.random.default_rng(seed)
+    return [np.arange(n)] + [rng.integers(0, n, n) for _ in range(n_boot)]
+
+
+def _percentile_interval(values: np.ndarray, level: float) -> tuple[float, float]:
+    """Percentile interval of values[1:] (resamples) shifted by their bootstrap bias: resampling with
+    replacement duplicates samples and adds the finite-sample FID bias a second time, so the raw percentiles
+    sit above the point estimate values[0]; they are shifted down by the mean of the resamples minus it."""
+    point, boot = values[0], values[1:]
+    low, high = np.quantile(boot, [(1 - level) / 2, (1 + level) / 2]) - (boot.mean() - point)
+    return float(low), float(high)
+
+
 def bootstrap_ci(net: FeatureNet, images: torch.Tensor, stats: ReferenceStats, n_boot: int = 200,
                  level: float = 0.95, seed: int = 0) -> tuple[float, float]:
     """Bootstrap confidence interval (low, high) for the FID of a fixed sample set against reference stats.
 
-    Features are computed once; each resample (with replacement) recomputes mean and covariance and
-    a fast Frechet distance: tr sqrtm(C R) = sum sqrt(eig(R^1/2 C R^1/2)), symmetric, so eigvalsh.
-    Resampling with replacement duplicates samples and adds the finite-sample FID bias a second time,
-    so the raw percentiles sit above the point estimate; they are shifted down by that bootstrap bias
-    (mean of the resampled FIDs minus the point estimate), and the low end is clipped at 0 (FID >= 0).
-    The interval is for the FID at this sample count, i.e. what a fresh set of as many samples would
-    score, not for the infinite-sample FID.
+    Features are computed once; each resample (with replacement) recomputes mean and covariance. The
+    percentiles are shifted by the bootstrap bias (_percentile_interval) and the low end is clipped at 0
+    (FID >= 0). The interval is for the FID at this sample count, i.e. what a fresh set of as many samples
+    would score, not for the infinite-sample FID.
     """
     _check_stats(net, stats)
     _check_count(images)
     feats = extract_features(net, images).numpy()
-    ref_mu, ref_cov = stats.mu.numpy(), stats.cov.numpy()
-    ref_sqrt = _sqrt_psd(ref_cov)
-    rng = np.random.default_rng(seed)
-    draws = [np.arange(len(feats))] + [rng.integers(0, len(feats), len(feats)) for _ in range(n_boot)]  # first: the set itself
-    fids = []
-    for idx in draws:  # one d x d covariance at a time: Inception features are 2048-d
-        mu, cov = feats[idx].mean(0), np.cov(feats[idx], rowvar=False)
-        eig = np.linalg.eigvalsh(ref_sqrt @ cov @ ref_sqrt)
-        fids.append(((mu - ref_mu) ** 2).sum() + np.trace(cov) + np.trace(ref_cov) - 2 * np.sqrt(np.clip(eig, 0, None)).sum())
-    point, boot = fids[0], np.array(fids[1:])
-    low, high = np.quantile(boot, [(1 - level) / 2, (1 + level) / 2]) - (boot.mean() - point)
-    return max(float(low), 0.0), float(high)
+    low, high = _percentile_interval(_bootstrap_fids(feats, stats, _draws(len(feats), n_boot, seed)), level)
+    return max(low, 0.0), high
+
+
+def paired_bootstrap_ci(net: FeatureNet, images: torch.Tensor, others: torch.Tensor, stats: ReferenceStats,
+                        n_boot: int = 200, level: float = 0.95, seed: int = 0) -> tuple[float, float, float]:
+    """(difference, low, high): FID(images) - FID(others) against the same statistics, with a bootstrap interval
+    that resamples the same rows of both sets: for samples of two schedules on the same seeds (common random
+    numbers), which share most of their sampling noise and their finite-sample bias."""
+    _check_stats(net, stats)
+    _check_count(images)
+    if len(images) != len(others):
+        raise ValueError(f"paired FID needs as many images in both sets, got {len(images)} and {len(others)}")
+    draws = _draws(len(images), n_boot, seed)
+    diff = (_bootstrap_fids(extract_features(net, images).numpy(), stats, draws)
+            - _bootstrap_fids(extract_features(net, others).numpy(), stats, draws))
+    return (float(diff[0]), *_percentile_interval(diff, level))
 
 
 __all__ = [
     "FeatureExtractor", "ReferenceStats", "bootstrap_ci", "compute_reference_stats",
     "default_reference_stats", "extract_features", "fid_against_stats", "fid_between", "frechet_distance_np",
+    "paired_bootstrap_ci",
 ]

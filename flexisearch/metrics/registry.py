@@ -5,10 +5,11 @@
   clip        CLIP score of text-to-image samples against their prompts (metrics.clip)
   class_accuracy  the feature net's classifier recognises a sample as the class asked for (metrics.accuracy)
 
-A metric has name, higher_is_better, needs_native, mean_of_samples (its value on fewer samples estimates
-the same quantity: a trial may stop early on it), score(images, sample_set, target) and
-score_with_ci(images, sample_set, target, n_boot, seed). A new metric is one module in metrics/ and
-one line in METRICS.
+A metric has name, higher_is_better, needs_native, score(images, sample_set, target),
+score_with_ci(images, sample_set, target, n_boot, seed) and paired_interval(images, others, sample_set,
+n_boot, seed): the difference of its values on two sample sets of the same seeds with a paired bootstrap
+interval (None where it has none), by which a trial stops early (Evaluator.evaluate). A new metric is one
+module in metrics/ and one line in METRICS.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from .fid import (
     compute_reference_stats,
     fid_against_stats,
     fid_between,
+    paired_bootstrap_ci,
 )
 from .inception import FIDInceptionV3
 
@@ -37,7 +39,6 @@ class FIDMetric:
     """FID of generated images in a feature network's space (lower is better)."""
 
     higher_is_better = False
-    mean_of_samples = False  # biased by the sample count: never stops a trial early
 
     def __init__(self, net: Any, stats: ReferenceStats | None, name: str = "fid"):
         self.net, self.stats, self.name = net, stats, name
@@ -55,6 +56,14 @@ class FIDMetric:
         stats = self.stats if self.stats is not None else compute_reference_stats(self.net, target, "native samples", "")
         low, high = bootstrap_ci(self.net, images, stats, n_boot=n_boot, seed=seed)
         return value, low, high
+
+    def paired_interval(self, images: torch.Tensor, others: torch.Tensor, sample_set: Any, n_boot: int,
+                        seed: int = 0) -> tuple[float, float, float] | None:
+        """(FID(images) - FID(others), low, high) on the same seeds; None for fid_native, whose value on
+        static native's own samples is 0 at every sample count."""
+        if self.stats is None:
+            return None
+        return paired_bootstrap_ci(self.net, images, others, self.stats, n_boot=n_boot, seed=seed)
 
 
 def load_feature_net(spec: str | None) -> Any:

@@ -56,6 +56,7 @@ class CostConfig:
     compile: str = "none"  # none | default | reduce-overhead | max-autotune (torch.compile)
     merge_lora: bool = False
     repeats: int = 7  # timed repeats of each measured part (after 2 warm-up calls)
+    max_memory_mb: float | None = None  # a ceiling on sampling's peak memory at batch_size (MiB, cost table): a constraint
 
 
 @dataclass(frozen=True)
@@ -248,6 +249,8 @@ def _check(cfg: SearchConfig, source: str) -> None:
             raise key_error(source, f"cost.{key}", f"one of {list(allowed)}", value)
     if c.repeats < 1 or (c.batch_size is not None and c.batch_size < 1):
         raise key_error(source, "cost", "positive repeats and batch_size", {"repeats": c.repeats, "batch_size": c.batch_size})
+    if c.max_memory_mb is not None and not (isinstance(c.max_memory_mb, (int, float)) and c.max_memory_mb > 0):
+        raise key_error(source, "cost.max_memory_mb", "a positive number of MiB", c.max_memory_mb)
 
 
 def _check_metric(m: MetricConfig, key: str, source: str) -> None:

@@ -36,14 +36,15 @@ from .spaces import make_space
 class TrialResult:
     """What one trial measured: the schedule, its cost (Evaluator.cost: `fraction` is the searched one), its
     quality per metric (the searched metric first) and each constraint value (<= 0: met), on the first `samples`
-    search samples: fewer than the whole set (`stopped`) when the trial stopped at a lower fidelity."""
+    search samples: fewer than the whole set when the trial stopped at a lower fidelity, `stopped` saying why
+    ("cost": it costs at least the incumbent, or the name of the metric it confidently fails; "": it did not)."""
 
     schedule: Schedule
     cost: dict[str, float]
     qualities: dict[str, float]
     violations: dict[str, float]
     samples: int
-    stopped: bool
+    stopped: str
 
     @property
     def quality(self) -> float:
@@ -161,18 +162,19 @@ class Evaluator:
         return run_dir(self.cfg) / "cost_table.json"
 
     def pin_costs(self, cfg: SearchConfig) -> SearchConfig:
-        """cfg naming the cost table this evaluator predicts with (a latency search without cost.table): the
-        worker processes and Ray workers then use the same table, whichever device they run on."""
-        if cfg.cost.type != "latency" or cfg.cost.table:
+        """cfg naming the cost table this evaluator predicts with (a latency search or a memory ceiling without
+        cost.table): the worker processes and Ray workers then use the same table, whichever device they run on."""
+        if (cfg.cost.type != "latency" and cfg.cost.max_memory_mb is None) or cfg.cost.table:
             return cfg
         _ = self.costs
         return dataclasses.replace(cfg, cost=dataclasses.replace(cfg.cost, table=str(self.own_cost_table().resolve())))
 
-    def native_samples(self, sample_set: SampleSet) -> torch.Tensor:
-        """Samples of the static native reference on a sample set (the fid_native target)."""
+    def native_samples(self, sample_set: SampleSet, progress: bool = False) -> torch.Tensor:
+        """Samples of the static native reference on a sample set (the fid_native target, and what a paired
+        difference compares with), sampled once per set."""
         key = f"{sample_set.name}|{len(sample_set.seeds)}"
         if key not in self._native_samples:
-            self._native_samples[key] = self.samples(self.reference, sample_set)
+            self._native_samples[key] = self.samples(self.reference, sample_set, progress)
         return self._native_samples[key]
 
     def qualities(self, schedule: Schedule, sample_set: SampleSet | None = None) -> dict[str, float]:
@@ -195,50 +197,79 @@ class Evaluator:
     def intervals(self, schedule: Schedule, sample_set: SampleSet,
                   progress: bool = False) -> dict[str, tuple[float, float, float]]:
         """Every metric as (value, low, high) with a bootstrap 95% interval over the samples of a sample set."""
-        images = self.samples(schedule, sample_set, progress=progress)
+        return self._intervals(self._images(schedule, sample_set, progress), sample_set)
+
+    def _images(self, schedule: Schedule, sample_set: SampleSet, progress: bool) -> torch.Tensor:
+        if schedule == self.reference:
+            return self.native_samples(sample_set, progress)
+        return self.samples(schedule, sample_set, progress=progress)
+
+    def _intervals(self, images: torch.Tensor, sample_set: SampleSet) -> dict[str, tuple[float, float, float]]:
         return {c.name: c.metric.score_with_ci(images, sample_set, self._target(c, sample_set), self.cfg.bootstrap)
                 for c in self.constraints}
 
     def confirm(self, schedule: Schedule, progress: bool = False) -> dict[str, dict[str, Any]]:
-        """Held-out value of every metric with a bootstrap 95% interval, on seeds never used during the search."""
+        """Held-out value of every metric with a bootstrap 95% interval, on seeds never used during the search, and
+        (where the metric has a paired interval) its difference from static native on the same held-out seeds:
+        sharing their sampling noise, it is measured more tightly than the two intervals side by side suggest."""
         h = self.heldout_set
-        return {name: {"value": value, "ci95": [low, high], "n": len(h.seeds), "seeds": [h.seeds[0], h.seeds[-1]]}
-                for name, (value, low, high) in self.intervals(schedule, h, progress).items()}
+        images, native = self._images(schedule, h, progress), self.native_samples(h, progress)
+        out: dict[str, dict[str, Any]] = {}
+        for name, (value, low, high) in self._intervals(images, h).items():
+            out[name] = {"value": value, "ci95": [low, high], "n": len(h.seeds), "seeds": [h.seeds[0], h.seeds[-1]]}
+        for c in self.constraints:
+            paired = c.metric.paired_interval(images, native, h, self.cfg.bootstrap) if schedule != self.reference else None
+            if paired is not None:
+                out[c.name]["vs_static_native"] = {"difference": paired[0], "ci95": [paired[1], paired[2]]}
+        return out
 
     def bounds(self, native: dict[str, float]) -> dict[str, float]:
         """Each metric's bound, given static native's values on the search set."""
         return {c.name: c.bound(native[c.name]) for c in self.constraints}
 
-    def evaluate(self, trial: Any, bounds: dict[str, float], incumbent: float | None = None) -> TrialResult:
+    def evaluate(self, trial: Any, native: dict[str, float], incumbent: float | None = None) -> TrialResult:
         """The trial's schedule (an Optuna Trial, or a FixedTrial of a Ray trial's parameters), measured on growing
-        prefixes of the search set (cfg.fidelities, then all of it). It stops at a lower fidelity when it costs at
-        least the incumbent (the cheapest schedule known to meet every bound: it cannot be better), or when it is
-        confidently infeasible there: the 95% interval of a metric that is a mean over samples (class accuracy,
-        CLIP score) lies wholly on the wrong side of its bound. FID is biased by the sample count, so its value
-        on fewer samples says little about its value on all of them: it never stops a trial early."""
+        prefixes of the search set (cfg.fidelities, then all of it) against the bounds that static native's values
+        on the whole search set (`native`) give. It stops at a lower fidelity when it costs at least the incumbent
+        (the cheapest schedule known to meet every bound: it cannot be better), when its predicted peak memory is
+        above cost.max_memory_mb, or when it is confidently infeasible there: compared with static native on the same samples, even the favourable end of the 95%
+        interval of the difference, added to static native's value on the whole set, violates a bound. The
+        difference, not the value, carries over between sample counts: FID's finite-sample bias is shared by
+        both schedules on the same seeds, and a mean over samples is unbiased anyway."""
         schedule = self.space.suggest(trial)  # made of the model's sizes and solvers (checked at construction)
-        cost = self.cost(schedule)
+        cost, bounds = self.cost(schedule), self.bounds(native)
         for n in self.fidelities[:-1]:
             scored = self._interim(schedule, n)
-            hopeless = any(c.violation(scored[c.name][2 if c.metric.higher_is_better else 1], bounds[c.name]) > 0
-                           for c in self.constraints if c.metric.mean_of_samples)
-            if hopeless or (incumbent is not None and cost["fraction"] >= incumbent):
-                return self._result(schedule, cost, {k: v[0] for k, v in scored.items()}, bounds, n)
+            # a metric without a paired interval has nan ends: its comparison is False, it never stops a trial
+            why = [name for name, v in self._memory(schedule).items() if v > 0]
+            why += ["cost"] if incumbent is not None and cost["fraction"] >= incumbent else []
+            why += [c.name for c in self.constraints if c.violation(
+                native[c.name] + scored[c.name][2 if c.metric.higher_is_better else 1], bounds[c.name]) > 0]
+            if why:
+                return self._result(schedule, cost, {k: v[0] for k, v in scored.items()}, bounds, n, why[0])
         return self._result(schedule, cost, self.qualities(schedule), bounds, self.fidelities[-1])
 
     def _interim(self, schedule: Schedule, n: int) -> dict[str, tuple[float, float, float]]:
-        """Every metric on the first n search samples: (value, low, high), the interval only for means over samples."""
+        """Every metric on the first n search samples: (value, low, high), where low and high bound the difference
+        from static native on the same samples (nan for a metric without a paired interval)."""
         key = f"{n}|{json.dumps(schedule.to_dict())}"
         if key not in self._interims:
             sample_set = self.search_set.head(n)
-            images, nan = self.samples(schedule, sample_set), float("nan")
-            self._interims[key] = {
-                c.name: c.metric.score_with_ci(images, sample_set, None, self.cfg.bootstrap) if c.metric.mean_of_samples
-                else (c.metric.score(images, sample_set, self._target(c, sample_set)), nan, nan)
-                for c in self.constraints}
+            images, native = self.samples(schedule, sample_set), self.native_samples(sample_set)
+            out = {}
+            for c in self.constraints:
+                value = c.metric.score(images, sample_set, self._target(c, sample_set))
+                paired = c.metric.paired_interval(images, native, sample_set, self.cfg.bootstrap)
+                out[c.name] = (value, *(paired[1:] if paired is not None else (float("nan"),) * 2))
+            self._interims[key] = out
         return self._interims[key]
 
     def _result(self, schedule: Schedule, cost: dict[str, float], qualities: dict[str, float],
-                bounds: dict[str, float], n: int) -> TrialResult:
+                bounds: dict[str, float], n: int, stopped: str = "") -> TrialResult:
         violations = {c.name: c.violation(qualities[c.name], bounds[c.name]) for c in self.constraints}
-        return TrialResult(schedule, cost, qualities, violations, n, stopped=n < self.fidelities[-1])
+        return TrialResult(schedule, cost, qualities, {**violations, **self._memory(schedule)}, n, stopped)
+
+    def _memory(self, schedule: Schedule) -> dict[str, float]:
+        """The memory ceiling's constraint (cost.max_memory_mb): {"peak_memory": peak MiB minus the ceiling}, or {}."""
+        ceiling = self.cfg.cost.max_memory_mb
+        return {} if ceiling is None else {"peak_memory": self.latency(schedule)["peak_bytes"] / 2**20 - ceiling}

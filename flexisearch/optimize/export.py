@@ -6,6 +6,7 @@ with a bootstrap interval; the search-time value is kept beside it.
 
 from __future__ import annotations
 
+import collections
 import datetime
 from typing import Any
 
@@ -71,8 +72,9 @@ def _quality(evaluator: Evaluator, heldout: dict[str, Any], search: dict[str, fl
 
 
 def _bounds_text(evaluator: Evaluator, bounds: dict[str, float]) -> str:
-    return " and ".join(f"{c.name} {'>=' if c.metric.higher_is_better else '<='} {bounds[c.name]:.4g}"
-                        for c in evaluator.constraints)
+    ceiling = evaluator.cfg.cost.max_memory_mb
+    return " and ".join([f"{c.name} {'>=' if c.metric.higher_is_better else '<='} {bounds[c.name]:.4g}"
+                         for c in evaluator.constraints] + ([f"peak memory <= {ceiling:g} MiB"] if ceiling else []))
 
 
 def export_study(cfg: SearchConfig, evaluator: Evaluator, study: optuna.Study, progress: bool = False) -> dict[str, Any]:
@@ -101,7 +103,9 @@ def export_study(cfg: SearchConfig, evaluator: Evaluator, study: optuna.Study, p
                   "cost": cfg.cost.type,
                   "space": cfg.space.type, "n_trials": len(records), "search_samples": cfg.search_samples,
                   "search_seeds": [0, cfg.search_samples - 1], "fidelities": list(evaluator.fidelities),
-                  "trials_stopped_early": sum(r["stopped"] for r in records), "flexisearch": __version__,
+                  "trials_stopped_early": sum(bool(r["stopped"]) for r in records),
+                  "trials_stopped_by": dict(collections.Counter(r["stopped"] for r in records if r["stopped"])),
+                  "flexisearch": __version__,
                   "model_calls_saved_by_prefix_reuse": sum(c[0] for c in calls),
                   "model_calls_run": sum(c[1] for c in calls),
                   "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
@@ -109,7 +113,7 @@ def export_study(cfg: SearchConfig, evaluator: Evaluator, study: optuna.Study, p
     every = [{"metric": c.name, "bound": bounds[c.name], "relative": c.config.relative, "within": c.config.within,
               "absolute": c.config.max if c.config.max is not None else c.config.min,
               "search_reference_quality": native_search[c.name]} for c in evaluator.constraints]
-    constraint = {**every[0], "constraints": every}
+    constraint = {**every[0], "constraints": every, "max_memory_mb": cfg.cost.max_memory_mb}
     reference = {"schedule": evaluator.reference.to_dict(),
                  "cost": {"macs": evaluator.reference_macs, "latency": _latency(evaluator, evaluator.reference)},
                  **_quality(evaluator, native)}

@@ -24,8 +24,8 @@ from .study import (
     WORKER,
     incumbent,
     open_study,
-    quality_bounds,
     record,
+    reference_qualities,
     release,
     release_trials,
     seed_study,
@@ -45,7 +45,7 @@ class _Interrupted(_Stop):
     """Ctrl-C during a trial."""
 
 
-def _trial_fn(cfg: SearchConfig, evaluator: Evaluator, bounds: dict[str, float]):
+def _trial_fn(cfg: SearchConfig, evaluator: Evaluator, native: dict[str, float]):
     """The callable study.optimize runs: one trial evaluation, recorded in the study."""
     def fn(trial: optuna.Trial) -> float | tuple[float, float]:
         ahead = trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING))
@@ -54,7 +54,7 @@ def _trial_fn(cfg: SearchConfig, evaluator: Evaluator, bounds: dict[str, float])
             raise _StudyFull
         trial.set_user_attr("worker", WORKER)
         try:
-            result = evaluator.evaluate(trial, bounds, incumbent(trial.study, cfg))
+            result = evaluator.evaluate(trial, native, incumbent(trial.study, cfg))
             record(trial, result.report())
         except KeyboardInterrupt:
             release(trial.study, trial)
@@ -67,11 +67,11 @@ def run_worker(cfg: SearchConfig, evaluator: Evaluator, progress: bool = True) -
     """Run trials in this process until the study holds cfg.n_trials complete trials."""
     study = open_study(cfg, evaluator)
     release_trials(study)
-    bounds = quality_bounds(study, evaluator)
+    native = reference_qualities(study, evaluator)
     remaining = max(0, cfg.n_trials - len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))))
     try:
         if remaining:
-            study.optimize(_trial_fn(cfg, evaluator, bounds), n_trials=remaining, show_progress_bar=progress,
+            study.optimize(_trial_fn(cfg, evaluator, native), n_trials=remaining, show_progress_bar=progress,
                            callbacks=[optuna.study.MaxTrialsCallback(cfg.n_trials, states=(TrialState.COMPLETE,))],
                            catch=(RuntimeError,))
     except _StudyFull:

@@ -56,7 +56,7 @@ def plot_tradeoff(records: list[dict[str, Any]], front: list[dict[str, Any]], ev
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for stopped, style in ((False, {"s": 10, "c": "0.7", "label": "trials"}),
                            (True, {"s": 14, "c": "0.7", "marker": "x", "label": "stopped early (fewer samples)"})):
-        pts = [r for r in records if r["stopped"] == stopped]
+        pts = [r for r in records if bool(r["stopped"]) == stopped]
         if pts:
             ax.scatter([r["fraction"] for r in pts], [r["quality"] for r in pts], **style)
     fam = sorted((r for r in records if r["family"] == "threshold"), key=lambda r: r["fraction"])

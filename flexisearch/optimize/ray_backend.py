@@ -30,8 +30,8 @@ from .study import (
     WORKER,
     incumbent,
     open_study,
-    quality_bounds,
     record,
+    reference_qualities,
     release_trials,
     seed_study,
 )
@@ -49,13 +49,13 @@ def _worker_evaluator(cfg_json: str) -> Evaluator:
 INCUMBENT = "_incumbent"  # passed with a trial's parameters: workers do not read the study
 
 
-def _trainable(config: dict, cfg_json: str, bounds: dict[str, float]) -> None:
+def _trainable(config: dict, cfg_json: str, native: dict[str, float]) -> None:
     import ray
     from ray import tune
 
     evaluator = _worker_evaluator(cfg_json)
     params = {k: v for k, v in config.items() if k != INCUMBENT}
-    result = evaluator.evaluate(optuna.trial.FixedTrial(params), bounds, config.get(INCUMBENT))
+    result = evaluator.evaluate(optuna.trial.FixedTrial(params), native, config.get(INCUMBENT))
     tune.report({**result.report(), "node": ray.get_runtime_context().get_node_id(), "pid": os.getpid(),
                  "calls_saved": evaluator.cache.calls_saved, "calls_run": evaluator.cache.calls_run})
 
@@ -171,13 +171,13 @@ def run_ray_search(cfg: SearchConfig, evaluator: Evaluator, address: str | None 
     cfg = evaluator.pin_costs(cfg)  # latency: every worker predicts with this process's cost table
     study = seed_study(cfg, evaluator)  # created once, before any worker; the threshold family enqueued
     release_trials(study)  # those a killed driver left running are queued again
-    bounds = quality_bounds(study, evaluator)
+    native = reference_qualities(study, evaluator)
     _init_ray(address, cfg)
     try:
         check_resources(cfg.resources)
         storage_path = str((run_dir(cfg) / "ray").resolve())
         trainable = tune.with_resources(
-            tune.with_parameters(_trainable, cfg_json=json.dumps(config_dict(cfg), sort_keys=True), bounds=bounds),
+            tune.with_parameters(_trainable, cfg_json=json.dumps(config_dict(cfg), sort_keys=True), native=native),
             {k: v for k, v in cfg.resources.items() if v})
         # Round 0 runs the trials the study lacks; later rounds top up trials that failed for good (e.g. their
         # node died more often than FailureConfig allows). Each round is a new Tune experiment.

@@ -30,7 +30,10 @@ from .evaluate import Evaluator
 from .spaces import Space
 from .storage import existing_study, open_storage
 
-PAPER_FRACTIONS = (0.0, 0.2, 0.3, 0.4, 0.5, 0.6, 1.0)  # "weak for the first k steps", as fractions of the steps
+# "weak for the first k steps", as fractions of the steps: static native first (the reference, already
+# sampled: free, and it meets relative bounds), then cheapest first, so that once one meets every bound the
+# costlier ones stop at the first fidelity (Evaluator.evaluate)
+PAPER_FRACTIONS = (0.0, 1.0, 0.6, 0.5, 0.4, 0.3, 0.2)
 WORKER = f"{socket.gethostname()}:{os.getpid()}"  # recorded with each trial this process runs
 
 
@@ -105,7 +108,7 @@ def record(trial: Any, report: dict[str, Any]) -> None:
     trial.set_user_attr("qualities", json.loads(report["qualities"]))
     trial.set_user_attr("samples", report["samples"])
     if report["stopped"]:  # measured on fewer samples: never exported (trial_records: not feasible)
-        trial.set_user_attr("stopped", True)
+        trial.set_user_attr("stopped", report["stopped"])  # why: "cost" or the metric it failed
     for name, value in violations.items():
         trial.set_constraint(name, value)
     # optuna-dashboard (0.21) reads only the list Optuna < 5 kept under "constraints"; Optuna reads both.
@@ -226,6 +229,6 @@ def trial_records(study: optuna.Study) -> list[dict[str, Any]]:
                     "fraction": t.values[0], "macs": t.user_attrs["macs"], "quality": t.user_attrs["quality"],
                     "qualities": t.user_attrs.get("qualities", {}),
                     "feasible": all(v <= 0 for v in t.constraints.values()) and not t.user_attrs.get("stopped"),
-                    "stopped": bool(t.user_attrs.get("stopped")),
+                    "stopped": str(t.user_attrs.get("stopped") or ""),
                     "family": t.user_attrs.get("family", "search"), "params": t.params})
     return out
