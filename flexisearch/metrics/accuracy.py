@@ -36,6 +36,13 @@ def mean_ci(values: torch.Tensor, n_boot: int, seed: int = 0, level: float = 0.9
     return low, high
 
 
+def paired_mean_ci(values: torch.Tensor, others: torch.Tensor, n_boot: int, seed: int = 0) -> tuple[float, float, float]:
+    """(mean difference, low, high) of per-sample values of two sample sets on the same seeds: the interval of the
+    per-sample differences, not of two independent means."""
+    diff = values.double() - others.double()
+    return (diff.mean().item(), *mean_ci(diff, n_boot, seed))
+
+
 class ClassAccuracyMetric:
     """Class accuracy (higher is better) of samples of a class-conditional model under a classifier net."""
 
@@ -59,8 +66,7 @@ class ClassAccuracyMetric:
                         seed: int = 0) -> tuple[float, float, float]:
         """(accuracy(images) - accuracy(others), low, high): the mean and interval of per-sample differences."""
         labels = torch.tensor(sample_set.labels)
-        diff = correct(self.net, images, labels).double() - correct(self.net, others, labels).double()
-        return (diff.mean().item(), *mean_ci(diff, n_boot, seed))
+        return paired_mean_ci(correct(self.net, images, labels), correct(self.net, others, labels), n_boot, seed)
 
 
 def check_classifier(net: Any, model: Any, net_name: str) -> None:
@@ -74,4 +80,4 @@ def check_classifier(net: Any, model: Any, net_name: str) -> None:
                         f"generates {model.config.num_classes}")
 
 
-__all__ = ["ClassAccuracyMetric", "check_classifier", "classifier_accuracy", "correct", "mean_ci"]
+__all__ = ["ClassAccuracyMetric", "check_classifier", "classifier_accuracy", "correct", "mean_ci", "paired_mean_ci"]

@@ -24,7 +24,7 @@ from typing import Any, Sequence
 import torch
 
 from ..errors import UserError
-from .accuracy import mean_ci
+from .accuracy import mean_ci, paired_mean_ci
 from .tiny_clip import ASSET as DEFAULT_CLIP
 from .tiny_clip import load_clip, per_sample_scores, to_pixels
 
@@ -101,8 +101,7 @@ class CLIPMetric:
         """(score(images) - score(others), low, high) from per-sample differences (None without a local CLIP)."""
         if self._pair is None:
             return None
-        diff = self.per_sample(images, sample_set) - self.per_sample(others, sample_set)
-        return (diff.mean().item(), *mean_ci(diff, n_boot, seed))
+        return paired_mean_ci(self.per_sample(images, sample_set), self.per_sample(others, sample_set), n_boot, seed)
 
 
 def load_clip_metric(cfg: Any, model: Any) -> CLIPMetric:
