@@ -270,6 +270,7 @@ def cmd_profile(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
+    from .models.loading import resolve_device
     from .training.dit import BaseTrainConfig, FlexifyConfig, train_base, train_flexify
     from .training.loop import read_config
 
@@ -280,8 +281,13 @@ def cmd_train(args: argparse.Namespace) -> None:
         cfg = read_config(FlexifyConfig, args.config, {"steps": args.steps, "data": args.data, "seed": args.seed,
                                                        "base": args.base, "mode": args.mode})
         if not cfg.base:
-            raise UserError("flexify: --base (a pretrained model directory) is required")
-        train_flexify(cfg, args.out)
+            raise UserError("flexify: --base (a pretrained model) is required")
+        if args.backend == "ray":
+            from .training.ray_train import train_flexify_ray
+
+            train_flexify_ray(cfg, args.out, args.num_workers, args.gpus_per_worker, args.address)
+        else:
+            train_flexify(cfg, args.out, resolve_device(args.device or "cpu"))
     print(f"wrote {Path(args.out) / 'model'}")
 
 
@@ -403,10 +409,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("what", choices=["base", "flexify"])
     p.add_argument("--config", help="JSON config (fields of BaseTrainConfig / FlexifyConfig)")
     p.add_argument("--out", required=True, help="run folder: the model is written to OUT/model, checkpoints beside it")
-    p.add_argument("--base", help="flexify: pretrained model directory")
+    p.add_argument("--base", help="flexify: the pretrained model: embedded:<name>, a FlexiDiT or pipeline directory "
+                   "(flexisearch convert) or dit:<hub id or DiTPipeline directory>")
     p.add_argument("--mode", choices=["shared", "lora"], help="flexify: fine-tune the shared weights, or LoRA adapters "
                    "per weak patch size (default: the config's)")
-    p.add_argument("--data", help="mnist, digits8, or an image folder with one subfolder per class")
+    p.add_argument("--data", help="mnist, digits8, or an image folder with one subfolder per class (latent models: "
+                   "any resolution, centre-cropped as DiT does and encoded once by the model's VAE)")
+    p.add_argument("--device", help="flexify: cpu (default), cuda or cuda:N (bf16 autocast on CUDA)")
+    p.add_argument("--backend", choices=["local", "ray"], default="local",
+                   help="flexify: this process (default), or Ray Train workers (data parallel, one config for both)")
+    p.add_argument("--num-workers", type=_positive, default=2, help="ray: workers (default 2); the config's "
+                   "batch_size is the global batch, split evenly")
+    p.add_argument("--gpus-per-worker", type=float, default=0.0, help="ray: GPUs per worker (default 0: CPU, gloo)")
+    p.add_argument("--address", help="ray: HOST:PORT or auto of a running cluster (default: start a local one)")
     p.add_argument("--steps", type=_positive, help="optimizer steps (default: the config's)")
     p.add_argument("--seed", type=int, help="random seed (default: the config's)")
     p.set_defaults(fn=cmd_train)

@@ -43,7 +43,8 @@ def latents_of(pipe: FlexiDiTPipeline, schedule: Schedule, **kw) -> torch.Tensor
 
 @pytest.mark.parametrize("prediction,learn_sigma,solver,mode", [
     ("flow", False, "euler", "cfg"), ("flow", False, "dpm++", "weak_guidance"),
-    ("epsilon", True, "ddpm", "cfg"), ("epsilon", False, "ddim", "weak_guidance"), ("epsilon", True, "dpm++", "cfg")])
+    ("epsilon", True, "ddpm", "cfg"), ("epsilon", False, "ddim", "weak_guidance"), ("epsilon", True, "dpm++", "cfg"),
+    ("v_prediction", False, "ddpm", "weak_guidance"), ("v_prediction", False, "ddim", "cfg")])
 def test_same_samples_as_library_sampler(prediction, learn_sigma, solver, mode):
     pipe = pixel_pipeline(prediction, learn_sigma, solver)
     s = schedule_for(pipe, solver, guidance_mode=mode)
@@ -136,6 +137,27 @@ def test_a_flow_models_solver_swap_runs_what_the_search_ran():
     assert torch.equal(latents_of(pipe, schedule), sample(pipe.transformer, schedule, LABELS, SEEDS))
     with pytest.raises(UserError, match="a flow model runs euler, dpm"):
         pipe.use_solver("ddim")
+
+
+def test_a_schedules_timestep_spacing_is_the_pipelines_to_run():
+    """A schedule with a timestep spacing needs a scheduler with that spacing (use_solver makes one); a schedule
+    without one runs under the pipeline's scheduler, whatever its spacing (the user's choice)."""
+    pipe = pixel_pipeline("epsilon", True, "ddpm")
+    spaced = schedule_for(pipe, "ddpm", timestep_spacing="linspace")
+    with pytest.raises(UserError, match=r"searched with solver 'ddpm' \(DDPMScheduler, timestep_spacing='linspace'\), "
+                                        r"but .*pipe.use_solver\('ddpm', timestep_spacing='linspace'\)"):
+        latents_of(pipe, spaced)
+    pipe.use_solver("ddpm", timestep_spacing="linspace")
+    assert pipe.scheduler.config.timestep_spacing == "linspace"
+    assert torch.equal(latents_of(pipe, spaced), sample(pipe.transformer, spaced, LABELS, SEEDS))
+    plain = schedule_for(pipe, "ddpm")
+    ours = latents_of(pipe, plain)
+    assert torch.equal(ours, sample(pipe.transformer, plain, LABELS, SEEDS, scheduler=pipe.scheduler))
+    assert not torch.allclose(ours, sample(pipe.transformer, plain, LABELS, SEEDS), atol=1e-3)
+    for solver, spacing, expect in [("ddim", "linspace", r"expected one of \['leading'\] for solver 'ddim'"),
+                                    ("ddpm", "every", "expected one of .* for solver 'ddpm'")]:
+        with pytest.raises(UserError, match=f"^timestep_spacing '{spacing}': {expect}"):
+            pipe.use_solver(solver, timestep_spacing=spacing)
 
 
 def test_refusals_and_opt_ins():

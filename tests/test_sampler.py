@@ -1,7 +1,12 @@
+import re
+
+import numpy as np
 import pytest
 import torch
 from conftest import random_flexidit
+from diffusers import DDIMScheduler
 
+from flexisearch.errors import UserError
 from flexisearch.sampling.generate import (
     TrajectoryCache,
     guided_output,
@@ -247,3 +252,144 @@ def test_epsilon_solvers_do_not_clip_the_predicted_sample(solver):
     assert x0.min() > 1.5
     out = sched.step(eps, t, x, generator=torch.Generator().manual_seed(0))
     assert torch.allclose(out.pred_original_sample, x0, rtol=1e-5)
+
+
+# ---- DiT's own sampler (facebookresearch/DiT: create_diffusion(str(N))), written out here -------
+def dit_timesteps(n: int) -> list[int]:
+    """DiT's space_timesteps(1000, [n]): n of the 1000 steps at a fractional stride, rounded; descending."""
+    stride, at, taken = 999 / (n - 1), 0.0, []
+    for _ in range(n):
+        taken.append(round(at))
+        at += stride
+    return sorted(set(taken), reverse=True)
+
+
+def dit_respaced(timesteps: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """alphabar at the kept timesteps (descending) and after each step (1 after the last), in float64 as DiT."""
+    alphabar = np.cumprod(1 - np.linspace(0.0001, 0.02, 1000, dtype=np.float64))[timesteps]
+    return alphabar, np.append(alphabar[1:], 1.0)
+
+
+def dit_noise(gens: list[torch.Generator], shape: tuple[int, ...]) -> torch.Tensor:
+    """Per-sample noise, each sample's from its own generator (as flexisearch draws it)."""
+    return torch.stack([torch.randn(shape, generator=g) for g in gens])
+
+
+@torch.no_grad()
+def dit_ddpm(model, labels: list[int], seeds: list[int], n: int) -> torch.Tensor:
+    """DiT's p_sample_loop on the respaced process, learned-range variance, clip_denoised=False: the respaced betas
+    1 - alphabar[t_i] / alphabar[t_i+1], the posterior mean of x0 from eps, log-variance frac * log(beta) +
+    (1 - frac) * log(clipped posterior variance) with frac = (v + 1) / 2; no noise after the last step (t = 0)."""
+    c, size = model.config.in_channels, model.config.input_size
+    ts = dit_timesteps(n)
+    alphabar, alphabar_prev = dit_respaced(ts)
+    betas = 1 - alphabar / alphabar_prev
+    posterior_var = betas * (1 - alphabar_prev) / (1 - alphabar)
+    clipped = np.append(posterior_var[:-1], posterior_var[-2])  # variance 0 at t = 0: DiT logs that of t_1 there
+    coef_x0 = betas * np.sqrt(alphabar_prev) / (1 - alphabar)
+    coef_xt = (1 - alphabar_prev) * np.sqrt(1 - betas) / (1 - alphabar)
+    # DiT's _extract_into_tensor: float64 tables, used in float32
+    alphabar, betas, clipped, coef_x0, coef_xt = (torch.from_numpy(a).float()
+                                                  for a in (alphabar, betas, clipped, coef_x0, coef_xt))
+    gens = [torch.Generator().manual_seed(s) for s in seeds]
+    x, y = dit_noise(gens, (c, size, size)), torch.tensor(labels)
+    for i, t in enumerate(ts):
+        out = model(x, torch.full((len(x),), t), y, model.config.patch_size)
+        eps, v = out[:, :c], out[:, c:]
+        x0 = (1 / alphabar[i]).sqrt() * x - (1 / alphabar[i] - 1).sqrt() * eps
+        mean = coef_x0[i] * x0 + coef_xt[i] * x
+        frac = (v + 1) / 2
+        log_var = frac * betas[i].log() + (1 - frac) * clipped[i].log()
+        x = mean + (0.5 * log_var).exp() * dit_noise(gens, (c, size, size)) if i < len(ts) - 1 else mean
+    return x
+
+
+@torch.no_grad()
+def dit_ddim(model, labels: list[int], seeds: list[int], ts: list[int]) -> torch.Tensor:
+    """DiT's ddim_sample_loop (eta 0, clip_denoised=False) on the process respaced to timesteps ts (descending)."""
+    c, size = model.config.in_channels, model.config.input_size
+    alphabar, alphabar_prev = (torch.from_numpy(a).float() for a in dit_respaced(ts))
+    gens = [torch.Generator().manual_seed(s) for s in seeds]
+    x, y = dit_noise(gens, (c, size, size)), torch.tensor(labels)
+    for i, t in enumerate(ts):
+        eps = model(x, torch.full((len(x),), t), y, model.config.patch_size)[:, :c]
+        x0 = (1 / alphabar[i]).sqrt() * x - (1 / alphabar[i] - 1).sqrt() * eps
+        eps = ((1 / alphabar[i]).sqrt() * x - x0) / (1 / alphabar[i] - 1).sqrt()  # DiT re-derives eps from x0
+        x = alphabar_prev[i].sqrt() * x0 + (1 - alphabar_prev[i]).sqrt() * eps
+    return x
+
+
+DIT_LABELS, DIT_SEEDS = [0, 2, 1], [11, 12, 13]
+
+
+@pytest.mark.parametrize("n", [10, 250])
+def test_ddpm_with_linspace_spacing_is_dits_own_sampler(n):
+    """static native, learned sigma, no guidance: flexisearch's ddpm with timestep_spacing linspace gives DiT's samples;
+    diffusers' default spacing (leading: 900, 800, ... for 10 steps) does not."""
+    m = random_flexidit("epsilon", learn_sigma=True)
+    s = Schedule.static(2, n, guidance_scale=1.0, solver="ddpm", model="x", timestep_spacing="linspace")
+    sched = make_scheduler("ddpm", "epsilon", True, "linspace")
+    sched.set_timesteps(n)
+    assert sched.timesteps.tolist() == dit_timesteps(n) and dit_timesteps(10) == [999 - 111 * i for i in range(10)]
+    dit = dit_ddpm(m, DIT_LABELS, DIT_SEEDS, n)
+    ours = sample(m, s, DIT_LABELS, DIT_SEEDS)
+    scale = dit.abs().max()  # a random model's samples run to hundreds
+    torch.testing.assert_close(ours, dit, rtol=0, atol=5e-5 * scale)  # float32 vs DiT's float64 tables: ~1e-6
+    leading = sample(m, s.replace(timestep_spacing=None), DIT_LABELS, DIT_SEEDS)
+    assert (leading - dit).abs().max() > 1e-2 * scale  # 250 steps: 996, ..., 0 against 999, ..., 0 moves it by 3%
+
+
+def test_ddim_is_dits_ddim_on_its_leading_timesteps_and_takes_no_other_spacing():
+    """flexisearch's ddim is DiT's DDIM on the timesteps it runs (leading: 900, 800, ..., 0). Under linspace diffusers'
+    DDIMScheduler steps from t to t - 100, not to the next of 999, 888, ..., 0 (diffusers issue #12633): it is not
+    DiT's DDIM there, so a schedule cannot ask for it. When diffusers fixes it, the last assertion fails: then let ddim
+    take linspace (schedule.TIMESTEP_SPACINGS)."""
+    m = random_flexidit("epsilon", learn_sigma=True)
+    s = Schedule.static(2, 10, guidance_scale=1.0, solver="ddim", model="x")
+    dit = dit_ddim(m, DIT_LABELS, DIT_SEEDS, [900 - 100 * i for i in range(10)])
+    ours = sample(m, s, DIT_LABELS, DIT_SEEDS)
+    torch.testing.assert_close(ours, dit, rtol=0, atol=5e-5 * dit.abs().max())
+    assert torch.equal(sample(m, s.replace(timestep_spacing="leading"), DIT_LABELS, DIT_SEEDS), ours)  # the default
+    with pytest.raises(UserError, match=r"field 'timestep_spacing' is 'linspace', expected one of \['leading'\] "
+                                        r"for solver 'ddim' \(diffusers' DDIMScheduler steps by a fixed stride"):
+        s.replace(timestep_spacing="linspace")
+    stock = DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", beta_start=0.0001, beta_end=0.02,
+                          clip_sample=False, timestep_spacing="linspace")
+    dit_linspace = dit_ddim(m, DIT_LABELS, DIT_SEEDS, dit_timesteps(10))
+    assert (sample(m, s, DIT_LABELS, DIT_SEEDS, scheduler=stock) - dit_linspace).abs().max() > 0.05 * dit.abs().max()
+
+
+def test_spacing_reaches_the_scheduler_and_the_trajectory_cache():
+    m = random_flexidit("epsilon", learn_sigma=True)
+    cache = TrajectoryCache()
+    s = Schedule.static(2, 4, guidance_scale=2.0, solver="ddpm", model="x")
+    leading = sample(m, s, [0, 1], [0, 1], cache=cache)
+    spaced = sample(m, s.replace(timestep_spacing="linspace"), [0, 1], [0, 1], cache=cache)
+    assert cache.calls_saved == 0 and not torch.allclose(leading, spaced, atol=1e-3)
+    assert make_scheduler("ddpm", "epsilon").config.timestep_spacing == "leading"  # None: diffusers' default
+    for solver, prediction in (("euler", "flow"), ("dpm++", "epsilon"), ("ddim", "v_prediction")):
+        with pytest.raises(ValueError, match=rf"^timestep_spacing 'linspace': expected .* '{re.escape(solver)}'"):
+            make_scheduler(solver, prediction, timestep_spacing="linspace")
+
+
+# ---- v-prediction ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("solver", ["ddpm", "ddim", "dpm++"])
+def test_a_v_prediction_model_samples_as_its_epsilon_equivalent(solver, monkeypatch):
+    """A v model's samples are those of the epsilon model eps = sqrt(abar) v + sqrt(1 - abar) x_t (guidance is affine
+    with weights summing to 1, so it commutes with the conversion); read as epsilon, its v gives other samples."""
+    m = random_flexidit("v_prediction")
+    s = Schedule.branch_split(2, 4, 6, 4, 2, guidance_scale=2.0, solver=solver, model="x")
+    assert make_scheduler(solver, "v_prediction").config.prediction_type == "v_prediction"
+    ours = sample(m, s, [0, 1, 2], [0, 1, 2])
+    misread = sample(m, s, [0, 1, 2], [0, 1, 2], scheduler=make_scheduler(solver, "epsilon"))
+    alphabar, forward = make_scheduler(solver, "epsilon").alphas_cumprod, m.forward
+
+    def as_epsilon(x, t, y, p=None):
+        a = alphabar[t.long()].view(-1, 1, 1, 1)
+        return a.sqrt() * forward(x, t, y, p) + (1 - a).sqrt() * x
+
+    monkeypatch.setattr(m, "forward", as_epsilon)
+    want = sample(m, s, [0, 1, 2], [0, 1, 2], scheduler=make_scheduler(solver, "epsilon"))
+    scale = want.abs().max()
+    torch.testing.assert_close(ours, want, rtol=0, atol=1e-4 * scale)
+    assert (misread - want).abs().max() > 0.05 * scale

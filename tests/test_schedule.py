@@ -175,3 +175,79 @@ def test_guidance_scale_up_to_the_maximum_is_accepted_and_nan_is_refused_by_name
     assert Schedule.from_dict({**d, "guidance_scale": 100.0}).guidance_scale == 100.0  # the bound itself is allowed
     assert _message(Schedule.from_dict, {**d, "guidance_scale": float("nan")}, "s.json") == \
         "s.json: field 'guidance_scale': nan is not a number in [0, 100.0]"
+
+
+# ---- timestep spacing (version 2) -------------------------------------------------------------
+def test_a_schedule_without_timestep_spacing_is_written_as_before_and_one_with_it_as_version_2(tmp_path):
+    s = Schedule.static(2, 2, guidance_scale=2.0, solver="ddpm", model="m")
+    assert s.timestep_spacing is None and s.to_dict() == {
+        "schema": "flexisearch.schedule", "version": 1, "num_steps": 2, "cond": [2, 2], "uncond": [2, 2],
+        "guidance_scale": 2.0, "guidance_mode": "cfg", "solver": "ddpm", "model": "m"}
+    spaced = s.replace(timestep_spacing="linspace")
+    assert spaced.to_dict() == {**s.to_dict(), "version": 2, "timestep_spacing": "linspace"}
+    spaced.save(tmp_path / "s.json")
+    assert Schedule.load(tmp_path / "s.json") == spaced != s
+    assert spaced.resample(4).timestep_spacing == "linspace"
+    assert Schedule.from_dict({**s.to_dict(), "version": 2}) == s  # version 2 without the field: the default spacing
+
+
+V2 = {"version": 2}
+ONLY_LEADING = "(diffusers' DDIMScheduler steps by a fixed stride, exact for 'leading' only)"
+
+
+@pytest.mark.parametrize("change,expect", [
+    ({"timestep_spacing": "linspace"}, "Additional properties are not allowed ('timestep_spacing' was unexpected)"),
+    ({**V2, "timestep_spacing": "every"}, "field 'timestep_spacing': 'every' is not one of ['leading', 'linspace'"),
+    ({**V2, "timestep_spacing": "linspace", "solver": "euler"}, "expected none for solver 'euler' (only ddpm and ddim"),
+    ({**V2, "timestep_spacing": "trailing", "solver": "dpm++"}, "'timestep_spacing' is 'trailing', expected none"),
+    ({**V2, "timestep_spacing": "linspace", "solver": "ddim"}, f"one of ['leading'] for solver 'ddim' {ONLY_LEADING}"),
+    ({"version": 3}, "unknown schema version 3, expected 1 or 2"),
+])
+def test_bad_timestep_spacing(tmp_path, change, expect):
+    d = {**Schedule.static(2, 3, guidance_scale=2.0, solver="ddpm", model="m").to_dict(), **change}
+    assert expect in _bad(tmp_path, json.dumps(d))
+
+
+def test_v_prediction_models_take_the_ddpm_family_of_solvers():
+    from flexisearch.models.dit import FlexiDiTConfig
+
+    cfg = FlexiDiTConfig(input_size=8, in_channels=1, hidden_size=16, depth=1, num_heads=2, num_classes=3,
+                         learn_sigma=False, prediction="v_prediction", extra_patch_sizes=(4,))
+    cfg.check()
+    for solver in ("ddpm", "ddim", "dpm++"):
+        Schedule.static(2, 2, guidance_scale=2.0, solver=solver, model="m").check_model(cfg, None)
+    assert _message(Schedule.static(2, 2, **KW).check_model, cfg, None) == (
+        "schedule: field 'solver' is 'euler', expected one of ['ddpm', 'ddim', 'dpm++'] for a v_prediction model")
+    assert _message(FlexiDiTConfig(prediction="x").check) == (
+        "config: field 'prediction' is 'x', expected 'epsilon', 'v_prediction' or 'flow'")
+
+
+def test_a_search_config_gives_its_timestep_spacing_to_every_schedule(tmp_path):
+    """space.timestep_spacing is one value for the whole space, checked with each of its solvers; the reference
+    takes its own. The shipped DiT-XL/2 config samples as DiT does (linspace)."""
+    import optuna
+
+    from flexisearch.optimize.config import (
+        SPACES_DIR,
+        config_dict,
+        config_from_dict,
+        load_search_config,
+        reference_schedule,
+    )
+    from flexisearch.optimize.spaces import make_space
+
+    cfg = load_search_config(SPACES_DIR / "dit-xl-2-256.yaml")
+    assert cfg.space.timestep_spacing == "linspace" and config_from_dict(config_dict(cfg), "again") == cfg
+    assert reference_schedule(cfg, 2, "fp").timestep_spacing == "linspace"
+    space = make_space(cfg.space, 2, 4, (2, 4), "fp")
+    params = space.paper_params({"num_steps": 50, "guidance_scale": 1.5, "guidance_mode": "cfg"}, 0.3)
+    assert space.suggest(optuna.trial.FixedTrial(params)).timestep_spacing == "linspace"
+    assert load_search_config(None).space.timestep_spacing is None  # the default: the solver's own spacing
+    for overrides, expect in [
+        ({"space": {"solver": ["ddpm", "euler"], "timestep_spacing": "linspace"}},
+         "key 'space.timestep_spacing' has 'linspace', expected none for solver 'euler'"),
+        ({"space": {"solver": "ddim", "timestep_spacing": "linspace"}}, "one of ['leading'] for solver 'ddim'"),
+        ({"reference": {"solver": "euler", "timestep_spacing": "leading"}},
+         "key 'reference.timestep_spacing' has 'leading', expected none for solver 'euler'"),
+    ]:
+        assert expect in _message(load_search_config, None, overrides, "x.yaml")

@@ -199,7 +199,7 @@ def test_prompt_table_interface_and_roundtrip(tmp_path):
 
 
 def test_lora_flexify_keeps_native_bit_identical_and_cross_attention_frozen():
-    from flexisearch.training.loop import flow_pair
+    from flexisearch.training.objectives import FlowObjective
 
     base = tiny_text_model(extra=())
     model = base.with_patch_sizes((4,), init_std=0.02, lora_rank=4, lora_alpha=4.0)
@@ -218,7 +218,8 @@ def test_lora_flexify_keeps_native_bit_identical_and_cross_attention_frozen():
     opt = torch.optim.AdamW(new, lr=1e-2)
     gen = torch.Generator().manual_seed(0)
     for _ in range(3):  # the distillation step of training.text_dit.train_text_flexify
-        xt, tt, _ = flow_pair(torch.randn(8, 1, 16, 16), gen)
+        noised = FlowObjective(1, False).noised(torch.randn(8, 1, 16, 16), gen)
+        xt, tt = noised.xt, noised.t
         yy = torch.randint(0, 6, (8,), generator=gen)
         with torch.no_grad():
             teacher = model(xt, tt, yy, 2)

@@ -82,7 +82,7 @@ def test_flexify_lowers_weak_loss(base_dir, tmp_path, mode):
 def test_bad_inputs_are_one_line_errors(base_dir, tmp_path, capsys):
     cases = [
         (["train", "base", "--out", str(tmp_path / "x"), "--data", str(tmp_path / "nope")], "data folder not found"),
-        (["train", "flexify", "--out", str(tmp_path / "y"), "--base", str(tmp_path / "nope")], "model directory not found"),
+        (["train", "flexify", "--out", str(tmp_path / "y"), "--base", str(tmp_path / "nope")], "not an embedded name"),
     ]
     from PIL import Image
 

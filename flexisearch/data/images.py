@@ -8,6 +8,7 @@ file order) are the training split and the last 100 the held-out split.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -59,31 +60,51 @@ def load_digits8(size: int = 8, split: str = "train") -> tuple[torch.Tensor, tor
     return _resize(images, size), labels
 
 
-def load_image_folder(root: str | Path, size: int, channels: int = 1) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    """Images from root/<class>/*.png (one subfolder per class, sorted by name) -> (images, labels, class names)."""
+def center_crop(img: Any, size: int) -> Any:
+    """DiT's preprocessing (ADM's center_crop_arr): halve with a box filter while the short side is at least
+    twice the size, resize it to the size (bicubic), then crop the centre square."""
     from PIL import Image
 
+    while min(img.size) >= 2 * size:
+        img = img.resize(tuple(x // 2 for x in img.size), resample=Image.BOX)
+    scale = size / min(img.size)
+    img = img.resize(tuple(round(x * scale) for x in img.size), resample=Image.BICUBIC)
+    left, top = (img.size[0] - size) // 2, (img.size[1] - size) // 2
+    return img.crop((left, top, left + size, top + size))
+
+
+def image_folder_files(root: str | Path) -> tuple[list[tuple[Path, int]], list[str]]:
+    """(path, label) of every image in root/<class>/ (classes and files sorted by name), and the class names."""
     root = Path(root)
     if not root.is_dir():
         raise UserError(f"{root}: data folder not found")
     classes = sorted(d.name for d in root.iterdir() if d.is_dir())
     if not classes:
         raise UserError(f"{root}: expected one subfolder per class, found none")
-    images, labels = [], []
-    for label, name in enumerate(classes):
-        for path in sorted((root / name).iterdir()):
-            if path.suffix.lower() not in IMAGE_SUFFIXES:
-                continue
-            try:
-                img = Image.open(path).convert("L" if channels == 1 else "RGB").resize((size, size), Image.BILINEAR)
-            except OSError as e:
-                raise UserError(f"{path}: not a readable image ({e})") from None
-            arr = np.asarray(img, dtype=np.float32) / 127.5 - 1.0
-            images.append(torch.from_numpy(arr).reshape(size, size, channels).permute(2, 0, 1))
-            labels.append(label)
-    if not images:
+    files = [(path, label) for label, name in enumerate(classes) for path in sorted((root / name).iterdir())
+             if path.suffix.lower() in IMAGE_SUFFIXES]
+    if not files:
         raise UserError(f"{root}: no images found in its class subfolders")
-    return torch.stack(images), torch.tensor(labels), classes
+    return files, classes
+
+
+def read_image(path: Path, size: int, channels: int = 3) -> torch.Tensor:
+    """One image file, centre-cropped and resized as DiT does, as a (channels, size, size) tensor in [-1, 1]."""
+    from PIL import Image
+
+    try:
+        img = center_crop(Image.open(path).convert("L" if channels == 1 else "RGB"), size)
+    except OSError as e:
+        raise UserError(f"{path}: not a readable image ({e})") from None
+    arr = np.asarray(img, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(arr).reshape(size, size, channels).permute(2, 0, 1)
+
+
+def load_image_folder(root: str | Path, size: int, channels: int = 1) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """Images from root/<class>/*.png (one subfolder per class, sorted by name) -> (images, labels, class names)."""
+    files, classes = image_folder_files(root)
+    images = torch.stack([read_image(path, size, channels) for path, _ in files])
+    return images, torch.tensor([label for _, label in files]), classes
 
 
 def load_dataset(name: str, size: int, split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:

@@ -41,7 +41,7 @@ class FlexiDiTConfig(ConfigMixin):
     extra_patch_sizes: tuple[int, ...] = ()
     num_classes: int = 1000
     learn_sigma: bool = True
-    prediction: str = "epsilon"  # "epsilon" (DDPM-trained DiT) or "flow" (rectified flow velocity)
+    prediction: str = "epsilon"  # "epsilon" (DDPM-trained DiT), "v_prediction" (DDPM betas, v) or "flow" (rectified flow)
     timestep_freq_shift: float = 0.0  # 0: original DiT, 1: diffusers' DiTTransformer2DModel
     mlp_norm_eps: float = 1e-6
     lora_rank: int = 0  # > 0: one LoRA adapter per extra patch size on attention and MLP
@@ -61,8 +61,9 @@ class FlexiDiTConfig(ConfigMixin):
             if not low <= getattr(self, name) <= 1 << 20:  # beyond any DiT; checked before anything is allocated
                 raise UserError(f"{source}: field '{name}' is {getattr(self, name)}, expected an integer from {low} "
                                 f"to {1 << 20}")
-        if self.prediction not in ("epsilon", "flow"):
-            raise UserError(f"{source}: field 'prediction' is {self.prediction!r}, expected 'epsilon' or 'flow'")
+        if self.prediction not in ("epsilon", "v_prediction", "flow"):
+            raise UserError(f"{source}: field 'prediction' is {self.prediction!r}, expected 'epsilon', 'v_prediction' "
+                            "or 'flow'")
         if self.hidden_size % self.num_heads:
             raise UserError(f"{source}: field 'hidden_size' must be divisible by num_heads={self.num_heads}")
         for p in self.patch_sizes:

@@ -20,7 +20,13 @@ from ..errors import UserError
 from ..files import PACKAGE, read_text
 from ..metrics.registry import HIGHER_IS_BETTER, METRICS
 from ..sampling.latency import COMPILE_MODES, DTYPES
-from ..sampling.schedule import GUIDANCE_MODES, MAX_GUIDANCE, SOLVERS, Schedule
+from ..sampling.schedule import (
+    GUIDANCE_MODES,
+    MAX_GUIDANCE,
+    SOLVERS,
+    Schedule,
+    spacing_expected,
+)
 from ..validate import key_error, read_dataclass
 from .spaces import SPACES, Choice, SpaceConfig
 
@@ -212,9 +218,12 @@ def _check(cfg: SearchConfig, source: str) -> None:
         if mode not in GUIDANCE_MODES:
             raise key_error(source, "space.guidance_mode", f"values in {list(GUIDANCE_MODES)}", mode)
     solvers = sorted({name for names in SOLVERS.values() for name in names})
-    for solver in s.solver.values:  # which solvers suit the model (flow or epsilon) is checked with the model
+    for solver in s.solver.values:  # which solvers suit the model (flow, epsilon, v_prediction) is checked with it
         if solver not in solvers:
             raise key_error(source, "space.solver", f"values in {solvers}", solver)
+        expected = spacing_expected(solver, s.timestep_spacing)
+        if expected is not None:
+            raise key_error(source, "space.timestep_spacing", expected, s.timestep_spacing)
     scales = (*s.guidance_scale.values, s.guidance_scale.low or 0.0, s.guidance_scale.high or 0.0)
     if not all(0 <= g <= MAX_GUIDANCE for g in scales):  # NaN fails too
         raise key_error(source, "space.guidance_scale", f"scales from 0 to {MAX_GUIDANCE:g}", s.guidance_scale)
@@ -231,8 +240,13 @@ def _check(cfg: SearchConfig, source: str) -> None:
         raise key_error(source, "objective", "'single' or 'multi'", cfg.objective)
     if cfg.sampler not in SAMPLERS:
         raise key_error(source, "sampler", f"one of {list(SAMPLERS)}", cfg.sampler)
-    if set(cfg.reference) - {"num_steps", "guidance_scale", "solver", "guidance_mode"}:
-        raise key_error(source, "reference", "keys num_steps, guidance_scale, solver, guidance_mode", cfg.reference)
+    if set(cfg.reference) - {"num_steps", "guidance_scale", "solver", "guidance_mode", "timestep_spacing"}:
+        raise key_error(source, "reference", "keys num_steps, guidance_scale, solver, guidance_mode, timestep_spacing",
+                        cfg.reference)
+    solver, spacing = cfg.reference.get("solver", "euler"), cfg.reference.get("timestep_spacing")
+    expected = spacing_expected(solver, spacing) if isinstance(solver, str) else None  # else: the Schedule refuses it
+    if expected is not None:
+        raise key_error(source, "reference.timestep_spacing", expected, spacing)
     if not STUDY_NAME.fullmatch(cfg.study):
         raise key_error(source, "study", "a name of letters, digits and ._- starting with a letter or digit", cfg.study)
     fid = list(cfg.fidelities)
@@ -273,7 +287,7 @@ def reference_schedule(cfg: SearchConfig, native: int, fingerprint: str) -> Sche
     r = cfg.reference
     return Schedule.static(native, int(r.get("num_steps", 20)), guidance_scale=float(r.get("guidance_scale", 2.0)),
                            solver=r.get("solver", "euler"), guidance_mode=r.get("guidance_mode", "cfg"),
-                           model=fingerprint)
+                           timestep_spacing=r.get("timestep_spacing"), model=fingerprint)
 
 
 def run_dir(cfg: SearchConfig) -> Path:

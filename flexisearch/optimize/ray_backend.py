@@ -112,7 +112,9 @@ def check_address(address: str | None) -> str | None:
     return address
 
 
-def _init_ray(address: str | None, cfg: SearchConfig) -> None:
+def init_ray(address: str | None, tmp_dir: Path) -> None:
+    """Connect to the cluster at a checked address (check_address), or start a local one with its files under
+    tmp_dir (or RAY_TMPDIR, or a short path in the system's temp folder when tmp_dir is too long for Ray)."""
     import ray
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -120,7 +122,7 @@ def _init_ray(address: str | None, cfg: SearchConfig) -> None:
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "3600")
     if address is None:
-        tmp = Path(os.environ.get("RAY_TMPDIR") or (run_dir(cfg) / "ray_tmp")).resolve()
+        tmp = Path(os.environ.get("RAY_TMPDIR") or tmp_dir).resolve()
         if len(str(tmp)) > 40:  # Ray's socket paths below it must fit in 107 bytes (AF_UNIX)
             tmp = Path(tempfile.gettempdir()) / f"flexisearch-ray-{os.getuid()}"
         tmp.mkdir(parents=True, exist_ok=True)
@@ -172,7 +174,7 @@ def run_ray_search(cfg: SearchConfig, evaluator: Evaluator, address: str | None 
     study = seed_study(cfg, evaluator)  # created once, before any worker; the threshold family enqueued
     release_trials(study)  # those a killed driver left running are queued again
     native = reference_qualities(study, evaluator)
-    _init_ray(address, cfg)
+    init_ray(address, run_dir(cfg) / "ray_tmp")
     try:
         check_resources(cfg.resources)
         storage_path = str((run_dir(cfg) / "ray").resolve())

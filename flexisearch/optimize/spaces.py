@@ -1,7 +1,7 @@
 """Schedule spaces: one class per space type, each proposing schedules from an Optuna trial.
 
 Every space is joint with the sampler settings (num_steps, guidance_scale, guidance_mode, solver: a
-`Choice` each) and adds its own patch-size parameters:
+`Choice` each; timestep_spacing is one fixed value for every schedule) and adds its own patch-size parameters:
   threshold         the paper's family: weak for the first fraction f of the steps
   branch_threshold  separate fractions for the conditional and the unconditional branch
   segments          a staircase: n segments with free breakpoints, each with its own patch size
@@ -70,6 +70,7 @@ class SpaceConfig:
     guidance_scale: Choice = Choice((2.0,))
     guidance_mode: Choice = Choice(("cfg",))
     solver: Choice = Choice(("euler",))
+    timestep_spacing: str | None = None  # ddpm / ddim: diffusers' spacing ("linspace": DiT's own); None: the default
     weak_patch_size: int | None = None  # default: the model's largest extra patch size
     segments: int = 3
     branches: str = "joint"  # per_step / segments: "joint" (one size for both branches) or "separate"
@@ -101,7 +102,7 @@ class Space:
         return Schedule(cond=cond, uncond=uncond, model=self.fingerprint,
                         guidance_scale=float(self.cfg.guidance_scale.suggest(trial, "guidance_scale")),
                         guidance_mode=self.cfg.guidance_mode.suggest(trial, "guidance_mode"),
-                        solver=self.cfg.solver.suggest(trial, "solver"))
+                        solver=self.cfg.solver.suggest(trial, "solver"), timestep_spacing=self.cfg.timestep_spacing)
 
     def grid(self) -> dict[str, list]:
         """Every parameter's values, for Optuna's BruteForceSampler (and the size of the space)."""

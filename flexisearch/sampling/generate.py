@@ -35,28 +35,36 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from ..errors import UserError
 from ..models.flexible import FlexibleDiT
-from .schedule import WEAK_GUIDANCE_RATIO, Schedule
+from .schedule import WEAK_GUIDANCE_RATIO, Schedule, spacing_expected
 
-# DiT's training noise schedule (epsilon models): 1000 linear betas.
+# DiT's training noise schedule (epsilon and v-prediction models): 1000 linear betas.
 _DDPM_BETAS = {"num_train_timesteps": 1000, "beta_schedule": "linear", "beta_start": 0.0001, "beta_end": 0.02}
 # DiT and PixArt sample latents without clipping the predicted x0 (diffusers' DDPM/DDIM clip to [-1, 1] by default)
 _NO_CLIP = {"clip_sample": False}
 
 
-def make_scheduler(solver: str, prediction: str, learn_sigma: bool = False) -> SchedulerMixin:
-    """The diffusers scheduler for a solver name and the model's training objective."""
+def make_scheduler(solver: str, prediction: str, learn_sigma: bool = False,
+                   timestep_spacing: str | None = None) -> SchedulerMixin:
+    """The diffusers scheduler for a solver name and the model's training objective; timestep_spacing (ddpm, ddim:
+    diffusers' "leading", "linspace" or "trailing") replaces the scheduler's default spacing."""
+    expected = spacing_expected(solver, timestep_spacing)
+    if expected is not None:
+        raise ValueError(f"timestep_spacing {timestep_spacing!r}: expected {expected}")
+    spacing = {} if timestep_spacing is None else {"timestep_spacing": timestep_spacing}
     if prediction == "flow":
         if solver == "euler":
             return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0)
         if solver == "dpm++":
             return DPMSolverMultistepScheduler(use_flow_sigmas=True, prediction_type="flow_prediction", flow_shift=1.0)
-    elif prediction == "epsilon":
+    elif prediction in ("epsilon", "v_prediction"):
+        ddpm = {**_DDPM_BETAS, "prediction_type": prediction}
         if solver == "ddpm":
-            return DDPMScheduler(**_DDPM_BETAS, **_NO_CLIP, variance_type="learned_range" if learn_sigma else "fixed_small")
+            variance = "learned_range" if learn_sigma else "fixed_small"
+            return DDPMScheduler(**ddpm, **_NO_CLIP, **spacing, variance_type=variance)
         if solver == "ddim":
-            return DDIMScheduler(**_DDPM_BETAS, **_NO_CLIP)
+            return DDIMScheduler(**ddpm, **_NO_CLIP, **spacing)
         if solver == "dpm++":
-            return DPMSolverMultistepScheduler(**_DDPM_BETAS)
+            return DPMSolverMultistepScheduler(**ddpm)
     raise ValueError(f"solver {solver!r} is not available for {prediction} models")
 
 
@@ -235,7 +243,8 @@ def sample(
         raise ValueError(f"{len(labels)} labels but {len(seeds)} seeds")
     cfg = model.config
     device = next(model.parameters()).device
-    template = scheduler if scheduler is not None else make_scheduler(schedule.solver, cfg.prediction, cfg.learn_sigma)
+    template = scheduler if scheduler is not None else make_scheduler(schedule.solver, cfg.prediction, cfg.learn_sigma,
+                                                                      schedule.timestep_spacing)
     steps = schedule.steps()
     shape = (cfg.in_channels, cfg.input_size, cfg.input_size)
     outputs = []
@@ -247,8 +256,8 @@ def sample(
         bar = tqdm(total=len(chunks) * len(steps), desc="sampling", dynamic_ncols=True)
     for start in chunks:
         chunk_seeds, y = seeds[start:start + batch_size], labels[start:start + batch_size].to(device)
-        base = (f"{cache_tag}|{type(template).__name__}|"
-                f"{schedule.solver}|{schedule.num_steps}|{schedule.guidance_scale}|{schedule.guidance_mode}|"
+        base = (f"{cache_tag}|{type(template).__name__}|{schedule.solver}|{schedule.timestep_spacing}|"
+                f"{schedule.num_steps}|{schedule.guidance_scale}|{schedule.guidance_mode}|"
                 f"{list(chunk_seeds)}|{y.tolist()}")
         done, state = cache.longest_prefix(base, steps) if cache is not None else (0, None)
         if state is None:

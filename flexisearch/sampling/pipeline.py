@@ -49,8 +49,9 @@ from ..errors import UserError
 from ..files import atomic_write, read_json
 from ..models.convert import from_diffusers_dit
 from ..models.dit import FlexiDiT, FlexiDiTConfig
+from ..models.loading import load_model
 from .generate import denoise, initial_noise, make_scheduler, prepare_scheduler
-from .schedule import SOLVERS, Schedule
+from .schedule import SOLVERS, Schedule, spacing_expected
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 
@@ -60,12 +61,15 @@ _SOLVER_KEYS = ("prediction_type", "use_flow_sigmas", "clip_sample", "variance_t
                 "beta_schedule", "beta_start", "beta_end", "shift", "flow_shift")
 
 
-def runs_solver(scheduler: SchedulerMixin, solver: str, config: FlexiDiTConfig) -> bool:
+def runs_solver(scheduler: SchedulerMixin, solver: str, config: FlexiDiTConfig,
+                timestep_spacing: str | None = None) -> bool:
     """Whether a scheduler computes what the search's `solver` did: its class and the settings that matter
-    (a DPM-Solver made from a flow model's config with from_config predicts epsilon, not flow)."""
-    made = make_scheduler(solver, config.prediction, config.learn_sigma)
+    (a DPM-Solver made from a flow model's config with from_config predicts epsilon, not flow), and its timestep
+    spacing when the search set one (otherwise the spacing is the scheduler's own)."""
+    made = make_scheduler(solver, config.prediction, config.learn_sigma, timestep_spacing)
+    keys = _SOLVER_KEYS if timestep_spacing is None else (*_SOLVER_KEYS, "timestep_spacing")
     return isinstance(scheduler, type(made)) and all(
-        getattr(scheduler.config, k, None) == made.config[k] for k in _SOLVER_KEYS if k in made.config)
+        getattr(scheduler.config, k, None) == made.config[k] for k in keys if k in made.config)
 
 
 class FlexiDiTPipeline(DiffusionPipeline):
@@ -186,12 +190,15 @@ class FlexiDiTPipeline(DiffusionPipeline):
         cfg = self.transformer.config
         return next((s for s in SOLVERS[cfg.prediction] if runs_solver(self.scheduler, s, cfg)), None)
 
-    def use_solver(self, solver: str) -> None:
-        """Swap the scheduler for the one a schedule's solver names, set up as the search ran it."""
+    def use_solver(self, solver: str, timestep_spacing: str | None = None) -> None:
+        """Swap the scheduler for the one a schedule's solver and timestep spacing name, set up as the search ran it."""
         cfg = self.transformer.config
         if solver not in SOLVERS[cfg.prediction]:
             raise UserError(f"solver {solver!r}: a {cfg.prediction} model runs {', '.join(SOLVERS[cfg.prediction])}")
-        self.register_modules(scheduler=make_scheduler(solver, cfg.prediction, cfg.learn_sigma))
+        expected = spacing_expected(solver, timestep_spacing)
+        if expected is not None:
+            raise UserError(f"timestep_spacing {timestep_spacing!r}: expected {expected}")
+        self.register_modules(scheduler=make_scheduler(solver, cfg.prediction, cfg.learn_sigma, timestep_spacing))
 
     def resolve_schedule(self, schedule: Schedule | str | os.PathLike | None = None, num_inference_steps: int | None = None,
                          guidance_scale: float | None = None, *, adapt_steps: bool = False, adapt_guidance: bool = False,
@@ -200,9 +207,10 @@ class FlexiDiTPipeline(DiffusionPipeline):
 
         None: static native, num_inference_steps (default 50) steps at guidance_scale (default
         4.0). A file or Schedule is refused (UserError) if made for another model fingerprint
-        (unless allow_model_mismatch), if the scheduler is not of the class its solver names
-        (unless allow_solver_mismatch), or if num_inference_steps / guidance_scale differ from
-        its own (unless adapt_steps: Schedule.resample; adapt_guidance: replace the scale).
+        (unless allow_model_mismatch), if the scheduler does not run its solver (runs_solver: the
+        class, the settings that change what it computes, and the timestep spacing when the schedule
+        sets one; unless allow_solver_mismatch), or if num_inference_steps / guidance_scale differ
+        from its own (unless adapt_steps: Schedule.resample; adapt_guidance: replace the scale).
         """
         cfg = self.transformer.config
         if schedule is None:
@@ -214,11 +222,13 @@ class FlexiDiTPipeline(DiffusionPipeline):
         if not isinstance(schedule, Schedule):
             schedule = Schedule.load(schedule)
         schedule.check_model(cfg, None if allow_model_mismatch else self.model_fingerprint(), source)
-        if not allow_solver_mismatch and not runs_solver(self.scheduler, schedule.solver, cfg):
-            expected = type(make_scheduler(schedule.solver, cfg.prediction, cfg.learn_sigma)).__name__
-            raise UserError(f"{source}: searched with solver {schedule.solver!r} ({expected}), but the pipeline's "
-                            f"scheduler is a {type(self.scheduler).__name__} set up otherwise; call "
-                            f"pipe.use_solver({schedule.solver!r}), or pass allow_solver_mismatch=True")
+        spacing = schedule.timestep_spacing
+        if not allow_solver_mismatch and not runs_solver(self.scheduler, schedule.solver, cfg, spacing):
+            expected = type(make_scheduler(schedule.solver, cfg.prediction, cfg.learn_sigma, spacing)).__name__
+            spaced = "" if spacing is None else f", timestep_spacing={spacing!r}"
+            raise UserError(f"{source}: searched with solver {schedule.solver!r} ({expected}{spaced}), but the "
+                            f"pipeline's scheduler is a {type(self.scheduler).__name__} set up otherwise; call "
+                            f"pipe.use_solver({schedule.solver!r}{spaced}), or pass allow_solver_mismatch=True")
         if num_inference_steps is not None and num_inference_steps != schedule.num_steps:
             if not adapt_steps:
                 raise UserError(f"{source}: the schedule has {schedule.num_steps} steps, num_inference_steps is "
@@ -335,16 +345,28 @@ class FlexiDiTPipeline(DiffusionPipeline):
         return ImagePipelineOutput(images=images) if return_dict else (images,)
 
 
+def dit_to_flexi_pipeline(source: str, weak_patch_sizes: Sequence[int] = (4,)) -> FlexiDiTPipeline:
+    """A diffusers DiTPipeline (hub id such as facebook/DiT-XL-2-256, or a directory) as a FlexiDiTPipeline: the
+    transformer converted exactly (convert.from_diffusers_dit, an epsilon model) with the weak patch sizes
+    added by PI-resize (untrained until flexified); VAE, scheduler and id2label (model_index.json) kept."""
+    try:
+        index = DiTPipeline.load_config(source)
+        dit = DiTPipeline.from_pretrained(source)
+    except (OSError, ValueError) as e:
+        raise UserError(f"{source}: cannot load the DiTPipeline ({str(e).splitlines()[0]})") from None
+    if index.get("_class_name") != "DiTPipeline":
+        raise UserError(f"{source}: describes a {index.get('_class_name')!r} pipeline, expected 'DiTPipeline'")
+    flexi = from_diffusers_dit(dit.transformer, prediction="epsilon")
+    if weak_patch_sizes:
+        flexi = flexi.with_patch_sizes(tuple(weak_patch_sizes))
+    return FlexiDiTPipeline(transformer=flexi, scheduler=dit.scheduler, vae=dit.vae, id2label=index.get("id2label"))
+
+
 def convert_dit_pipeline(src_dir: str | os.PathLike, dst_dir: str | os.PathLike,
                          weak_patch_sizes: Sequence[int] = (4,)) -> FlexiDiTPipeline:
-    """A diffusers DiTPipeline directory (facebook/DiT-XL-2-256's layout) -> a FlexiDiTPipeline directory.
-
-    The transformer is converted exactly (convert.from_diffusers_dit, an epsilon model) and gets the
-    weak patch sizes by PI-resize (FlexiDiT.with_patch_sizes): untrained, so fine-tune them
-    (`flexisearch train flexify`) before searching schedules. VAE, scheduler and id2label (read
-    from model_index.json, where the Hub checkpoints keep it) are copied. The directory is written
-    next to dst_dir and renamed into place; an existing non-empty dst_dir is refused.
-    """
+    """A diffusers DiTPipeline directory (facebook/DiT-XL-2-256's layout) -> a FlexiDiTPipeline directory
+    (dit_to_flexi_pipeline), written next to dst_dir and renamed into place; an existing non-empty dst_dir
+    is refused. Fine-tune the weak sizes (`flexisearch train flexify`) before searching schedules."""
     src, dst = Path(src_dir), Path(dst_dir)
     index = read_json(src / "model_index.json", "pipeline index")
     if not isinstance(index, dict) or index.get("_class_name") != "DiTPipeline":
@@ -352,14 +374,28 @@ def convert_dit_pipeline(src_dir: str | os.PathLike, dst_dir: str | os.PathLike,
         raise UserError(f"{src / 'model_index.json'}: describes a {name!r} pipeline, expected 'DiTPipeline'")
     if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
         raise UserError(f"{dst}: already exists and is not an empty directory")
-    try:
-        dit = DiTPipeline.from_pretrained(src)
-    except (OSError, ValueError) as e:
-        raise UserError(f"{src}: cannot load the DiTPipeline ({str(e).splitlines()[0]})") from None
-    flexi = from_diffusers_dit(dit.transformer, prediction="epsilon").with_patch_sizes(tuple(weak_patch_sizes))
-    pipe = FlexiDiTPipeline(transformer=flexi, scheduler=dit.scheduler, vae=dit.vae, id2label=index.get("id2label"))
+    pipe = dit_to_flexi_pipeline(str(src), weak_patch_sizes)
     atomic_write(dst, pipe.save_pretrained)  # renamed onto dst, which is absent or empty
     return pipe
 
 
-__all__ = ["FlexiDiTPipeline", "convert_dit_pipeline", "runs_solver"]
+def load_flexi_pipeline(spec: str) -> FlexiDiTPipeline:
+    """A class-conditional model spec as a FlexiDiTPipeline on the CPU: embedded:<name> or a FlexiDiT directory
+    (pixel space: no VAE, the scheduler of its first solver), a FlexiDiTPipeline directory, or a DiTPipeline
+    (dit:<hub id or directory>, or its directory; converted, no weak sizes added)."""
+    if spec.startswith("dit:"):
+        return dit_to_flexi_pipeline(spec.split(":", 1)[1], ())
+    if (Path(spec) / "model_index.json").is_file():
+        index = read_json(Path(spec) / "model_index.json", "pipeline index")
+        if isinstance(index, dict) and index.get("_class_name") == "DiTPipeline":
+            return dit_to_flexi_pipeline(spec, ())
+        return FlexiDiTPipeline.from_pretrained(spec)
+    model = load_model(spec)
+    if not isinstance(model, FlexiDiT):
+        raise UserError(f"model '{spec}': a {type(model).__name__} is not a class-conditional FlexiDiT "
+                        "(text-to-image models are flexified by flexisearch.training.text_dit)")
+    cfg = model.config
+    return FlexiDiTPipeline(model, make_scheduler(SOLVERS[cfg.prediction][0], cfg.prediction, cfg.learn_sigma))
+
+
+__all__ = ["FlexiDiTPipeline", "convert_dit_pipeline", "dit_to_flexi_pipeline", "load_flexi_pipeline", "runs_solver"]

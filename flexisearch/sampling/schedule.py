@@ -1,8 +1,9 @@
 """Schedule: which patch size every denoising step uses, per classifier-free-guidance branch.
 
-A Schedule is an immutable value with a versioned JSON form (schema: schemas/schedule.v1.json,
-documented in docs/schedule.md). Compatibility rule: a reader accepts every file whose `version`
-it knows (currently 1); a new version is only introduced for changes old readers cannot ignore.
+A Schedule is an immutable value with a versioned JSON form (schemas: schemas/schedule.v1.json and
+schedule.v2.json, documented in docs/schedule.md). Compatibility rule: a reader accepts every file whose
+`version` it knows (currently 1 and 2); a new version is only introduced for changes old readers cannot
+ignore. Version 2 adds `timestep_spacing`; a schedule without one is written as version 1.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -19,18 +20,33 @@ import jsonschema
 from ..errors import UserError
 from ..files import PACKAGE, atomic_write_json, read_json
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSIONS = (1, 2)
 MAX_GUIDANCE = 100.0  # larger guidance scales only saturate images (the schema says so too)
-SCHEMA_PATH = PACKAGE / "schemas" / "schedule.v1.json"
-SOLVERS = {"flow": ("euler", "dpm++"), "epsilon": ("ddpm", "ddim", "dpm++")}
+SOLVERS = {"flow": ("euler", "dpm++"), "epsilon": ("ddpm", "ddim", "dpm++"),
+           "v_prediction": ("ddpm", "ddim", "dpm++")}
+# Timestep spacings (diffusers' names) a solver takes; without one, its scheduler's default ("leading" for ddpm and
+# ddim). "linspace" is DiT's own respacing (space_timesteps). diffusers' DDIMScheduler steps from t to
+# t - 1000 // num_steps, the next timestep only under "leading" (diffusers issue #12633), so ddim takes no other.
+TIMESTEP_SPACINGS = {"ddpm": ("leading", "linspace", "trailing"), "ddim": ("leading",)}
 GUIDANCE_MODES = ("cfg", "weak_guidance")
 # The paper's "guide with a bad version of itself": (1 - s_cfg) / (1 - s_weak) = 2.5 worked consistently.
 WEAK_GUIDANCE_RATIO = 2.5
 
 
-@lru_cache(maxsize=1)
-def _schema() -> dict:
-    return json.loads(SCHEMA_PATH.read_text())
+@cache
+def _schema(version: int) -> dict:
+    return json.loads((PACKAGE / "schemas" / f"schedule.v{version}.json").read_text())
+
+
+def spacing_expected(solver: str, spacing: str | None) -> str | None:
+    """None when `solver` takes timestep spacing `spacing` (None: the solver's default); else what it takes."""
+    takes = TIMESTEP_SPACINGS.get(solver, ())
+    if spacing is None or spacing in takes:
+        return None
+    if not takes:
+        return f"none for solver {solver!r} (only ddpm and ddim take a timestep spacing)"
+    why = " (diffusers' DDIMScheduler steps by a fixed stride, exact for 'leading' only)" if solver == "ddim" else ""
+    return f"one of {list(takes)} for solver {solver!r}{why}"
 
 
 @dataclass(frozen=True)
@@ -38,7 +54,8 @@ class Schedule:
     """Per-step patch sizes for the conditional and unconditional branch, plus sampler settings.
 
     Step 0 is the first step from pure noise. `model` is the fingerprint of the FlexiDiT the
-    schedule was made for.
+    schedule was made for. `timestep_spacing` (ddpm and ddim only) replaces the solver's default
+    spacing of the timesteps; None keeps the default.
     """
 
     cond: tuple[int, ...]
@@ -47,6 +64,7 @@ class Schedule:
     solver: str
     model: str
     guidance_mode: str = "cfg"
+    timestep_spacing: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "cond", tuple(self.cond))
@@ -120,16 +138,22 @@ class Schedule:
 
     # ---- JSON ---------------------------------------------------------------------------
     def to_dict(self) -> dict:
-        return {"schema": "flexisearch.schedule", "version": SCHEMA_VERSION, "num_steps": self.num_steps,
+        """The JSON form: version 2 only with a timestep_spacing, so version-1 readers read every other schedule."""
+        spacing = {} if self.timestep_spacing is None else {"timestep_spacing": self.timestep_spacing}
+        return {"schema": "flexisearch.schedule", "version": 2 if spacing else 1, "num_steps": self.num_steps,
                 "cond": list(self.cond), "uncond": list(self.uncond), "guidance_scale": self.guidance_scale,
-                "guidance_mode": self.guidance_mode, "solver": self.solver, "model": self.model}
+                "guidance_mode": self.guidance_mode, "solver": self.solver, **spacing, "model": self.model}
 
     @staticmethod
     def validate_dict(d: Any, source: str) -> None:
         """Raise a one-line UserError naming the field and what was expected."""
-        if isinstance(d, dict) and "version" in d and d["version"] != SCHEMA_VERSION and isinstance(d["version"], int):
-            raise UserError(f"{source}: unknown schema version {d['version']}, expected {SCHEMA_VERSION}")
-        err = jsonschema.exceptions.best_match(jsonschema.Draft202012Validator(_schema()).iter_errors(d))
+        version = d.get("version") if isinstance(d, dict) else None
+        if not isinstance(version, int) or isinstance(version, bool):
+            version = SCHEMA_VERSIONS[-1]  # the schema then names what is wrong
+        elif version not in SCHEMA_VERSIONS:
+            known = " or ".join(map(str, SCHEMA_VERSIONS))
+            raise UserError(f"{source}: unknown schema version {version}, expected {known}")
+        err = jsonschema.exceptions.best_match(jsonschema.Draft202012Validator(_schema(version)).iter_errors(d))
         if err is not None:
             where = "/".join(str(p) for p in err.absolute_path) or "(top level)"
             raise UserError(f"{source}: field '{where}': {err.message}")
@@ -138,12 +162,16 @@ class Schedule:
         for name in ("cond", "uncond"):
             if len(d[name]) != d["num_steps"]:
                 raise UserError(f"{source}: field '{name}' has {len(d[name])} entries, expected num_steps={d['num_steps']}")
+        expected = spacing_expected(d["solver"], d.get("timestep_spacing"))
+        if expected is not None:
+            raise UserError(f"{source}: field 'timestep_spacing' is {d['timestep_spacing']!r}, expected {expected}")
 
     @classmethod
     def from_dict(cls, d: Any, source: str = "schedule") -> Schedule:
         cls.validate_dict(d, source)
         return cls(cond=tuple(d["cond"]), uncond=tuple(d["uncond"]), guidance_scale=float(d["guidance_scale"]),
-                   guidance_mode=d["guidance_mode"], solver=d["solver"], model=d["model"])
+                   guidance_mode=d["guidance_mode"], solver=d["solver"], model=d["model"],
+                   timestep_spacing=d.get("timestep_spacing"))
 
     def save(self, path: str | Path) -> None:
         atomic_write_json(path, self.to_dict())

@@ -1,26 +1,28 @@
 """Recipes for the class-conditional DiT: pretrain a static model (rectified flow), then flexify it.
 
-Flexify supports both of the paper's recipes:
-  shared: the whole model is fine-tuned with the diffusion loss, one patch size drawn per sample;
+Flexify supports both of the paper's recipes, on pixel and latent models of any objective:
+  shared: the whole model is fine-tuned with its diffusion loss, one patch size drawn per sample;
   lora:   the base is frozen; per-size LoRA, the patch-size embedding and the embed/de-embed
-          residuals learn to match the frozen native prediction (distillation), so the native
-          path stays bit-identical.
+          residuals learn to match the frozen native prediction, every output channel
+          (distillation), so the native path stays bit-identical.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from ..data.images import load_dataset
+from ..data.latents import LatentCache, TensorData
 from ..errors import UserError
-from ..files import atomic_write_json
+from ..files import CONFIG_NAME, atomic_write
 from ..models.dit import FlexiDiT, FlexiDiTConfig
-from .loop import drop_labels, ema_copy, flow_pair, pretrain_flow, train_loop
+from ..sampling.pipeline import load_flexi_pipeline
+from .loop import data_parallel, drop_labels, ema_copy, local_rows, pretrain, train_loop
+from .objectives import objective_for
 
 
 @dataclass(frozen=True)
@@ -45,7 +47,14 @@ class BaseTrainConfig:
 
 @dataclass(frozen=True)
 class FlexifyConfig:
-    """Fine-tuning a pretrained DiT so that it also runs at the weak patch sizes."""
+    """Fine-tuning a pretrained DiT so that it also runs at the weak patch sizes.
+
+    base is any class-conditional model spec the search accepts (embedded:<name>, a FlexiDiT directory, a
+    pipeline directory from `flexisearch convert`, dit:<hub id or DiTPipeline directory>). A pixel model
+    trains on `data` (mnist, digits8 or an image folder); a latent model on an image folder (one subfolder
+    per class), encoded once by its VAE into a latent cache under cache_dir (default: <out>/latent_cache).
+    The objective is the one the model's config names (training.objectives).
+    """
 
     base: str = ""
     data: str = "mnist"
@@ -54,6 +63,7 @@ class FlexifyConfig:
     weak_prob: float = 0.5  # shared: chance that a sample trains at a weak size
     steps: int = 400  # 10% of the default pretraining
     batch_size: int = 128
+    grad_accum: int = 1  # batches per optimizer step
     lr: float = 2e-4
     new_layer_lr_mult: float = 10.0
     residual_init_std: float = 0.02
@@ -62,6 +72,7 @@ class FlexifyConfig:
     ema_decay: float = 0.99  # with warm-up; over a few hundred steps the warm-up (1+t)/(10+t) sets the decay
     seed: int = 0
     ckpt_every: int = 100
+    cache_dir: str = ""
 
 
 def train_base(config: BaseTrainConfig, out_dir: str | Path) -> FlexiDiT:
@@ -73,24 +84,43 @@ def train_base(config: BaseTrainConfig, out_dir: str | Path) -> FlexiDiT:
         input_size=config.image_size, in_channels=images.shape[1], hidden_size=config.hidden_size,
         depth=config.depth, num_heads=config.num_heads, patch_size=config.patch_size,
         num_classes=int(labels.max()) + 1, learn_sigma=False, prediction="flow"))
-    return pretrain_flow("pretrain", out_dir, config, model, images, labels, config.class_dropout)
+    return pretrain("pretrain", out_dir, config, model, images, labels, config.class_dropout)
 
 
-def train_flexify(config: FlexifyConfig, out_dir: str | Path) -> FlexiDiT:
-    """Add the weak patch sizes to a pretrained model and fine-tune them (shared or lora); writes out_dir/model
-    (EMA weights; with LoRA the frozen base is unchanged by the average) and out_dir/raw."""
+def _training_data(config: FlexifyConfig, base: FlexiDiT, vae: Any, out_dir: Path) -> TensorData | LatentCache:
+    size = base.config.input_size
+    if vae is None:
+        images, labels = load_dataset(config.data, size, "train")
+        data: TensorData | LatentCache = TensorData(images, labels)
+        channels = images.shape[1]
+    else:
+        if config.data in ("mnist", "digits8"):
+            raise UserError(f"flexify config: field 'data' is {config.data!r}; {config.base} is a latent model, "
+                            "expected an image folder (one subfolder per class)")
+        factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        data = LatentCache.build(config.data, vae, size * factor, config.cache_dir or out_dir / "latent_cache")
+        channels = data.latent_shape[0]
+    if channels != base.config.in_channels or int(data.labels.max()) >= base.config.num_classes:
+        raise UserError(f"{config.base}: model (channels={base.config.in_channels}, classes={base.config.num_classes}) "
+                        f"does not fit data '{config.data}'")
+    return data
+
+
+def train_flexify(config: FlexifyConfig, out_dir: str | Path, device: str | torch.device = "cpu") -> FlexiDiT:
+    """Add the weak patch sizes to a pretrained model and fine-tune them (shared or lora) on device; writes
+    out_dir/model (EMA weights; with LoRA the frozen base is unchanged by the average: a FlexiDiT directory
+    for a pixel model, a pipeline directory for a pipeline or dit: base) and out_dir/raw (the last weights)."""
     if config.mode not in ("shared", "lora"):
         raise UserError(f"flexify config: field 'mode' is {config.mode!r}, expected 'shared' or 'lora'")
     out_dir = Path(out_dir)
-    base = FlexiDiT.from_pretrained(config.base)
+    pipe = load_flexi_pipeline(config.base)
+    base, vae = pipe.transformer.to(device), pipe.vae
     image_size = base.config.input_size
-    images, labels = load_dataset(config.data, image_size, "train")
-    if images.shape[1] != base.config.in_channels or int(labels.max()) >= base.config.num_classes:
-        raise UserError(f"{config.base}: model (channels={base.config.in_channels}, classes={base.config.num_classes}) "
-                        f"does not fit data '{config.data}'")
     for p in config.weak_patch_sizes:
         if image_size % p or p <= base.config.patch_size:
             raise UserError(f"flexify config: weak patch size {p} must divide {image_size} and exceed {base.config.patch_size}")
+    objective = objective_for(base.config)
+    data = _training_data(config, base, vae if vae is None else vae.to(device), out_dir)
     torch.manual_seed(config.seed)
     lora = config.mode == "lora"
     model = base.with_patch_sizes(config.weak_patch_sizes, init_std=config.residual_init_std,
@@ -109,30 +139,40 @@ def train_flexify(config: FlexifyConfig, out_dir: str | Path) -> FlexiDiT:
     else:
         groups = [{"params": old, "lr_mult": 1.0}, {"params": new, "lr_mult": config.new_layer_lr_mult}]
 
+    rows = local_rows(config.batch_size)
+
     def loss_fn(gen: torch.Generator) -> torch.Tensor:
-        idx = torch.randint(len(images), (config.batch_size,), generator=gen)
-        xt, t, target = flow_pair(images[idx], gen)
-        y = drop_labels(labels[idx], config.class_dropout, null, gen)
-        if lora:
+        idx = torch.randint(len(data), (config.batch_size,), generator=gen)
+        x0, y = data.batch(idx, gen)
+        batch = objective.noised(x0, gen)
+        y = drop_labels(y, config.class_dropout, null, gen)
+        if lora:  # distil the frozen native prediction, every output channel (learned variance too)
             p = weak[int(torch.randint(len(weak), (1,), generator=gen))]
+            batch, y = batch.select(rows).to(device), y[rows].to(device)
             with torch.no_grad():
-                teacher = model(xt, t, y, native)
-            return ((model(xt, t, y, p) - teacher) ** 2).mean()
+                teacher = model(batch.xt, batch.t, y, native)
+            return ((model(batch.xt, batch.t, y, p) - teacher) ** 2).mean()
         # Shared weights: a patch size per sample, one forward per size present in the batch.
         sizes = torch.where(torch.rand(len(idx), generator=gen) < config.weak_prob,
                             torch.tensor(weak)[torch.randint(len(weak), (len(idx),), generator=gen)],
-                            torch.full((len(idx),), native))
-        loss = xt.new_zeros(())
+                            torch.full((len(idx),), native))[rows].to(device)
+        batch, y = batch.select(rows).to(device), y[rows].to(device)
+        losses = torch.zeros(len(y), device=device)
         for p in sizes.unique().tolist():
             sel = sizes == p
-            loss = loss + ((model(xt[sel], t[sel], y[sel], p) - target[sel]) ** 2).sum()
-        return loss / target.numel()
+            losses[sel] = objective.losses(model(batch.xt[sel], batch.t[sel], y[sel], p), batch.select(sel)).float()
+        return losses.mean()
 
-    t0 = time.time()
     lr = config.lr if not lora else config.lr * config.new_layer_lr_mult
-    train_loop(f"flexify-{config.mode}", out_dir, config, model, ema, groups, loss_fn, config.steps, lr, warmup=20)
-    ema.eval().save_pretrained(out_dir / "model")
+    train_loop(f"flexify-{config.mode}", out_dir, config, model, ema, groups, loss_fn, config.steps, lr, warmup=20,
+               grad_accum=config.grad_accum)
+    ema.eval()
+    if data_parallel()[0] != 0:  # worker 0 writes the results
+        return ema
+    if (Path(config.base) / CONFIG_NAME).is_file() or config.base.startswith("embedded:"):
+        ema.save_pretrained(out_dir / "model")
+    else:
+        pipe.register_modules(transformer=ema)
+        atomic_write(out_dir / "model", pipe.save_pretrained)
     model.eval().save_pretrained(out_dir / "raw")
-    atomic_write_json(out_dir / "train_info.json", {"kind": "flexify", "config": dataclasses.asdict(config),
-                                                    "wall_s_last_session": round(time.time() - t0, 1)})
     return ema

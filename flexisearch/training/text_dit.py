@@ -3,8 +3,6 @@ measured captions, flexify it with LoRA distillation, and install the shipped pr
 
 from __future__ import annotations
 
-import dataclasses
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,10 +11,10 @@ import torch
 from ..data.captions import captions_for, prompt_table
 from ..data.images import load_mnist
 from ..errors import UserError
-from ..files import atomic_write_json
 from ..models.text_dit import FlexiTextDiT, FlexiTextDiTConfig
 from ..models.text_encoder import MINILM, MINILM_DIM, set_model_prompts
-from .loop import drop_labels, flow_pair, pretrain_flow, train_loop
+from .loop import drop_labels, pretrain, train_loop
+from .objectives import objective_for
 
 
 @dataclass(frozen=True)
@@ -77,7 +75,7 @@ def train_text_base(config: TextBaseTrainConfig, out_dir: str | Path) -> FlexiTe
                              caption_channels=MINILM_DIM, text_len=config.text_len, text_encoder=MINILM)
     model = FlexiTextDiT(cfg)
     set_model_prompts(model, unique)
-    return pretrain_flow("text-pretrain", out_dir, config, model, images, rows, config.caption_dropout)
+    return pretrain("text-pretrain", out_dir, config, model, images, rows, config.caption_dropout)
 
 
 def train_text_flexify(config: TextFlexifyConfig, out_dir: str | Path) -> FlexiTextDiT:
@@ -99,22 +97,20 @@ def train_text_flexify(config: TextFlexifyConfig, out_dir: str | Path) -> FlexiT
         if id(p) not in new_ids:
             p.requires_grad_(False)
     null, native, weak = model.null_class, model.config.patch_size, config.weak_patch_sizes
+    objective = objective_for(model.config)
 
     def loss_fn(gen: torch.Generator) -> torch.Tensor:
         idx = torch.randint(len(images), (config.batch_size,), generator=gen)
-        xt, t, _ = flow_pair(images[idx], gen)
+        batch = objective.noised(images[idx], gen)
         y = drop_labels(rows[idx], config.caption_dropout, null, gen)
         p = weak[int(torch.randint(len(weak), (1,), generator=gen))]
         with torch.no_grad():
-            teacher = model(xt, t, y, native)
-        return ((model(xt, t, y, p) - teacher) ** 2).mean()
+            teacher = model(batch.xt, batch.t, y, native)
+        return ((model(batch.xt, batch.t, y, p) - teacher) ** 2).mean()
 
-    t0 = time.time()
     train_loop("text-flexify-lora", out_dir, config, model, None, [{"params": new}], loss_fn, config.steps, config.lr,
                warmup=20)
     model.eval().save_pretrained(out_dir / "model")
-    atomic_write_json(out_dir / "train_info.json", {"kind": "text-flexify", "config": dataclasses.asdict(config),
-                                                    "wall_s_last_session": round(time.time() - t0, 1)})
     return model
 
 

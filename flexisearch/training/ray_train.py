@@ -1,0 +1,60 @@
+"""Flexify on a Ray cluster: Ray Train's TorchTrainer runs the single-process recipe on N workers.
+
+The same FlexifyConfig drives both runs. Ray Train starts the workers and their torch.distributed group
+(gloo on CPU, NCCL on GPU); training.loop does the rest: every worker draws the whole global batch from
+the same seed and trains on its rows, gradients are averaged before each step, and worker 0 writes the
+log, the checkpoints and the results into the run folder, which every worker must reach (shared
+storage on a multi-node cluster). When a worker dies, FailureConfig restarts the group and every
+worker resumes from the last checkpoint in the run folder: the run ends with the weights of an
+uninterrupted one. Ray's own trainer state (pickles under OUT/ray) is never read back.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+from ..errors import UserError
+from ..optimize.ray_backend import check_address, init_ray
+from ..validate import read_dataclass
+from .dit import FlexifyConfig, train_flexify
+
+
+def _worker(loop_config: dict[str, Any]) -> None:
+    from ray.train.torch import get_device
+
+    config = read_dataclass(FlexifyConfig, loop_config["config"], "flexify config")
+    train_flexify(config, loop_config["out"], get_device())
+
+
+def train_flexify_ray(config: FlexifyConfig, out_dir: str | Path, num_workers: int, gpus_per_worker: float = 0.0,
+                      address: str | None = None, max_failures: int = 3) -> None:
+    """Run train_flexify on num_workers Ray workers (1 CPU each, plus gpus_per_worker GPUs) of the cluster at
+    address (None: a local one); writes what the single-process run writes into out_dir."""
+    import ray
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    if config.batch_size % num_workers:
+        raise UserError(f"flexify config: field 'batch_size' is {config.batch_size}, expected a multiple of "
+                        f"--num-workers {num_workers}")
+    out = Path(out_dir).resolve()
+    address = check_address(address)
+    init_ray(address, out / "ray_tmp")
+    try:
+        resources = {"CPU": 1.0, **({"GPU": gpus_per_worker} if gpus_per_worker else {})}
+        trainer = TorchTrainer(
+            _worker, train_loop_config={"config": dataclasses.asdict(config), "out": str(out)},
+            scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=gpus_per_worker > 0,
+                                         resources_per_worker=resources),
+            run_config=RunConfig(name="flexify", storage_path=str(out / "ray"),
+                                 failure_config=FailureConfig(max_failures=max_failures)))
+        result = trainer.fit()
+        if result.error is not None:
+            raise UserError(f"flexify on Ray: the workers failed ({str(result.error).splitlines()[0]})")
+    finally:
+        ray.shutdown()
+
+
+__all__ = ["train_flexify_ray"]

@@ -1,0 +1,97 @@
+"""Flexify on the real-model path: a converted DiTPipeline (epsilon, learned sigma, VAE) trains from an image folder
+of any resolution through a reusable VAE latent cache, and writes a pipeline directory the search loads."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_dit_pipeline
+from PIL import Image
+
+from flexisearch.cli import main
+from flexisearch.data.images import center_crop, read_image
+from flexisearch.data.latents import LatentCache
+from flexisearch.models.loading import load_model
+
+
+def _folder(root, sizes=((20, 12), (8, 8), (33, 17), (9, 30), (16, 16))):
+    """Two classes of RGB images of assorted sizes."""
+    gen = torch.Generator().manual_seed(0)
+    for i, (w, h) in enumerate(sizes):
+        d = root / f"class{i % 2}"
+        d.mkdir(parents=True, exist_ok=True)
+        arr = torch.randint(0, 256, (h, w, 3), generator=gen, dtype=torch.uint8).numpy()
+        Image.fromarray(arr).save(d / f"img{i}.png")
+    return root
+
+
+def test_center_crop_keeps_the_centre_square():
+    wide = Image.new("RGB", (120, 20), (255, 0, 0))
+    wide.paste((0, 0, 255), (40, 0, 80, 20))  # red sides, blue centre
+    out = np.asarray(center_crop(wide, 8))
+    assert out.shape == (8, 8, 3) and (out == [0, 0, 255]).all()
+    tall = Image.new("L", (5, 50), 10)
+    assert center_crop(tall, 8).size == (8, 8)  # upsampled when smaller than the size
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("flexify")
+    original = tiny_dit_pipeline()
+    original.save_pretrained(root / "dit")
+    assert main(["convert", str(root / "dit"), str(root / "flexi"), "--weak", "4"]) == 0
+    _folder(root / "images")
+    return root, original
+
+
+def test_latent_cache_holds_the_vae_posterior_of_each_image_and_its_flip(dirs, tmp_path):
+    root, original = dirs
+    vae = original.vae
+    calls = []
+    encode = vae.encode
+    vae.encode = lambda x: calls.append(len(x)) or encode(x)
+    try:
+        cache = LatentCache.build(root / "images", vae, 8, tmp_path, batch_size=2, shard_size=4)
+        again = LatentCache.build(root / "images", vae, 8, tmp_path)
+    finally:
+        vae.encode = encode
+    assert sum(calls) == 10 and again.directory == cache.directory  # 5 images + flips, encoded once
+    assert len(cache) == 10 and len(cache.index["shards"]) == 3 and cache.labels.tolist() == [0, 0, 0, 0, 0, 0, 1, 1, 1, 1]
+    files = sorted((root / "images").glob("*/*.png"))
+    x = torch.stack([read_image(p, 8) for p in files])
+    with torch.no_grad():
+        want = vae.encode(torch.cat([x, x.flip(-1)])).latent_dist
+    for i in range(5):
+        for flip in (0, 1):
+            row = cache._shards[(2 * i + flip) // 4].get_slice("posterior")[(2 * i + flip) % 4:(2 * i + flip) % 4 + 1]
+            torch.testing.assert_close(row[0, :4], want.mean[i + 5 * flip], atol=1e-5, rtol=1e-5)
+    z, y = cache.batch(torch.tensor([0, 3]), torch.Generator().manual_seed(0))
+    assert z.shape == (2, 4, 8, 8) and y.tolist() == [0, 0]
+    (root / "images" / "class1" / "img1.png").write_bytes((root / "images" / "class0" / "img0.png").read_bytes())
+    try:
+        assert LatentCache.build(root / "images", vae, 8, tmp_path).directory != cache.directory  # data changed
+    finally:
+        _folder(root / "images")
+
+
+@pytest.mark.parametrize("mode", ["lora", "shared"])
+def test_flexify_a_converted_dit_pipeline_from_an_image_folder(dirs, tmp_path, mode):
+    root, _ = dirs
+    cfg = tmp_path / "cfg.json"
+    cfg.write_text(json.dumps({"batch_size": 4, "lora_rank": 2, "ckpt_every": 2, "cache_dir": str(tmp_path / "cache")}))
+    out = tmp_path / "run"
+    assert main(["train", "flexify", "--base", str(root / "flexi"), "--data", str(root / "images"), "--mode", mode,
+                 "--steps", "3", "--config", str(cfg), "--device", "cpu", "--out", str(out)]) == 0
+    losses = [json.loads(line)["loss"] for line in (out / "loss.jsonl").read_text().splitlines()]
+    assert len(losses) == 3 and all(math.isfinite(loss) and loss > 0 for loss in losses)
+    assert (out / "model" / "model_index.json").is_file() and (out / "model" / "vae").is_dir()
+    base, model = load_model(str(root / "flexi")), load_model(str(out / "model"))
+    assert model.config.learn_sigma and model.config.lora_rank == (2 if mode == "lora" else 0)
+    x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([10.0, 900.0]), torch.tensor([0, 1])
+    with torch.no_grad():
+        same_native = torch.equal(model(x, t, y, 2), base(x, t, y, 2))
+        assert not torch.equal(model(x, t, y, 4), base(x, t, y, 4))
+    assert same_native == (mode == "lora")  # LoRA leaves the native path bit-identical
+    assert len(list((tmp_path / "cache").iterdir())) == 1
