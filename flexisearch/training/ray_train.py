@@ -6,12 +6,15 @@ the same seed and trains on its rows, gradients are averaged before each step, a
 log, the checkpoints and the results into the run folder, which every worker must reach (shared
 storage on a multi-node cluster). When a worker dies, FailureConfig restarts the group and every
 worker resumes from the last checkpoint in the run folder: the run ends with the weights of an
-uninterrupted one. Ray's own trainer state (pickles under OUT/ray) is never read back.
+uninterrupted one. Every driver run is a new Ray Train run (its own name under OUT/ray): Ray's state
+of an earlier run is never read back.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import datetime
+import os
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +51,8 @@ def train_flexify_ray(config: FlexifyConfig, out_dir: str | Path, num_workers: i
             _worker, train_loop_config={"config": dataclasses.asdict(config), "out": str(out)},
             scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=gpus_per_worker > 0,
                                          resources_per_worker=resources),
-            run_config=RunConfig(name="flexify", storage_path=str(out / "ray"),
+            run_config=RunConfig(name=f"flexify-{datetime.datetime.now():%Y%m%d-%H%M%S}-{os.getpid()}",
+                                 storage_path=str(out / "ray"),
                                  failure_config=FailureConfig(max_failures=max_failures)))
         result = trainer.fit()
         if result.error is not None:
