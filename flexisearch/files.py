@@ -175,7 +175,9 @@ class Pretrained:
         atomic_write_json(directory / CONFIG_NAME, self.config.to_dict())
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu") -> Any:
+    def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu",
+                        torch_dtype: torch.dtype | None = None) -> Any:
+        """The module a directory holds, on device, in eval mode; torch_dtype (diffusers' loader passes it) casts it."""
         directory = Path(directory)
         if not directory.is_dir():
             raise UserError(f"{directory}: model directory not found")
@@ -188,4 +190,4 @@ class Pretrained:
             check_state(state, cls._from_files(config, directory).state_dict(), str(directory / WEIGHTS_NAME))
         model = cls._from_files(config, directory)
         model.load_state_dict(state)
-        return model.to(device).eval()
+        return model.to(device, torch_dtype).eval()

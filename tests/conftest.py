@@ -10,6 +10,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_TMPDIR", str(Path(__file__).resolve().parent.parent / ".work" / "ray"))
+# where diffusers copies a folder's custom-pipeline code when it loads it (default: under the user's home)
+os.environ.setdefault("HF_MODULES_CACHE", str(Path(__file__).resolve().parent.parent / ".work" / "hf_modules"))
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 

@@ -55,7 +55,7 @@ def fid_run(tmp_path_factory):
     doc = {"study": "t", "model": str(root / "model"), "space": {"type": "branch_threshold", "num_steps": STEPS},
            "metric": {"name": "fid", "relative": 0.05}, "reference": {"num_steps": STEPS, "guidance_scale": GUIDANCE},
            "search_samples": 8, "heldout_samples": 8, "bootstrap": 5, "n_trials": 3, "batch_size": 32,
-           "pareto_max": 3}
+           "pareto_max": 3, "cost": {"repeats": 1}}
     (root / "space.yaml").write_text(yaml.safe_dump(doc))
     error = None
     with pytest.MonkeyPatch.context() as mp:
@@ -108,7 +108,8 @@ def embedded_text(tmp_path_factory):
     doc = {"study": "tx", "model": "embedded:text/flexidit-mnist16",
            "space": {"type": "threshold", "num_steps": STEPS, "guidance_scale": GUIDANCE},
            "metric": {"name": "clip", "relative": 0.1}, "reference": {"num_steps": STEPS, "guidance_scale": GUIDANCE},
-           "search_samples": 6, "heldout_samples": 6, "bootstrap": 5, "n_trials": 1, "batch_size": 6}
+           "search_samples": 6, "heldout_samples": 6, "bootstrap": 5, "n_trials": 1, "batch_size": 6,
+           "cost": {"repeats": 1}}
     (root / "space.yaml").write_text(yaml.safe_dump(doc))
     cfg = load_search_config(root / "space.yaml")
     return root, cfg, Evaluator(cfg)

@@ -1,8 +1,10 @@
 """Flexify on the real-model path: a converted DiTPipeline (epsilon, learned sigma, VAE) trains from an image folder
 of any resolution through a reusable VAE latent cache, and writes a pipeline directory the search loads."""
 
+import functools
 import json
 import math
+import threading
 
 import numpy as np
 import pytest
@@ -13,6 +15,7 @@ from PIL import Image
 from flexisearch.cli import main
 from flexisearch.data.images import center_crop, read_image
 from flexisearch.data.latents import LatentCache
+from flexisearch.files import load_weights
 from flexisearch.models.loading import load_model
 
 
@@ -66,14 +69,41 @@ def test_latent_cache_holds_the_vae_posterior_of_each_image_and_its_flip(dirs, t
     for i in range(5):
         for flip in (0, 1):
             row = cache._shards[(2 * i + flip) // 4].get_slice("posterior")[(2 * i + flip) % 4:(2 * i + flip) % 4 + 1]
-            torch.testing.assert_close(row[0, :4], want.mean[i + 5 * flip], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(row[0, :4].float(), want.mean[i + 5 * flip], atol=2e-3, rtol=1e-3)  # fp16
     z, y = cache.batch(torch.tensor([0, 3]), torch.Generator().manual_seed(0))
     assert z.shape == (2, 4, 8, 8) and y.tolist() == [0, 0]
-    (root / "images" / "class1" / "img1.png").write_bytes((root / "images" / "class0" / "img0.png").read_bytes())
+    (root / "images" / "class1" / "img1.png").write_bytes((root / "images" / "class0" / "img0.png").read_bytes())  # size
     try:
         assert LatentCache.build(root / "images", vae, 8, tmp_path).directory != cache.directory  # data changed
     finally:
         _folder(root / "images")
+
+
+def test_workers_share_the_cache_build_and_an_interrupted_build_resumes(dirs, tmp_path):
+    root, original = dirs
+    vae, calls = original.vae, []
+    encode = vae.encode
+    vae.encode = lambda x: calls.append(len(x)) or encode(x)
+    try:
+        build = functools.partial(LatentCache.build, root / "images", vae, 8, shard_size=4, poll_s=0.01)
+        other = threading.Thread(target=build, args=(tmp_path / "shared",), kwargs={"rank": 1, "world": 2})
+        other.start()
+        shared = build(tmp_path / "shared", rank=0, world=2)
+        other.join()
+        assert sum(calls) == 10  # each shard encoded once, by one of the two workers
+        single = build(tmp_path / "single")
+        want = {name: load_weights(single.directory / name)["posterior"] for name in single.index["shards"]}
+        (tmp_path / "single" / single.directory.name).rename(tmp_path / "single" / f".{single.directory.name}.partial")
+        (tmp_path / "single" / f".{single.directory.name}.partial" / "shard-00001.safetensors").unlink()
+        calls.clear()
+        resumed = build(tmp_path / "single")
+    finally:
+        vae.encode = encode
+    assert calls == [4]  # only the missing shard (2 images and their flips) was encoded again
+    for cache in (shared, resumed):
+        assert cache.index == single.index
+        for name, rows in want.items():
+            assert torch.equal(load_weights(cache.directory / name)["posterior"], rows)
 
 
 @pytest.mark.parametrize("mode", ["lora", "shared"])

@@ -57,7 +57,7 @@ def write_cfg(root, tmp_path, **over):
            "reference_stats": str(root / "stats.npz"),
            "space": {"type": "branch_threshold", "num_steps": 4, "solver": "ddim"},
            "metric": {"name": "fid", "relative": 0.5}, "reference": {"num_steps": 4, "guidance_scale": 2.0, "solver": "ddim"},
-           "search_samples": 12, "heldout_samples": 12, "bootstrap": 10, "n_trials": 3, **over}
+           "search_samples": 12, "heldout_samples": 12, "bootstrap": 10, "n_trials": 3, "cost": {"repeats": 1}, **over}
     p = tmp_path / "latent.yaml"
     p.write_text(yaml.safe_dump(doc))
     return load_search_config(p)

@@ -75,13 +75,34 @@ def test_save_load_round_trip(tmp_path):
     s = schedule_for(pipe, "ddpm")
     pipe.save_pretrained(tmp_path / "p")
     index = json.loads((tmp_path / "p" / "model_index.json").read_text())
-    assert index["transformer"] == ["flexisearch.models.dit", "FlexiDiT"] and index["vae"] == [None, None]
+    assert index["transformer"] == ["flexidit", "FlexiDiT"] and index["vae"] == [None, None]
+    assert index["_class_name"] == ["pipeline", "FlexiDiTPipeline"]
     back = FlexiDiTPipeline.from_pretrained(tmp_path / "p")
     back.set_progress_bar_config(disable=True)
     assert back.model_fingerprint() == pipe.model_fingerprint()
     assert type(back.scheduler) is type(pipe.scheduler) and public(back.scheduler.config) == public(pipe.scheduler.config)
     assert back.labels == pipe.labels and back.get_label_ids(["nil", "two"]) == [0, 2]
     assert torch.equal(latents_of(back, s), latents_of(pipe, s))
+
+
+def test_stock_diffusers_loads_a_saved_pipeline_and_ours_runs_no_code_from_the_folder(tmp_path, converted):
+    from diffusers import DiffusionPipeline
+
+    pipe, _ = converted
+    pipe.save_pretrained(tmp_path / "p")
+    stock = DiffusionPipeline.from_pretrained(tmp_path / "p", trust_remote_code=True)
+    assert isinstance(stock, FlexiDiTPipeline) and isinstance(stock.vae, AutoencoderKL)
+    stock.set_progress_bar_config(disable=True)
+    kw = dict(num_inference_steps=3, seeds=[0, 1], output_type="np")
+    np.testing.assert_array_equal(stock([1, 2], **kw).images, pipe([1, 2], **kw).images)
+    marker = tmp_path / "code-was-run"
+    for name in ("pipeline.py", "transformer/flexidit.py"):
+        (tmp_path / "p" / name).write_text(f"open({str(marker)!r}, 'w').close()\n")
+    ours = FlexiDiTPipeline.from_pretrained(tmp_path / "p")
+    assert not marker.exists() and ours.model_fingerprint() == pipe.model_fingerprint()
+    with pytest.raises(UserError, match="cannot be downloaded") as e:
+        FlexiDiTPipeline.from_pretrained("no-such-user/no-such-pipeline")  # offline in the tests
+    assert "\n" not in str(e.value)
 
 
 def test_latent_pipeline_round_trip(tmp_path, converted):

@@ -31,7 +31,7 @@ def space(tmp_path, model_dir, name, n_trials=6, samples=16, **over):
     doc = {"study": name, "model": str(model_dir), "space": {"type": "branch_threshold", "num_steps": 6},
            "metric": {"name": "fid_native", "max": 50.0}, "reference": {"num_steps": 6, "guidance_scale": 2.0},
            "search_samples": samples, "heldout_samples": 16, "bootstrap": 10, "n_trials": n_trials,
-           "resources": {"cpu": 1}, "max_concurrent": 2, "max_failures": 3, **over}
+           "resources": {"cpu": 1}, "max_concurrent": 2, "max_failures": 3, "cost": {"repeats": 1}, **over}
     p = tmp_path / f"{name}.yaml"
     p.write_text(yaml.safe_dump(doc))
     return p

@@ -282,7 +282,7 @@ def _search_cfg(tmp_path, **over):
            "space": {"type": "threshold", "num_steps": 6, "guidance_scale": 2.0},
            "metric": {"name": "clip", "relative": 0.1}, "reference": {"num_steps": 6, "guidance_scale": 2.0},
            "search_samples": 30, "heldout_samples": 40, "bootstrap": 20, "n_trials": 5, "batch_size": 64,
-           "storage": f"sqlite:///{tmp_path / 'study.db'}", **over}
+           "storage": f"sqlite:///{tmp_path / 'study.db'}", "cost": {"repeats": 1}, **over}
     p = tmp_path / "space.yaml"
     p.write_text(yaml.safe_dump(doc))
     return p, load_search_config(p)

@@ -12,21 +12,19 @@ loop's per-step hook. With per-sample `seeds` the result is exactly that of `gen
 schedule made for another model, step count, guidance scale or solver is refused unless the call
 opts in to adapting it (see `FlexiDiTPipeline.__call__`).
 
-Saving and loading. diffusers saves and loads a component only if its class derives from one of
-the bases in `pipeline_loading_utils.LOADABLE_CLASSES` (ModelMixin, SchedulerMixin, transformers'
-PreTrainedModel, ...). FlexiDiT is a plain nn.Module: DiffusionPipeline.save_pretrained would log
-"cannot be saved" and record it as missing, and from_pretrained cannot resolve it. Registering it in
-that table globally does not work either, since diffusers then passes loader keywords (torch_dtype,
-...) that FlexiDiT.from_pretrained does not take. So this pipeline overrides the two methods, in
-the smallest way that keeps diffusers' own machinery for everything else:
+Saving and loading. diffusers loads a component only if its class derives from one of the bases
+in `pipeline_loading_utils.LOADABLE_CLASSES` (ModelMixin, SchedulerMixin, PreTrainedModel, ...),
+or if it is custom code in the pipeline folder, which is how a pipeline outside diffusers is shared.
+FlexiDiT is a plain nn.Module, so save_pretrained writes the folder in diffusers' custom-pipeline
+layout: model_index.json names the pipeline ["pipeline", "FlexiDiTPipeline"] and the transformer
+["flexidit", "FlexiDiT"], and two one-line files, pipeline.py and transformer/flexidit.py, import
+them from flexisearch. So stock diffusers loads the folder:
 
-- save_pretrained writes transformer/ with FlexiDiT.save_pretrained (config.json +
-  model.safetensors), scheduler/ and vae/ with their own save_pretrained, and model_index.json with
-  save_config; model_index.json names the transformer ["flexisearch.models.dit", "FlexiDiT"].
-- from_pretrained loads transformer/ with FlexiDiT.from_pretrained, then calls
-  DiffusionPipeline.from_pretrained with `transformer=None` (diffusers' documented way to skip a
-  component), so scheduler, VAE and id2label load exactly as in any diffusers pipeline; the
-  FlexiDiT is then registered in place.
+    DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)
+
+FlexiDiTPipeline.from_pretrained never runs those files (code from a folder is only run where the
+user asks for it): it reads transformer/ with FlexiDiT.from_pretrained, scheduler/ with the
+diffusers scheduler class model_index.json names, vae/ with AutoencoderKL, and id2label.
 
 For the same reason (`.device` and `.dtype` exist only on diffusers/transformers models) the
 pipeline's `device`, `dtype` and `to` are defined here. Model CPU offload is not supported.
@@ -46,7 +44,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
 
 from ..errors import UserError
-from ..files import atomic_write, read_json
+from ..files import atomic_write, atomic_write_bytes, atomic_write_json, read_json
 from ..models.convert import from_diffusers_dit
 from ..models.dit import FlexiDiT, FlexiDiTConfig
 from ..models.loading import load_model
@@ -59,6 +57,23 @@ OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 # Scheduler settings that change what a solver computes; a pipeline's scheduler must agree with the search's on them.
 _SOLVER_KEYS = ("prediction_type", "use_flow_sigmas", "clip_sample", "variance_type", "num_train_timesteps",
                 "beta_schedule", "beta_start", "beta_end", "shift", "flow_shift")
+
+
+# diffusers' custom-pipeline layout: the classes model_index.json names, and the files that import them.
+_CUSTOM_INDEX = {"_class_name": ["pipeline", "FlexiDiTPipeline"], "transformer": ["flexidit", "FlexiDiT"]}
+_CUSTOM_FILES = {"pipeline.py": "from flexisearch.sampling.pipeline import FlexiDiTPipeline  # noqa: F401\n",
+                 "transformer/flexidit.py": "from flexisearch.models.dit import FlexiDiT  # noqa: F401\n"}
+
+
+def _scheduler_class(index: dict, path: Path) -> type[SchedulerMixin]:
+    """The diffusers scheduler class model_index.json names (nothing else is imported)."""
+    import diffusers
+
+    name = index.get("scheduler", [None, None])[1] if isinstance(index.get("scheduler"), list) else None
+    cls = getattr(diffusers, str(name), None)
+    if not (isinstance(cls, type) and issubclass(cls, SchedulerMixin)):
+        raise UserError(f"{path / 'model_index.json'}: field 'scheduler' names {name!r}, expected a diffusers scheduler")
+    return cls
 
 
 def runs_solver(scheduler: SchedulerMixin, solver: str, config: FlexiDiTConfig,
@@ -134,7 +149,8 @@ class FlexiDiTPipeline(DiffusionPipeline):
     # ---- saving and loading (see the module docstring) ----------------------------------
     def save_pretrained(self, save_directory: str | os.PathLike, safe_serialization: bool = True,
                         variant: str | None = None, **kwargs: Any) -> None:
-        """Write model_index.json, transformer/, scheduler/ and (if any) vae/ under save_directory.
+        """Write model_index.json, transformer/, scheduler/, (if any) vae/ and the two import files of diffusers'
+        custom-pipeline layout (module docstring) under save_directory.
 
         safe_serialization, variant and other keywords go to the VAE's save_pretrained; pushing to
         the Hub is not supported.
@@ -148,21 +164,36 @@ class FlexiDiTPipeline(DiffusionPipeline):
         if self.vae is not None:
             self.vae.save_pretrained(directory / "vae", safe_serialization=safe_serialization, variant=variant, **kwargs)
         self.save_config(directory)
+        index = read_json(directory / "model_index.json", "pipeline index")
+        atomic_write_json(directory / "model_index.json", {**index, **_CUSTOM_INDEX})
+        for name, text in _CUSTOM_FILES.items():
+            atomic_write_bytes(directory / name, text.encode())
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any) -> FlexiDiTPipeline:
-        """Load a local pipeline directory written by save_pretrained or convert_dit_pipeline.
+        """Load a pipeline folder written by save_pretrained or convert_dit_pipeline, or a Hub repo id of one
+        (downloaded with DiffusionPipeline.download's keywords: cache_dir, revision, token, local_files_only).
 
-        Keywords are DiffusionPipeline.from_pretrained's; `transformer=` replaces the stored model
-        and `torch_dtype=`/`dtype=` also casts the transformer (after taking its fingerprint).
+        `transformer=`, `scheduler=` and `vae=` replace stored components; `torch_dtype=`/`dtype=` also
+        casts the transformer (after taking its fingerprint). Runs no code from the folder.
         """
+        components = {k: kwargs.pop(k) for k in ("transformer", "scheduler", "vae") if k in kwargs}
+        dtype = kwargs.pop("dtype", kwargs.pop("torch_dtype", None))
         path = Path(pretrained_model_name_or_path)
-        transformer = kwargs.pop("transformer", None)
-        if transformer is None:
-            transformer = FlexiDiT.from_pretrained(path / "transformer")
-        dtype = kwargs.get("dtype", kwargs.get("torch_dtype"))
-        pipe = super().from_pretrained(path, transformer=None, **kwargs)
-        pipe.register_modules(transformer=transformer)
+        if not path.is_dir():
+            try:
+                path = Path(DiffusionPipeline.download(str(pretrained_model_name_or_path), **kwargs))
+            except Exception as e:  # offline, unknown repo, no access: one line
+                raise UserError(f"{pretrained_model_name_or_path}: not a local pipeline folder and cannot be "
+                                f"downloaded ({str(e).splitlines()[0]})") from None
+        index = read_json(path / "model_index.json", "pipeline index")
+        if "transformer" not in components:
+            components["transformer"] = FlexiDiT.from_pretrained(path / "transformer")
+        if "scheduler" not in components:
+            components["scheduler"] = _scheduler_class(index, path).from_pretrained(path / "scheduler")
+        if "vae" not in components:
+            components["vae"] = AutoencoderKL.from_pretrained(path / "vae") if (path / "vae").is_dir() else None
+        pipe = cls(**components, id2label=index.get("id2label"))
         if isinstance(dtype, torch.dtype):
             pipe.to(dtype)
         return pipe

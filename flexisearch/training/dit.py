@@ -98,7 +98,9 @@ def _training_data(config: FlexifyConfig, base: FlexiDiT, vae: Any, out_dir: Pat
             raise UserError(f"flexify config: field 'data' is {config.data!r}; {config.base} is a latent model, "
                             "expected an image folder (one subfolder per class)")
         factor = 2 ** (len(vae.config.block_out_channels) - 1)
-        data = LatentCache.build(config.data, vae, size * factor, config.cache_dir or out_dir / "latent_cache")
+        rank, world = data_parallel()
+        data = LatentCache.build(config.data, vae, size * factor, config.cache_dir or out_dir / "latent_cache",
+                                 rank=rank, world=world)
         channels = data.latent_shape[0]
     if channels != base.config.in_channels or int(data.labels.max()) >= base.config.num_classes:
         raise UserError(f"{config.base}: model (channels={base.config.in_channels}, classes={base.config.num_classes}) "
