@@ -10,8 +10,9 @@ activations autograd keeps for the backward pass, measured per sample (sum of th
 saved for backward, parameters excluded) in one forward of the recipe's loss, float32 and under
 bf16 autocast (on CPU; CUDA's autocast casts the same matmuls).
 throughput: optimizer steps per second of the same flexify run (embedded base, shared) in this
-process and on one Ray Train worker, timed from the run's log after its first 10 steps, so start-up
-(Ray, the worker's imports) is not counted.
+process and on one Ray Train worker given as many CPUs as this process has torch threads (Ray sets a worker's
+thread count to its CPUs), timed from the run's log after its first 10 steps, so start-up (Ray, the
+worker's imports) is not counted.
 cache: one training batch of 256x256 images from the latent cache against encoding it with an
 AutoencoderKL of Stable Diffusion's VAE layout (as DiT-XL/2 uses; random weights).
 """
@@ -36,8 +37,8 @@ from flexisearch.training.objectives import objective_for
 GIB = 2**30
 
 
-def saved_activation_bytes(model: FlexiDiT, mode: str, dtype: torch.dtype | None) -> int:
-    """Bytes autograd saves for backward in one forward of flexify's loss on one sample (parameters excluded)."""
+def saved_bytes(model: FlexiDiT, mode: str, dtype: torch.dtype | None, batch: int) -> int:
+    """Bytes autograd saves for backward in one forward of flexify's loss on a batch (parameters excluded)."""
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     seen: dict[int, int] = {}
 
@@ -48,18 +49,25 @@ def saved_activation_bytes(model: FlexiDiT, mode: str, dtype: torch.dtype | None
         return t
 
     objective = objective_for(model.config)
-    batch = objective.noised(torch.randn(1, model.config.in_channels, model.config.input_size, model.config.input_size),
-                             torch.Generator().manual_seed(0))
-    y = torch.zeros(1, dtype=torch.long)
+    size = model.config.input_size
+    noised = objective.noised(torch.randn(batch, model.config.in_channels, size, size), torch.Generator().manual_seed(0))
+    y = torch.zeros(batch, dtype=torch.long)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
             torch.autocast("cpu", torch.bfloat16, enabled=dtype is not None):
         if mode == "lora":  # the native teacher runs without grad; the weak student is what autograd keeps
             with torch.no_grad():
-                model(batch.xt, batch.t, y, model.config.patch_size)
-            model(batch.xt, batch.t, y, 4).sum()
-        else:  # shared: the worst sample, one at the native size
-            objective.losses(model(batch.xt, batch.t, y, model.config.patch_size), batch).sum()
+                model(noised.xt, noised.t, y, model.config.patch_size)
+            model(noised.xt, noised.t, y, 4).sum()
+        else:  # shared: the worst batch, all at the native size
+            objective.losses(model(noised.xt, noised.t, y, model.config.patch_size), noised).sum()
     return sum(seen.values())
+
+
+def activation_bytes(model: FlexiDiT, mode: str, dtype: torch.dtype | None) -> tuple[int, int]:
+    """(bytes per sample, bytes per step) saved for backward: from batches of 1 and 2; the per-step part is what
+    does not grow with the batch (under autocast: the bf16 copies of the weights)."""
+    one, two = (saved_bytes(model, mode, dtype, b) for b in (1, 2))
+    return two - one, 2 * one - two
 
 
 def memory(args: argparse.Namespace) -> None:
@@ -68,7 +76,7 @@ def memory(args: argparse.Namespace) -> None:
     print(f"# {args.preset} with weak patch size 4, flexify worker memory at a local batch of {args.batch} "
           f"(torch {torch.__version__}, {platform.machine()})")
     print(f"{'mode':<7} {'params':>7} {'trained':>8} {'weights':>8} {'grads+Adam':>11} {'EMA':>6} "
-          f"{'act/sample fp32':>16} {'act/sample bf16':>16} {'total bf16':>11}")
+          f"{'act/sample fp32':>16} {'act/sample bf16':>16} {'bf16 weight copies':>19} {'total bf16':>11}")
     for mode in ("shared", "lora"):
         model = base.with_patch_sizes((4,), lora_rank=32 if mode == "lora" else 0, lora_alpha=32.0)
         trained = [p for n, p in model.named_parameters()
@@ -76,12 +84,13 @@ def memory(args: argparse.Namespace) -> None:
         n_all, n_trained = sum(p.numel() for p in model.parameters()), sum(p.numel() for p in trained)
         for p in model.parameters():
             p.requires_grad_(any(p is q for q in trained))
-        act32 = saved_activation_bytes(model, mode, None)
-        act16 = saved_activation_bytes(model, mode, torch.bfloat16)
+        act32, _ = activation_bytes(model, mode, None)
+        act16, copies = activation_bytes(model, mode, torch.bfloat16)
         weights, states, ema = 4 * n_all, 12 * n_trained, 4 * n_all  # fp32 weights; grad + 2 moments; EMA copy
-        total = weights + states + ema + args.batch * act16
+        total = weights + states + ema + copies + args.batch * act16
         print(f"{mode:<7} {n_all / 1e6:>6.0f}M {n_trained / 1e6:>7.1f}M {weights / GIB:>7.2f}G {states / GIB:>10.2f}G "
-              f"{ema / GIB:>5.2f}G {act32 / 2**20:>14.0f}Mi {act16 / 2**20:>14.0f}Mi {total / GIB:>10.1f}G")
+              f"{ema / GIB:>5.2f}G {act32 / 2**20:>14.0f}Mi {act16 / 2**20:>14.0f}Mi {copies / GIB:>18.2f}G "
+              f"{total / GIB:>10.1f}G")
 
 
 def _steps_per_s(run: Path) -> float:
@@ -97,7 +106,7 @@ def throughput(args: argparse.Namespace) -> None:
     tmp = Path(tempfile.mkdtemp(prefix="bench-train-", dir="."))
     try:
         train_flexify(cfg, tmp / "single")
-        train_flexify_ray(cfg, tmp / "ray", num_workers=1)
+        train_flexify_ray(cfg, tmp / "ray", num_workers=1, cpus_per_worker=torch.get_num_threads())
         single, ray = _steps_per_s(tmp / "single"), _steps_per_s(tmp / "ray")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -105,7 +114,8 @@ def throughput(args: argparse.Namespace) -> None:
           f"{platform.machine()}, {torch.get_num_threads()} threads")
     print(f"{'run':<22} {'steps/s':>8} {'vs single':>10}")
     print(f"{'single process':<22} {single:>8.2f} {'1.00':>10}")
-    print(f"{'Ray Train, 1 worker':<22} {ray:>8.2f} {ray / single:>10.2f}")
+    print(f"{'Ray Train, 1 worker':<22} {ray:>8.2f} {ray / single:>10.2f}   (the worker has as many CPUs as this "
+          "process has threads)")
 
 
 def cache(args: argparse.Namespace) -> None:

@@ -285,7 +285,8 @@ def cmd_train(args: argparse.Namespace) -> None:
         if args.backend == "ray":
             from .training.ray_train import train_flexify_ray
 
-            train_flexify_ray(cfg, args.out, args.num_workers, args.gpus_per_worker, args.address)
+            train_flexify_ray(cfg, args.out, args.num_workers, args.gpus_per_worker, args.address,
+                              cpus_per_worker=args.cpus_per_worker)
         else:
             train_flexify(cfg, args.out, resolve_device(args.device or "cpu"))
     print(f"wrote {Path(args.out) / 'model'}")
@@ -421,6 +422,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-workers", type=_positive, default=2, help="ray: workers (default 2); the config's "
                    "batch_size is the global batch, split evenly")
     p.add_argument("--gpus-per-worker", type=float, default=0.0, help="ray: GPUs per worker (default 0: CPU, gloo)")
+    p.add_argument("--cpus-per-worker", type=float, default=1.0, help="ray: CPUs per worker, also its torch threads "
+                   "(default 1)")
     p.add_argument("--address", help="ray: HOST:PORT or auto of a running cluster (default: start a local one)")
     p.add_argument("--steps", type=_positive, help="optimizer steps (default: the config's)")
     p.add_argument("--seed", type=int, help="random seed (default: the config's)")

@@ -32,9 +32,10 @@ def _worker(loop_config: dict[str, Any]) -> None:
 
 
 def train_flexify_ray(config: FlexifyConfig, out_dir: str | Path, num_workers: int, gpus_per_worker: float = 0.0,
-                      address: str | None = None, max_failures: int = 3) -> None:
-    """Run train_flexify on num_workers Ray workers (1 CPU each, plus gpus_per_worker GPUs) of the cluster at
-    address (None: a local one); writes what the single-process run writes into out_dir."""
+                      address: str | None = None, max_failures: int = 3, cpus_per_worker: float = 1.0) -> None:
+    """Run train_flexify on num_workers Ray workers (each with cpus_per_worker CPUs, which Ray also gives torch as
+    its thread count, and gpus_per_worker GPUs) of the cluster at address (None: a local one); writes what the
+    single-process run writes into out_dir."""
     import ray
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -46,7 +47,7 @@ def train_flexify_ray(config: FlexifyConfig, out_dir: str | Path, num_workers: i
     address = check_address(address)
     init_ray(address, out / "ray_tmp")
     try:
-        resources = {"CPU": 1.0, **({"GPU": gpus_per_worker} if gpus_per_worker else {})}
+        resources = {"CPU": cpus_per_worker, **({"GPU": gpus_per_worker} if gpus_per_worker else {})}
         trainer = TorchTrainer(
             _worker, train_loop_config={"config": dataclasses.asdict(config), "out": str(out)},
             scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=gpus_per_worker > 0,
