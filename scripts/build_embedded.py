@@ -178,7 +178,10 @@ def main() -> None:
         log = [json.loads(line) for line in (flex_dir / "loss.jsonl").read_text().splitlines()]
         name = f"flexidit-mnist16-{variant}"
         dst = ASSETS / name
-        model.save_pretrained(dst)
+        if variant == "lora":  # the adapters alone, on the shipped base (which must be base_dir's model)
+            model.save_adapter(dst, FlexiDiT.from_pretrained(ASSETS / "dit-mnist16-base"), "embedded:dit-mnist16-base")
+        else:
+            model.save_pretrained(dst)
         plot_curve(res, dst / "fid_vs_flops.png", f"{name}: weak first k of {STEPS} steps")
         fp = model.fingerprint()
         for p in model.config.patch_sizes:
@@ -192,6 +195,9 @@ def main() -> None:
                  f"Fine-tuning cost: {100 * len(log) / base_info['config']['steps']:.1f}% of the pretraining steps, about "
                  f"{100 * steps_equiv / base_info['config']['steps']:.1f}% of its compute "
                  f"({'half the samples at the weak size' if variant == 'shared' else 'a no-grad native teacher pass plus the weak student pass'}).")
+        if variant == "lora":
+            extra += (" Stored as an adapter on `embedded:dit-mnist16-base` (`adapter.json` names it and its fingerprint; "
+                      "`adapter.safetensors` holds only the weights the base lacks); it loads as any model folder.")
         info = f"Sampling 256 images, 20 native steps with CFG: {speed(model):.1f} s."
         atomic_write_bytes(dst / "MODEL_CARD.md", card(name, res, info, model, floor, extra).encode())
         print(f"wrote {dst}")

@@ -117,6 +117,7 @@ def test_flexify_a_converted_dit_pipeline_from_an_image_folder(dirs, tmp_path, m
     losses = [json.loads(line)["loss"] for line in (out / "loss.jsonl").read_text().splitlines()]
     assert len(losses) == 3 and all(math.isfinite(loss) and loss > 0 for loss in losses)
     assert (out / "model" / "model_index.json").is_file() and (out / "model" / "vae").is_dir()
+    assert (out / "model" / "transformer" / "adapter.json").is_file() == (mode == "lora")  # on the base's transformer/
     base, model = load_model(str(root / "flexi")), load_model(str(out / "model"))
     assert model.config.learn_sigma and model.config.lora_rank == (2 if mode == "lora" else 0)
     x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([10.0, 900.0]), torch.tensor([0, 1])

@@ -77,6 +77,36 @@ def test_flexify_lowers_weak_loss(base_dir, tmp_path, mode):
     with torch.no_grad():
         same = torch.equal(base(x, t, y), model(x, t, y))
     assert same == (mode == "lora")  # distillation leaves the native path bit-identical; shared weights move it
+    saved = FlexiDiT.from_pretrained(tmp_path / "model")
+    assert saved.fingerprint() == model.fingerprint()
+    assert (tmp_path / "model" / "adapter.json").is_file() == (mode == "lora")  # LoRA: an adapter on the base
+
+
+def test_lora_adapter_names_its_base_by_place_and_fingerprint(base_dir, tmp_path):
+    import shutil
+
+    base = FlexiDiT.from_pretrained(base_dir / "model")
+    shutil.copytree(base_dir / "model", tmp_path / "base")
+    model = base.with_patch_sizes((4,), init_std=0.05, lora_rank=4, lora_alpha=4.0)
+    model.save_adapter(tmp_path / "adapter", base, str(tmp_path / "base"))
+    weights = (tmp_path / "adapter" / "adapter.safetensors").stat().st_size
+    assert weights < (tmp_path / "base" / "model.safetensors").stat().st_size / 2
+    assert not (tmp_path / "adapter" / "model.safetensors").exists()
+    assert json.loads((tmp_path / "adapter" / "adapter.json").read_text())["base"] == "../base"  # relative: movable
+    (tmp_path / "sub").mkdir()
+    shutil.move(tmp_path / "adapter", tmp_path / "sub" / "adapter")  # its base is no longer at ../base
+    with pytest.raises(UserError, match="model directory not found"):
+        FlexiDiT.from_pretrained(tmp_path / "sub" / "adapter")
+    shutil.move(tmp_path / "sub" / "adapter", tmp_path / "adapter")
+    back = FlexiDiT.from_pretrained(tmp_path / "adapter")
+    assert back.fingerprint() == model.fingerprint()
+    other = FlexiDiT.from_pretrained(tmp_path / "base")
+    with torch.no_grad():
+        next(other.parameters()).add_(1e-3)
+    other.save_pretrained(tmp_path / "base")  # the base changed since: the adapter is refused
+    with pytest.raises(UserError, match="the adapter was made for") as e:
+        FlexiDiT.from_pretrained(tmp_path / "adapter")
+    assert "\n" not in str(e.value)
 
 
 def test_bad_inputs_are_one_line_errors(base_dir, tmp_path, capsys):

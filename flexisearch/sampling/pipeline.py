@@ -148,18 +148,23 @@ class FlexiDiTPipeline(DiffusionPipeline):
 
     # ---- saving and loading (see the module docstring) ----------------------------------
     def save_pretrained(self, save_directory: str | os.PathLike, safe_serialization: bool = True,
-                        variant: str | None = None, **kwargs: Any) -> None:
+                        variant: str | None = None, adapter_base: tuple[FlexiDiT, str] | None = None,
+                        **kwargs: Any) -> None:
         """Write model_index.json, transformer/, scheduler/, (if any) vae/ and the two import files of diffusers'
         custom-pipeline layout (module docstring) under save_directory.
 
-        safe_serialization, variant and other keywords go to the VAE's save_pretrained; pushing to
-        the Hub is not supported.
+        adapter_base (a model and where it is saved) writes transformer/ as an adapter on it (Pretrained.save_adapter).
+        safe_serialization, variant and other keywords go to the VAE's save_pretrained; pushing to the Hub is not
+        supported.
         """
         if kwargs.get("push_to_hub"):
             raise ValueError("FlexiDiTPipeline.save_pretrained: push_to_hub is not supported; "
                              "save locally and upload the folder")
         directory = Path(save_directory)
-        self.transformer.save_pretrained(directory / "transformer")
+        if adapter_base is None:
+            self.transformer.save_pretrained(directory / "transformer")
+        else:
+            self.transformer.save_adapter(directory / "transformer", *adapter_base)
         self.scheduler.save_pretrained(directory / "scheduler")
         if self.vae is not None:
             self.vae.save_pretrained(directory / "vae", safe_serialization=safe_serialization, variant=variant, **kwargs)

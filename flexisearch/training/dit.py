@@ -9,6 +9,7 @@ Flexify supports both of the paper's recipes, on pixel and latent models of any 
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ import torch
 from ..data.images import load_dataset
 from ..data.latents import LatentCache, TensorData
 from ..errors import UserError
-from ..files import CONFIG_NAME, atomic_write
+from ..files import CONFIG_NAME, atomic_write, read_json
 from ..models.dit import FlexiDiT, FlexiDiTConfig
 from ..sampling.pipeline import load_flexi_pipeline
 from .loop import data_parallel, drop_labels, ema_copy, local_rows, pretrain, train_loop
@@ -108,6 +109,22 @@ def _training_data(config: FlexifyConfig, base: FlexiDiT, vae: Any, out_dir: Pat
     return data
 
 
+def _save(model: FlexiDiT, directory: Path, adapter: tuple[FlexiDiT, str] | None) -> None:
+    if adapter is None:
+        model.save_pretrained(directory)
+    else:
+        model.save_adapter(directory, *adapter)
+
+
+def _saved_base(spec: str) -> str:
+    """Where the base's weights are saved, for an adapter to name: an embedded name, a FlexiDiT directory or a
+    pipeline's transformer/; "" for a dit: spec (converted in memory, nowhere to point)."""
+    if spec.startswith("embedded:") or (Path(spec) / CONFIG_NAME).is_file():
+        return spec
+    index = read_json(Path(spec) / "model_index.json", "pipeline index") if (Path(spec) / "model_index.json").is_file() else {}
+    return str(Path(spec) / "transformer") if "FlexiDiTPipeline" in str(index.get("_class_name")) else ""
+
+
 def train_flexify(config: FlexifyConfig, out_dir: str | Path, device: str | torch.device = "cpu") -> FlexiDiT:
     """Add the weak patch sizes to a pretrained model and fine-tune them (shared or lora) on device; writes
     out_dir/model (EMA weights; with LoRA the frozen base is unchanged by the average: a FlexiDiT directory
@@ -171,10 +188,12 @@ def train_flexify(config: FlexifyConfig, out_dir: str | Path, device: str | torc
     ema.eval()
     if data_parallel()[0] != 0:  # worker 0 writes the results
         return ema
-    if (Path(config.base) / CONFIG_NAME).is_file() or config.base.startswith("embedded:"):
-        ema.save_pretrained(out_dir / "model")
+    base_dir = _saved_base(config.base)
+    adapter = (base, base_dir) if lora and base_dir else None  # LoRA: the adapters alone, on the base where it is
+    if config.base.startswith("embedded:") or (Path(config.base) / CONFIG_NAME).is_file():
+        _save(ema, out_dir / "model", adapter)
     else:
         pipe.register_modules(transformer=ema)
-        atomic_write(out_dir / "model", pipe.save_pretrained)
-    model.eval().save_pretrained(out_dir / "raw")
+        atomic_write(out_dir / "model", functools.partial(pipe.save_pretrained, adapter_base=adapter))
+    _save(model.eval(), out_dir / "raw", adapter)
     return ema
