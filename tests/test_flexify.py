@@ -126,3 +126,36 @@ def test_flexify_a_converted_dit_pipeline_from_an_image_folder(dirs, tmp_path, m
         assert not torch.equal(model(x, t, y, 4), base(x, t, y, 4))
     assert same_native == (mode == "lora")  # LoRA leaves the native path bit-identical
     assert len(list((tmp_path / "cache").iterdir())) == 1
+
+
+def test_a_flexified_pipeline_is_searched_exported_and_reused_in_stock_diffusers(dirs, tmp_path, monkeypatch):
+    """convert -> flexify (LoRA) -> search 3 trials -> export -> DiffusionPipeline.from_pretrained(folder) with the
+    exported schedule gives the latents of flexisearch's sample() for the same seeds."""
+    from diffusers import DiffusionPipeline
+
+    from flexisearch.metrics.featnet import DigitFeatureNet, FeatureNetConfig
+    from flexisearch.sampling.generate import sample
+    from flexisearch.sampling.schedule import Schedule
+
+    root, _ = dirs
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "cfg.json").write_text(json.dumps({"batch_size": 4, "lora_rank": 2, "cache_dir": "cache"}))
+    assert main(["train", "flexify", "--base", str(root / "flexi"), "--data", str(root / "images"), "--mode", "lora",
+                 "--steps", "3", "--config", "cfg.json", "--out", "run"]) == 0
+    torch.manual_seed(0)
+    DigitFeatureNet(FeatureNetConfig(image_size=8, in_channels=3, num_classes=3, widths=(8, 8, 8, 8),
+                                     feature_dim=8)).eval().save_pretrained(tmp_path / "net")
+    (tmp_path / "space.yaml").write_text(json.dumps({
+        "study": "e2e", "model": "run/model", "feature_net": "net", "metric": {"name": "fid_native", "max": 1e6},
+        "space": {"type": "branch_threshold", "num_steps": 4, "solver": "ddim"},
+        "reference": {"num_steps": 4, "guidance_scale": 2.0, "solver": "ddim"}, "search_samples": 8,
+        "heldout_samples": 8, "bootstrap": 5, "n_trials": 3, "cost": {"repeats": 1}}))
+    assert main(["search", "--space", "space.yaml", "--quiet"]) == 0
+    best = tmp_path / "runs" / "e2e" / "best.json"
+    schedule = Schedule.load(best)
+    assert 4 in schedule.cond + schedule.uncond  # the exported schedule runs the flexified (weak) path
+    pipe = DiffusionPipeline.from_pretrained(tmp_path / "run" / "model", trust_remote_code=True)
+    pipe.set_progress_bar_config(disable=True)
+    labels, seeds = [0, 1, 2], [5, 6, 7]
+    got = pipe(labels, schedule=best, seeds=seeds, output_type="latent").images
+    assert torch.equal(got, sample(load_model(str(tmp_path / "run" / "model")), schedule, labels, seeds))
