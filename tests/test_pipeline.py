@@ -16,7 +16,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from flexisearch.cli import main
 from flexisearch.errors import UserError
 from flexisearch.sampling.generate import make_scheduler, sample
-from flexisearch.sampling.pipeline import FlexiDiTPipeline, convert_dit_pipeline
+from flexisearch.sampling.pipeline import FlexiDiTPipeline, convert_dit_pipeline, follow_schedule
 from flexisearch.sampling.schedule import Schedule
 
 LABELS, SEEDS = [0, 1, 2, 1, 3], [5, 6, 7, 8, 9]  # 3 = the null class of random_flexidit
@@ -322,6 +322,27 @@ def test_converted_dit_pipeline_gives_the_original_images(converted):
     weak = pipe(labels, Schedule.static(4, 5, guidance_scale=4.0, solver="ddim", model=pipe.model_fingerprint()),
                 latents=noise, output_type="np").images
     assert weak.shape == want.shape and np.isfinite(weak).all()
+
+
+def test_a_stock_dit_pipeline_follows_a_schedule_as_the_flexidit_pipeline(converted):
+    import dataclasses
+
+    pipe, _ = converted
+    s = Schedule(cond=(4, 4, 2, 2, 2), uncond=(4, 4, 4, 2, 2), guidance_scale=4.0, solver="ddim",
+                 model=pipe.model_fingerprint())
+    stock = follow_schedule(tiny_dit_pipeline(), pipe.transformer, s)  # a stock DiTPipeline, its transformer replaced
+    labels = [0, 2, 1]
+    want = stock(labels, guidance_scale=4.0, num_inference_steps=5, generator=torch.Generator().manual_seed(0),
+                 output_type="np").images
+    noise = randn_tensor((3, 4, 8, 8), generator=torch.Generator().manual_seed(0))  # DiTPipeline's draw
+    got = pipe(labels, s, latents=noise, output_type="np").images
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+    native = pipe(labels, guidance_scale=4.0, num_inference_steps=5, latents=noise, output_type="np").images
+    assert np.abs(want - native).max() > 1e-3  # the weak steps were taken
+    with pytest.raises(ValueError, match="num_inference_steps=5"):
+        stock(labels, guidance_scale=4.0, num_inference_steps=4)
+    with pytest.raises(UserError, match="plain CFG"):
+        follow_schedule(tiny_dit_pipeline(), pipe.transformer, dataclasses.replace(s, guidance_mode="weak_guidance"))
 
 
 def test_convert_refusals(tmp_path, converted):

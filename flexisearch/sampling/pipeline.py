@@ -48,7 +48,7 @@ from ..files import atomic_write, atomic_write_bytes, atomic_write_json, read_js
 from ..models.convert import from_diffusers_dit
 from ..models.dit import FlexiDiT, FlexiDiTConfig
 from ..models.loading import load_model
-from .generate import denoise, initial_noise, make_scheduler, prepare_scheduler
+from .generate import denoise, initial_noise, make_scheduler, prepare_scheduler, uses_learned_variance
 from .schedule import SOLVERS, Schedule, spacing_expected
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
@@ -381,6 +381,66 @@ class FlexiDiTPipeline(DiffusionPipeline):
         return ImagePipelineOutput(images=images) if return_dict else (images,)
 
 
+class ScheduledDiT(torch.nn.Module):
+    """A FlexiDiT in the place of a stock DiTPipeline's transformer (follow_schedule): each call is one denoising
+    step, found by its timestep in the pipeline's scheduler, and runs the conditional half of the batch and the
+    unconditional half (DiTPipeline's layout) at the patch sizes the schedule gives that step."""
+
+    def __init__(self, model: FlexiDiT, schedule: Schedule, scheduler: SchedulerMixin, config: Any):
+        super().__init__()
+        self.model, self.schedule, self.scheduler, self.config = model, schedule, scheduler, config
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def forward(self, x: torch.Tensor, timestep: torch.Tensor, class_labels: torch.Tensor,
+                return_dict: bool = True) -> Any:
+        from diffusers.models.modeling_outputs import Transformer2DModelOutput
+
+        timesteps = self.scheduler.timesteps.to(timestep.device)
+        if len(timesteps) != self.schedule.num_steps:
+            raise ValueError(f"the pipeline runs {len(timesteps)} steps; the schedule has {self.schedule.num_steps}: "
+                             f"call it with num_inference_steps={self.schedule.num_steps}")
+        i = int((timesteps == timestep[0]).nonzero()[0, 0])
+        p_cond, p_uncond = self.schedule.cond[i], self.schedule.uncond[i]
+        t = timestep.to(x.dtype)
+        if p_cond == p_uncond or not self.schedule.uses_cfg:  # one size for all rows
+            out = self.model(x, t, class_labels, p_cond)
+        else:
+            n = len(x) // 2
+            out = torch.cat([self.model(x[:n], t[:n], class_labels[:n], p_cond),
+                             self.model(x[n:], t[n:], class_labels[n:], p_uncond)])
+        return Transformer2DModelOutput(sample=out) if return_dict else (out,)
+
+
+def follow_schedule(pipe: DiTPipeline, model: FlexiDiT, schedule: Schedule | str | os.PathLike) -> DiTPipeline:
+    """Make a stock diffusers DiTPipeline follow a schedule: its transformer is replaced by `model` (the FlexiDiT of
+    the schedule, e.g. FlexiDiTPipeline.from_pretrained(folder).transformer) stepping at the schedule's patch
+    sizes. Call the pipeline with the schedule's steps and guidance scale:
+    `pipe(labels, num_inference_steps=s.num_steps, guidance_scale=s.guidance_scale, generator=g)` gives the
+    images of FlexiDiTPipeline for the same generator. The pipeline's scheduler must run the schedule's solver
+    without learned variance (DiTPipeline drops the variance channels), and the schedule must use plain CFG."""
+    if not isinstance(schedule, Schedule):
+        schedule = Schedule.load(schedule)
+    cfg = model.config
+    schedule.check_model(cfg, model.fingerprint(), "schedule")
+    if schedule.guidance_mode != "cfg" or schedule.uses_cfg and schedule.guidance_scale < 1:
+        raise UserError(f"schedule: guidance {schedule.guidance_mode} at scale {schedule.guidance_scale:g} needs "
+                        "FlexiDiTPipeline; a DiTPipeline guides with plain CFG, at scales above 1")
+    if not runs_solver(pipe.scheduler, schedule.solver, cfg, schedule.timestep_spacing) or uses_learned_variance(pipe.scheduler):
+        raise UserError(f"schedule: searched with solver {schedule.solver!r}; the DiTPipeline's "
+                        f"{type(pipe.scheduler).__name__} does not run it (without learned variance)")
+    if cfg.num_classes != 1000:  # DiTPipeline's null class id is 1000
+        raise UserError(f"model: {cfg.num_classes} classes; a DiTPipeline's unconditional label is 1000")
+    pipe.transformer = ScheduledDiT(model, schedule, pipe.scheduler, pipe.transformer.config)
+    return pipe
+
+
 def dit_to_flexi_pipeline(source: str, weak_patch_sizes: Sequence[int] = (4,)) -> FlexiDiTPipeline:
     """A diffusers DiTPipeline (hub id such as facebook/DiT-XL-2-256, or a directory) as a FlexiDiTPipeline: the
     transformer converted exactly (convert.from_diffusers_dit, an epsilon model) with the weak patch sizes
@@ -434,4 +494,5 @@ def load_flexi_pipeline(spec: str) -> FlexiDiTPipeline:
     return FlexiDiTPipeline(model, make_scheduler(SOLVERS[cfg.prediction][0], cfg.prediction, cfg.learn_sigma))
 
 
-__all__ = ["FlexiDiTPipeline", "convert_dit_pipeline", "dit_to_flexi_pipeline", "load_flexi_pipeline", "runs_solver"]
+__all__ = ["FlexiDiTPipeline", "ScheduledDiT", "convert_dit_pipeline", "dit_to_flexi_pipeline", "follow_schedule",
+           "load_flexi_pipeline", "runs_solver"]
