@@ -153,3 +153,23 @@ def test_config_from_json_types(tmp_path):
     assert cfg.steps == 5 and cfg.lr == 1.0 and cfg.seed == 3
     with pytest.raises(UserError, match="not found"):
         read_config(BaseTrainConfig, tmp_path / "missing.json", {})
+
+
+def test_gradient_checkpointing_gives_the_same_gradients_and_keeps_less(base_dir):
+    model = FlexiDiT.from_pretrained(base_dir / "model").with_patch_sizes((4,), init_std=0.05).train()
+    x, t, y = torch.randn(4, 1, 8, 8), torch.rand(4) * 1000, torch.tensor([0, 1, 2, 10])
+
+    def step(checkpointing: bool) -> tuple[float, list, int]:
+        model.gradient_checkpointing = checkpointing
+        model.zero_grad(set_to_none=True)
+        kept = []  # elements autograd keeps for the backward pass
+        with torch.autograd.graph.saved_tensors_hooks(lambda a: kept.append(a.numel()) or a, lambda a: a):
+            loss = (model(x, t, y, 4) ** 2).mean()
+        loss.backward()
+        return loss.item(), [p.grad for p in model.parameters()], sum(kept)
+
+    loss, grads, kept = step(False)
+    loss_ckpt, grads_ckpt, kept_ckpt = step(True)
+    assert loss_ckpt == loss and kept_ckpt < kept / 2
+    for a, b in zip(grads, grads_ckpt):
+        assert (a is None and b is None) or torch.allclose(a, b, atol=1e-6)

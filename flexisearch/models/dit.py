@@ -167,7 +167,7 @@ class FlexiDiT(FlexibleDiT):
         h, p, adapter = self._tokens(x, patch_size)
         c = self.t_embedder(t) + self.y_embedder(y)
         for block in self.blocks:
-            h = block(h, c, adapter)
+            h = self._block(block, h, c, adapter)
         return self.final_layer(h, c, p, self.config.input_size // p)
 
 

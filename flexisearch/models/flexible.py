@@ -12,6 +12,7 @@ import dataclasses
 from typing import Any
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 from ..files import Pretrained, fingerprint
@@ -22,6 +23,14 @@ class FlexibleDiT(Pretrained, nn.Module):
 
     config: Any
     is_text_model = False  # FlexiTextDiT: labels are rows of a prompt table
+    gradient_checkpointing = False  # a training option: see _block
+
+    def _block(self, block: nn.Module, *args: Any) -> torch.Tensor:
+        """Run one transformer block; with gradient_checkpointing, while gradients are recorded, its activations are
+        recomputed in the backward pass instead of kept (a block's input is all a training step holds per block)."""
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)
+        return block(*args)
 
     @property
     def null_class(self) -> int:

@@ -260,7 +260,7 @@ class FlexiTextDiT(FlexibleDiT):
         if text_mask is not None:
             bias = ((1 - text_mask.to(h.dtype)) * MASK_BIAS)[:, None, None, :]
         for block in self.blocks:
-            h = block(h, t6, ctx, bias, adapter)
+            h = self._block(block, h, t6, ctx, bias, adapter)
         shift, scale = (self.scale_shift_table[None] + emb[:, None]).chunk(2, dim=1)
         h = self.norm_final(h) * (1 + scale) + shift
         g = self.config.input_size // p

@@ -65,6 +65,7 @@ class FlexifyConfig:
     steps: int = 400  # 10% of the default pretraining
     batch_size: int = 128
     grad_accum: int = 1  # batches per optimizer step
+    gradient_checkpointing: bool = False  # recompute block activations in the backward pass: less memory, ~1/3 more compute
     lr: float = 2e-4
     new_layer_lr_mult: float = 10.0
     residual_init_std: float = 0.02
@@ -146,6 +147,7 @@ def train_flexify(config: FlexifyConfig, out_dir: str | Path, device: str | torc
                                   lora_rank=config.lora_rank if lora else 0, lora_alpha=float(config.lora_rank))
     model.train()
     ema = ema_copy(model)
+    model.gradient_checkpointing = config.gradient_checkpointing
     new = [p for n, p in model.named_parameters() if "residual" in n or "patch_size_embed" in n or "lora_" in n]
     new_ids = {id(p) for p in new}
     old = [p for p in model.parameters() if id(p) not in new_ids]
