@@ -31,6 +31,16 @@ def _worker(loop_config: dict[str, Any]) -> None:
     train_flexify(config, loop_config["out"], get_device())
 
 
+def _absolute_paths(config: FlexifyConfig) -> FlexifyConfig:
+    """The config with its local paths made absolute: Ray runs the workers in other working directories."""
+    def absolute(value: str) -> str:
+        return str(Path(value).resolve()) if value and Path(value).exists() else value
+
+    data = config.data if config.data in ("mnist", "digits8") else absolute(config.data)
+    return dataclasses.replace(config, base=absolute(config.base), data=data,
+                               cache_dir=str(Path(config.cache_dir).resolve()) if config.cache_dir else "")
+
+
 def train_flexify_ray(config: FlexifyConfig, out_dir: str | Path, num_workers: int, gpus_per_worker: float = 0.0,
                       address: str | None = None, max_failures: int = 3, cpus_per_worker: float = 1.0) -> None:
     """Run train_flexify on num_workers Ray workers (each with cpus_per_worker CPUs, which Ray also gives torch as
@@ -44,6 +54,7 @@ def train_flexify_ray(config: FlexifyConfig, out_dir: str | Path, num_workers: i
         raise UserError(f"flexify config: field 'batch_size' is {config.batch_size}, expected a multiple of "
                         f"--num-workers {num_workers}")
     out = Path(out_dir).resolve()
+    config = _absolute_paths(config)
     address = check_address(address)
     init_ray(address, out / "ray_tmp")
     try:
