@@ -21,13 +21,8 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from ..files import (
-    atomic_write,
-    atomic_write_json,
-    fingerprint,
-    read_json,
-    save_weights,
-)
+from ..errors import UserError
+from ..files import atomic_write_json, fingerprint, read_json, save_weights
 from .images import image_folder_files, read_image
 
 INDEX = "index.json"
@@ -52,10 +47,14 @@ class LatentCache:
     def __init__(self, directory: str | Path):
         self.directory = Path(directory)
         self.index = read_json(self.directory / INDEX, "latent cache index")
-        self.scale = float(self.index["scaling_factor"])
-        self.shard_size = int(self.index["shard_size"])
-        self.labels = torch.tensor(self.index["labels"])
-        self._shards = [safe_open(str(self.directory / name), "pt") for name in self.index["shards"]]
+        try:
+            self.scale = float(self.index["scaling_factor"])
+            self.shard_size = int(self.index["shard_size"])
+            self.labels = torch.tensor(self.index["labels"], dtype=torch.long)
+            self._shards = [safe_open(str(self.directory / name), "pt") for name in self.index["shards"]]
+        except Exception as e:  # a damaged cache: missing keys, wrong types, unreadable shards
+            raise UserError(f"{self.directory / INDEX}: not a usable latent cache ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0] if str(e) else ''}); delete the folder to rebuild it") from None
 
     def __len__(self) -> int:
         return len(self.labels)

@@ -48,7 +48,13 @@ from ..files import atomic_write, atomic_write_bytes, atomic_write_json, read_js
 from ..models.convert import from_diffusers_dit
 from ..models.dit import FlexiDiT, FlexiDiTConfig
 from ..models.loading import load_model
-from .generate import denoise, initial_noise, make_scheduler, prepare_scheduler, uses_learned_variance
+from .generate import (
+    denoise,
+    initial_noise,
+    make_scheduler,
+    prepare_scheduler,
+    uses_learned_variance,
+)
 from .schedule import SOLVERS, Schedule, spacing_expected
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")

@@ -120,7 +120,7 @@ class Checkpoint:
                 state["state"].setdefault(int(i), {})[name] = v
         opt.load_state_dict(state)
         gen.set_state(tensors["rng"])
-        return int(tensors["step"])
+        return int(tensors["step"] if "step" in tensors else meta["step"])  # older checkpoints: the JSON's
 
 
 def train_loop(name: str, out_dir: Path, config: Any, model: FlexibleDiT, ema: FlexibleDiT | None,
