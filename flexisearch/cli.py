@@ -143,7 +143,8 @@ def _describe(d: dict) -> str:
     from .sampling.schedule import Schedule
 
     s = Schedule.from_dict(d)
-    return f"{s.num_steps} {s.solver} steps, cfg {s.guidance_scale} ({s.guidance_mode}): {s.describe()}"
+    spacing = f" ({s.timestep_spacing} spacing)" if s.timestep_spacing else ""
+    return f"{s.num_steps} {s.solver} steps{spacing}, cfg {s.guidance_scale} ({s.guidance_mode}): {s.describe()}"
 
 
 def cmd_spaces(args: argparse.Namespace) -> None:

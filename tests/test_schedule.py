@@ -251,3 +251,13 @@ def test_a_search_config_gives_its_timestep_spacing_to_every_schedule(tmp_path):
          "key 'reference.timestep_spacing' has 'leading', expected none for solver 'euler'"),
     ]:
         assert expect in _message(load_search_config, None, overrides, "x.yaml")
+
+
+def test_show_names_the_timestep_spacing(tmp_path, capsys):
+    from flexisearch.cli import main
+
+    for spacing, text in (("linspace", "2 ddpm steps (linspace spacing), cfg 1.5"), (None, "2 ddpm steps, cfg 1.5")):
+        Schedule(cond=(2, 2), uncond=(2, 2), guidance_scale=1.5, solver="ddpm", model="x",
+                 timestep_spacing=spacing).save(tmp_path / "s.json")
+        assert main(["show", str(tmp_path / "s.json")]) == 0
+        assert capsys.readouterr().out.startswith(text)
