@@ -213,8 +213,9 @@ class Pretrained:
         if not isinstance(ref, str) or not isinstance(want, str):
             raise UserError(f"{directory / ADAPTER_NAME}: expected the strings 'base' and 'base_fingerprint'")
         base = cls.from_pretrained(ASSETS / ref.split(":", 1)[1] if ref.startswith("embedded:") else directory / ref)
-        if base.fingerprint() != want:
-            raise UserError(f"{directory / ADAPTER_NAME}: base {ref} has fingerprint {base.fingerprint()}; "
+        got = base.fingerprint()
+        if got != want:
+            raise UserError(f"{directory / ADAPTER_NAME}: base {ref} has fingerprint {got}; "
                             f"the adapter was made for {want}")
         return {**base.state_dict(), **load_weights(directory / ADAPTER_WEIGHTS)}
 

@@ -64,3 +64,23 @@ def tiny_dit_pipeline():
     pipe.register_to_config(id2label={"0": "tench, Tinca tinca", "1": "goldfish", "2": "white shark"})  # as on the Hub
     pipe.set_progress_bar_config(disable=True)
     return pipe
+def converted_tiny_dit(root: Path):
+    """tiny_dit_pipeline() saved as root/dit and converted by `flexisearch convert` (weak size 4) into root/flexi;
+    returns the original pipeline."""
+    from flexisearch.cli import main
+
+    original = tiny_dit_pipeline()
+    original.save_pretrained(root / "dit")
+    assert main(["convert", str(root / "dit"), str(root / "flexi"), "--weak", "4"]) == 0
+    return original
+
+
+def tiny_rgb_featnet():
+    """A random feature net for the 8x8 RGB images of tiny_dit_pipeline's VAE (3 classes, 8-d features)."""
+    from flexisearch.metrics.featnet import DigitFeatureNet, FeatureNetConfig
+
+    torch.manual_seed(0)
+    return DigitFeatureNet(FeatureNetConfig(image_size=8, in_channels=3, num_classes=3, widths=(8, 8, 8, 8),
+                                            feature_dim=8)).eval()
+
+

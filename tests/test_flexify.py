@@ -9,7 +9,7 @@ import threading
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_dit_pipeline
+from conftest import converted_tiny_dit, tiny_rgb_featnet
 from PIL import Image
 
 from flexisearch.cli import main
@@ -42,9 +42,7 @@ def test_center_crop_keeps_the_centre_square():
 @pytest.fixture(scope="module")
 def dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("flexify")
-    original = tiny_dit_pipeline()
-    original.save_pretrained(root / "dit")
-    assert main(["convert", str(root / "dit"), str(root / "flexi"), "--weak", "4"]) == 0
+    original = converted_tiny_dit(root)
     _folder(root / "images")
     return root, original
 
@@ -133,7 +131,6 @@ def test_a_flexified_pipeline_is_searched_exported_and_reused_in_stock_diffusers
     exported schedule gives the latents of flexisearch's sample() for the same seeds."""
     from diffusers import DiffusionPipeline
 
-    from flexisearch.metrics.featnet import DigitFeatureNet, FeatureNetConfig
     from flexisearch.sampling.generate import sample
     from flexisearch.sampling.schedule import Schedule
 
@@ -142,9 +139,7 @@ def test_a_flexified_pipeline_is_searched_exported_and_reused_in_stock_diffusers
     (tmp_path / "cfg.json").write_text(json.dumps({"batch_size": 4, "lora_rank": 2, "cache_dir": "cache"}))
     assert main(["train", "flexify", "--base", str(root / "flexi"), "--data", str(root / "images"), "--mode", "lora",
                  "--steps", "3", "--config", "cfg.json", "--out", "run"]) == 0
-    torch.manual_seed(0)
-    DigitFeatureNet(FeatureNetConfig(image_size=8, in_channels=3, num_classes=3, widths=(8, 8, 8, 8),
-                                     feature_dim=8)).eval().save_pretrained(tmp_path / "net")
+    tiny_rgb_featnet().save_pretrained(tmp_path / "net")
     (tmp_path / "space.yaml").write_text(json.dumps({
         "study": "e2e", "model": "run/model", "feature_net": "net", "metric": {"name": "fid_native", "max": 1e6},
         "space": {"type": "branch_threshold", "num_steps": 4, "solver": "ddim"},

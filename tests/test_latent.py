@@ -5,11 +5,9 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import tiny_dit_pipeline
+from conftest import converted_tiny_dit, tiny_rgb_featnet
 
-from flexisearch.cli import main
 from flexisearch.errors import UserError
-from flexisearch.metrics.featnet import DigitFeatureNet, FeatureNetConfig
 from flexisearch.metrics.fid import (
     ReferenceStats,
     compute_reference_stats,
@@ -26,12 +24,8 @@ from flexisearch.sampling.schedule import Schedule
 @pytest.fixture(scope="module")
 def dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("latent")
-    original = tiny_dit_pipeline()
-    original.save_pretrained(root / "dit")
-    assert main(["convert", str(root / "dit"), str(root / "flexi"), "--weak", "4"]) == 0
-    torch.manual_seed(0)
-    net = DigitFeatureNet(FeatureNetConfig(image_size=8, in_channels=3, num_classes=3, widths=(8, 8, 8, 8),
-                                           feature_dim=8)).eval()
+    original = converted_tiny_dit(root)
+    net = tiny_rgb_featnet()
     net.save_pretrained(root / "net")
     stats = compute_reference_stats(net, torch.rand(64, 3, 8, 8) * 2 - 1, "random", "train")
     stats.save(root / "stats")

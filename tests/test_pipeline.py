@@ -9,7 +9,7 @@ import random
 import numpy as np
 import pytest
 import torch
-from conftest import random_flexidit, tiny_dit_pipeline
+from conftest import converted_tiny_dit, random_flexidit, tiny_dit_pipeline
 from diffusers import AutoencoderKL, DPMSolverMultistepScheduler
 from diffusers.utils.torch_utils import randn_tensor
 
@@ -304,9 +304,7 @@ def test_resample_examples():
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
     root = tmp_path_factory.mktemp("dit")
-    original = tiny_dit_pipeline()
-    original.save_pretrained(root / "dit")
-    assert main(["convert", str(root / "dit"), str(root / "flexi"), "--weak", "4"]) == 0
+    original = converted_tiny_dit(root)
     pipe = FlexiDiTPipeline.from_pretrained(root / "flexi")
     pipe.set_progress_bar_config(disable=True)
     return pipe, original

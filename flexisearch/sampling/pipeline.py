@@ -40,6 +40,7 @@ from typing import Any
 import torch
 from diffusers import AutoencoderKL, DiffusionPipeline, DiTPipeline, ImagePipelineOutput
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
 
@@ -406,8 +407,6 @@ class ScheduledDiT(torch.nn.Module):
 
     def forward(self, x: torch.Tensor, timestep: torch.Tensor, class_labels: torch.Tensor,
                 return_dict: bool = True) -> Any:
-        from diffusers.models.modeling_outputs import Transformer2DModelOutput
-
         timesteps = self.scheduler.timesteps.to(timestep.device)
         if len(timesteps) != self.schedule.num_steps:
             raise ValueError(f"the pipeline runs {len(timesteps)} steps; the schedule has {self.schedule.num_steps}: "
@@ -453,11 +452,11 @@ def dit_to_flexi_pipeline(source: str, weak_patch_sizes: Sequence[int] = (4,)) -
     added by PI-resize (untrained until flexified); VAE, scheduler and id2label (model_index.json) kept."""
     try:
         index = DiTPipeline.load_config(source)
+        if index.get("_class_name") != "DiTPipeline":  # refused before any weights are read
+            raise UserError(f"{source}: describes a {index.get('_class_name')!r} pipeline, expected 'DiTPipeline'")
         dit = DiTPipeline.from_pretrained(source)
     except (OSError, ValueError) as e:
         raise UserError(f"{source}: cannot load the DiTPipeline ({str(e).splitlines()[0]})") from None
-    if index.get("_class_name") != "DiTPipeline":
-        raise UserError(f"{source}: describes a {index.get('_class_name')!r} pipeline, expected 'DiTPipeline'")
     flexi = from_diffusers_dit(dit.transformer, prediction="epsilon")
     if weak_patch_sizes:
         flexi = flexi.with_patch_sizes(tuple(weak_patch_sizes))

@@ -23,7 +23,7 @@ from ..files import CONFIG_NAME, atomic_write, read_json
 from ..models.dit import FlexiDiT, FlexiDiTConfig
 from ..sampling.pipeline import load_flexi_pipeline
 from .loop import data_parallel, drop_labels, ema_copy, local_rows, pretrain, train_loop
-from .objectives import objective_for
+from .objectives import distillation_loss, objective_for
 
 
 @dataclass(frozen=True)
@@ -117,11 +117,9 @@ def _save(model: FlexiDiT, directory: Path, adapter: tuple[FlexiDiT, str] | None
         model.save_adapter(directory, *adapter)
 
 
-def _saved_base(spec: str) -> str:
-    """Where the base's weights are saved, for an adapter to name: an embedded name, a FlexiDiT directory or a
-    pipeline's transformer/; "" for a dit: spec (converted in memory, nowhere to point)."""
-    if spec.startswith("embedded:") or (Path(spec) / CONFIG_NAME).is_file():
-        return spec
+def _pipeline_transformer(spec: str) -> str:
+    """Where a pipeline spec's FlexiDiT is saved, for an adapter to name: a FlexiDiT pipeline's transformer/; ""
+    for a DiTPipeline or dit: spec (converted in memory, nowhere to point)."""
     index = read_json(Path(spec) / "model_index.json", "pipeline index") if (Path(spec) / "model_index.json").is_file() else {}
     return str(Path(spec) / "transformer") if "FlexiDiTPipeline" in str(index.get("_class_name")) else ""
 
@@ -167,17 +165,13 @@ def train_flexify(config: FlexifyConfig, out_dir: str | Path, device: str | torc
         x0, y = data.batch(idx, gen)
         batch = objective.noised(x0, gen)
         y = drop_labels(y, config.class_dropout, null, gen)
-        if lora:  # distil the frozen native prediction, every output channel (learned variance too)
-            p = weak[int(torch.randint(len(weak), (1,), generator=gen))]
-            batch, y = batch.select(rows).to(device), y[rows].to(device)
-            with torch.no_grad():
-                teacher = model(batch.xt, batch.t, y, native)
-            return ((model(batch.xt, batch.t, y, p) - teacher) ** 2).mean()
+        batch, y = batch.select(rows).to(device), y[rows].to(device)
+        if lora:
+            return distillation_loss(model, batch, y, native, weak[int(torch.randint(len(weak), (1,), generator=gen))])
         # Shared weights: a patch size per sample, one forward per size present in the batch.
         sizes = torch.where(torch.rand(len(idx), generator=gen) < config.weak_prob,
                             torch.tensor(weak)[torch.randint(len(weak), (len(idx),), generator=gen)],
                             torch.full((len(idx),), native))[rows].to(device)
-        batch, y = batch.select(rows).to(device), y[rows].to(device)
         losses = torch.zeros(len(y), device=device)
         for p in sizes.unique().tolist():
             sel = sizes == p
@@ -190,9 +184,10 @@ def train_flexify(config: FlexifyConfig, out_dir: str | Path, device: str | torc
     ema.eval()
     if data_parallel()[0] != 0:  # worker 0 writes the results
         return ema
-    base_dir = _saved_base(config.base)
+    model_dir = config.base.startswith("embedded:") or (Path(config.base) / CONFIG_NAME).is_file()
+    base_dir = config.base if model_dir else _pipeline_transformer(config.base)
     adapter = (base, base_dir) if lora and base_dir else None  # LoRA: the adapters alone, on the base where it is
-    if config.base.startswith("embedded:") or (Path(config.base) / CONFIG_NAME).is_file():
+    if model_dir:
         _save(ema, out_dir / "model", adapter)
     else:
         pipe.register_modules(transformer=ema)

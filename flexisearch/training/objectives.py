@@ -7,7 +7,8 @@
   v_prediction  DDPM forward process, target v = sqrt(abar) noise - sqrt(1 - abar) x0.
 
 `Objective.noised` draws a training pair; `Objective.losses` gives one loss per sample, so a batch
-split across patch sizes (shared-weight flexify) averages exactly like one batch.
+split across patch sizes (shared-weight flexify) averages exactly like one batch. `distillation_loss` is
+LoRA flexify's loss, the same for every objective.
 """
 
 from __future__ import annotations
@@ -132,6 +133,14 @@ def _discretized_gaussian_log_likelihood(x: torch.Tensor, mean: torch.Tensor, lo
     return torch.where(x < -0.999, log_cdf_plus, torch.where(x > 0.999, log_one_minus_cdf_min, log_delta))
 
 
+def distillation_loss(model: torch.nn.Module, batch: Noised, y: torch.Tensor, native: int, weak: int) -> torch.Tensor:
+    """LoRA flexify's loss: the weak-size prediction against the frozen native one, every output channel (a
+    learned variance too), so the student learns the teacher's whole output."""
+    with torch.no_grad():
+        teacher = model(batch.xt, batch.t, y, native)
+    return ((model(batch.xt, batch.t, y, weak) - teacher) ** 2).mean()
+
+
 def objective_for(config: object) -> Objective:
     """The objective a model config names (fields prediction, in_channels, learn_sigma)."""
     prediction, learn_sigma, channels = config.prediction, config.learn_sigma, config.in_channels
@@ -145,4 +154,4 @@ def objective_for(config: object) -> Objective:
     raise UserError(f"model config: field 'prediction' is {prediction!r}, expected epsilon, v_prediction or flow")
 
 
-__all__ = ["DDPMObjective", "FlowObjective", "Noised", "Objective", "objective_for"]
+__all__ = ["DDPMObjective", "FlowObjective", "Noised", "Objective", "distillation_loss", "objective_for"]

@@ -14,7 +14,7 @@ from ..errors import UserError
 from ..models.text_dit import FlexiTextDiT, FlexiTextDiTConfig
 from ..models.text_encoder import MINILM, MINILM_DIM, set_model_prompts
 from .loop import drop_labels, pretrain, train_loop
-from .objectives import objective_for
+from .objectives import distillation_loss, objective_for
 
 
 @dataclass(frozen=True)
@@ -103,10 +103,7 @@ def train_text_flexify(config: TextFlexifyConfig, out_dir: str | Path) -> FlexiT
         idx = torch.randint(len(images), (config.batch_size,), generator=gen)
         batch = objective.noised(images[idx], gen)
         y = drop_labels(rows[idx], config.caption_dropout, null, gen)
-        p = weak[int(torch.randint(len(weak), (1,), generator=gen))]
-        with torch.no_grad():
-            teacher = model(batch.xt, batch.t, y, native)
-        return ((model(batch.xt, batch.t, y, p) - teacher) ** 2).mean()
+        return distillation_loss(model, batch, y, native, weak[int(torch.randint(len(weak), (1,), generator=gen))])
 
     train_loop("text-flexify-lora", out_dir, config, model, None, [{"params": new}], loss_fn, config.steps, config.lr,
                warmup=20)
