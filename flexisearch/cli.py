@@ -294,9 +294,9 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_convert(args: argparse.Namespace) -> None:
-    from .sampling.pipeline import convert_dit_pipeline
+    from .sampling.stock import convert_pipeline
 
-    convert_dit_pipeline(args.src, args.dst, tuple(args.weak))
+    convert_pipeline(args.src, args.dst, tuple(args.weak))
     print(f"wrote {args.dst} (FlexiDiT pipeline, weak patch sizes {args.weak}: untrained until flexified)")
 
 
@@ -430,8 +430,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, help="random seed (default: the config's)")
     p.set_defaults(fn=cmd_train)
 
-    p = sub.add_parser("convert", help="convert a diffusers DiTPipeline directory into a FlexiDiT pipeline directory")
-    p.add_argument("src", help="DiTPipeline directory (model_index.json, transformer/, vae/, scheduler/)")
+    p = sub.add_parser("convert", help="convert a diffusers DiTPipeline or PixArtAlphaPipeline directory into a "
+                       "FlexiDiT pipeline directory")
+    p.add_argument("src", help="DiTPipeline or PixArtAlphaPipeline directory (model_index.json and its components)")
     p.add_argument("dst", help="output directory (must not exist or be empty)")
     p.add_argument("--weak", type=int, nargs="+", default=[4], help="weak patch sizes to add (default: 4)")
     p.set_defaults(fn=cmd_convert)

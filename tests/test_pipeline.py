@@ -16,11 +16,9 @@ from diffusers.utils.torch_utils import randn_tensor
 from flexisearch.cli import main
 from flexisearch.errors import UserError
 from flexisearch.sampling.generate import make_scheduler, sample
-from flexisearch.sampling.pipeline import (
-    FlexiDiTPipeline,
-    convert_dit_pipeline,
-    follow_schedule,
-)
+from flexisearch.sampling.follow import follow_schedule
+from flexisearch.sampling.pipeline import FlexiDiTPipeline
+from flexisearch.sampling.stock import convert_pipeline
 from flexisearch.sampling.schedule import Schedule
 
 LABELS, SEEDS = [0, 1, 2, 1, 3], [5, 6, 7, 8, 9]  # 3 = the null class of random_flexidit
@@ -349,10 +347,10 @@ def test_a_stock_dit_pipeline_follows_a_schedule_as_the_flexidit_pipeline(conver
 
 def test_convert_refusals(tmp_path, converted):
     (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
-    with pytest.raises(UserError, match="expected 'DiTPipeline'"):
-        convert_dit_pipeline(tmp_path, tmp_path / "out")
+    with pytest.raises(UserError, match="expected one of DiTPipeline, PixArtAlphaPipeline"):
+        convert_pipeline(tmp_path, tmp_path / "out")
     with pytest.raises(UserError, match="not found"):
-        convert_dit_pipeline(tmp_path / "missing", tmp_path / "out")
+        convert_pipeline(tmp_path / "missing", tmp_path / "out")
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "x").write_text("")
     (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "DiTPipeline"}))

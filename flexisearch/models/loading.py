@@ -12,6 +12,7 @@ PI-resize and are untrained: flexify them before trusting a search.
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -23,6 +24,7 @@ from .convert import from_diffusers_dit, from_diffusers_pixart
 from .dit import FlexiDiT
 from .flexible import FlexibleDiT
 from .text_dit import FlexiTextDiT, is_text_config
+from .text_encoder import encode_with, load_text_components
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -72,9 +74,13 @@ def load_model_dir(directory: str | Path, device: str | torch.device = "cpu") ->
 
 def load_pipeline_transformer(directory: str | Path, device: str | torch.device = "cpu") -> FlexibleDiT:
     """The model of a pipeline directory (`flexisearch convert`), with its VAE as `decode_images` when the
-    pipeline has one (a pixel-space model has none)."""
+    pipeline has one (a pixel-space model has none) and its text encoder as `encode_prompts` (text-to-image)."""
     directory = Path(directory)
     model = load_model_dir(directory / "transformer", device)
+    text = load_text_components(directory)
+    if text is not None:
+        model.encode_prompts = functools.partial(encode_with, text[0], text[1].to(device),
+                                                 max_length=model.config.text_len)
     if (directory / "vae").is_dir():
         from diffusers import AutoencoderKL
 
@@ -126,14 +132,12 @@ def load_dit(source: str, device: str | torch.device = "cpu", weak_patch_sizes: 
 PIXART_COMPONENTS = "PixArt-alpha/PixArt-XL-2-512x512"  # T5 + VAE shared by the PixArt-alpha checkpoints
 
 
-def load_pixart(source: str, device: str | torch.device = "cpu", weak_patch_sizes: tuple[int, ...] = (4,),
-                text_len: int = 120) -> FlexiTextDiT:
-    """A diffusers PixArt-alpha pipeline (hub id or local directory with transformer/, and text_encoder/,
-    tokenizer/, vae/ here or in PIXART_COMPONENTS) as a FlexiTextDiT with the weak sizes added by
-    PI-resize (untrained: flexify before trusting them), a T5 prompt encoder (`encode_prompts`, used by
-    text_encoder.set_model_prompts) and a VAE decoder (`decode_images`, applied before any metric).
-    Needs the weights locally or network access; the prompt table starts empty (set_model_prompts)."""
-    from diffusers import AutoencoderKL, PixArtTransformer2DModel
+def pixart_parts(source: str, text_len: int = 120) -> dict[str, Any]:
+    """The components of a diffusers PixArt-alpha pipeline (hub id or local directory; each of tokenizer/,
+    text_encoder/, vae/ and scheduler/ from PIXART_COMPONENTS where the source has none): transformer (converted
+    exactly into a FlexiTextDiT, no weak sizes, empty prompt table), tokenizer, text_encoder (T5), vae, scheduler.
+    Needs the weights locally (or in the Hugging Face cache) or network access."""
+    from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, PixArtTransformer2DModel
     from transformers import AutoTokenizer, T5EncoderModel
 
     def component(cls: Any, sub: str) -> Any:
@@ -144,23 +148,27 @@ def load_pixart(source: str, device: str | torch.device = "cpu", weak_patch_size
                 err = e
         raise UserError(f"pixart:{source}: cannot load {sub} ({str(err).splitlines()[0]})")
 
-    flexi = from_diffusers_pixart(component(PixArtTransformer2DModel, "transformer"), text_len=text_len)
+    return {"transformer": from_diffusers_pixart(component(PixArtTransformer2DModel, "transformer"), text_len=text_len),
+            "tokenizer": component(AutoTokenizer, "tokenizer"),
+            "text_encoder": component(T5EncoderModel, "text_encoder").eval(),
+            "vae": component(AutoencoderKL, "vae").eval(),
+            "scheduler": component(DPMSolverMultistepScheduler, "scheduler")}
+
+
+def load_pixart(source: str, device: str | torch.device = "cpu", weak_patch_sizes: tuple[int, ...] = (4,),
+                text_len: int = 120) -> FlexiTextDiT:
+    """A diffusers PixArt-alpha pipeline (pixart_parts) as a FlexiTextDiT with the weak sizes added by PI-resize
+    (untrained: flexify before trusting them), its T5 as `encode_prompts` (used by text_encoder.set_model_prompts)
+    and its VAE as `decode_images` (applied before any metric). The prompt table starts empty (set_model_prompts)."""
+    parts = pixart_parts(source, text_len)
+    flexi = parts["transformer"]
     if weak_patch_sizes:
         flexi = flexi.with_patch_sizes(tuple(weak_patch_sizes))
     flexi = flexi.to(device).eval()
-    tokenizer = component(AutoTokenizer, "tokenizer")
-    text_encoder = component(T5EncoderModel, "text_encoder").to(device).eval()
-    vae = component(AutoencoderKL, "vae").to(device).eval()
-
-    @torch.no_grad()
-    def encode_prompts(captions: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        tok = tokenizer(list(captions), padding="max_length", max_length=text_len, truncation=True,
-                        add_special_tokens=True, return_tensors="pt")
-        mask = tok["attention_mask"].to(device)
-        return text_encoder(tok["input_ids"].to(device), attention_mask=mask)[0].float().cpu(), mask.float().cpu()
-
-    flexi.encode_prompts, flexi.decode_images = encode_prompts, VAEDecoder(vae)
+    flexi.encode_prompts = functools.partial(encode_with, parts["tokenizer"], parts["text_encoder"].to(device),
+                                             max_length=text_len)
+    flexi.decode_images = VAEDecoder(parts["vae"].to(device))
     return flexi
 
 
-__all__ = ["VAEDecoder", "load_dit", "load_model", "load_model_dir", "load_pipeline_transformer", "load_pixart"]
+__all__ = ["VAEDecoder", "load_dit", "load_model", "load_model_dir", "load_pipeline_transformer", "load_pixart", "pixart_parts"]

@@ -20,12 +20,12 @@ import hashlib
 import json
 from functools import lru_cache
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 
 from ..errors import UserError
-from ..files import load_weights, save_weights
+from ..files import load_weights, read_json, save_weights
 
 MINILM = "all-MiniLM-L6-v2"
 MINILM_DIM = 384
@@ -123,6 +123,42 @@ def encode_cached(captions: Sequence[str], max_length: int = DEFAULT_MAX_LENGTH,
     return embeds, mask
 
 
+@torch.no_grad()
+def encode_with(tokenizer: Any, encoder: Any, captions: Sequence[str], max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(embeds (N, max_length, C) float32 CPU, mask (N, max_length)) from a transformers tokenizer and encoder model
+    (PixArt's T5), tokenized as PixArtAlphaPipeline.encode_prompt does: padded to max_length, truncated, special
+    tokens added; the states of the encoder's first output."""
+    device = next(encoder.parameters()).device
+    tok = tokenizer(list(captions), padding="max_length", max_length=max_length, truncation=True,
+                    add_special_tokens=True, return_tensors="pt")
+    mask = tok["attention_mask"].to(device)
+    return encoder(tok["input_ids"].to(device), attention_mask=mask)[0].float().cpu(), mask.float().cpu()
+
+
+def load_text_components(directory: str | Path) -> tuple[Any, Any] | None:
+    """(tokenizer, text encoder) of a pipeline folder's tokenizer/ and text_encoder/, of the transformers classes its
+    model_index.json names (nothing else is imported); None when it has no text encoder."""
+    import transformers
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    directory = Path(directory)
+    if not (directory / "text_encoder").is_dir():
+        return None
+    index = read_json(directory / "model_index.json", "pipeline index")
+    parts = []
+    for sub, base in (("tokenizer", PreTrainedTokenizerBase), ("text_encoder", PreTrainedModel)):
+        entry = index.get(sub) if isinstance(index, dict) else None
+        cls = getattr(transformers, str(entry[1]), None) if isinstance(entry, list) and len(entry) == 2 else None
+        if not (isinstance(cls, type) and issubclass(cls, base)):
+            raise UserError(f"{directory / 'model_index.json'}: field '{sub}' names {entry!r}, expected a transformers "
+                            f"{base.__name__} class")
+        try:
+            parts.append(cls.from_pretrained(directory / sub))
+        except Exception as e:  # missing or damaged files: one line
+            raise UserError(f"{directory / sub}: cannot load the {cls.__name__} ({str(e).splitlines()[0]})") from None
+    return parts[0], parts[1].eval()
+
+
 def set_model_prompts(model, captions: Sequence[str], num_search: int = 0, cache_dir: str | Path | None = None) -> None:
     """Encode captions (and the empty caption) with the model's text encoder and install them as its prompt table."""
     cfg = model.config
@@ -156,4 +192,4 @@ def read_prompt_file(path: str | Path) -> tuple[list[str], int]:
     return search + heldout, len(search)
 
 
-__all__ = ["encode", "encode_cached", "set_model_prompts", "read_prompt_file", "token_counts", "MINILM", "MINILM_DIM"]
+__all__ = ["encode", "encode_cached", "encode_with", "load_text_components", "set_model_prompts", "read_prompt_file", "token_counts", "MINILM", "MINILM_DIM"]

@@ -1,4 +1,5 @@
-"""FlexiDiTPipeline: diffusers-style class-conditional generation that follows a patch-size schedule.
+"""Diffusers pipelines that follow a patch-size schedule: FlexiPipeline (what every one shares) and FlexiDiTPipeline
+(class-conditional); text_pipeline.FlexiTextDiTPipeline is the text-to-image one.
 
 An exported best.json (or any schedule file, docs/schedule.md) drives the pipeline directly:
 
@@ -18,13 +19,14 @@ or if it is custom code in the pipeline folder, which is how a pipeline outside 
 FlexiDiT is a plain nn.Module, so save_pretrained writes the folder in diffusers' custom-pipeline
 layout: model_index.json names the pipeline ["pipeline", "FlexiDiTPipeline"] and the transformer
 ["flexidit", "FlexiDiT"], and two one-line files, pipeline.py and transformer/flexidit.py, import
-them from flexisearch. So stock diffusers loads the folder:
+them from flexisearch (likewise FlexiTextDiTPipeline and FlexiTextDiT). So stock diffusers loads the folder:
 
     DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)
 
-FlexiDiTPipeline.from_pretrained never runs those files (code from a folder is only run where the
-user asks for it): it reads transformer/ with FlexiDiT.from_pretrained, scheduler/ with the
-diffusers scheduler class model_index.json names, vae/ with AutoencoderKL, and id2label.
+FlexiPipeline.from_pretrained never runs those files (code from a folder is only run where the
+user asks for it): it reads transformer/ with FlexiDiT.from_pretrained (FlexiTextDiT), scheduler/ with the
+diffusers scheduler class model_index.json names, vae/ with AutoencoderKL, and id2label (the text encoder and
+tokenizer with the transformers classes it names).
 
 For the same reason (`.device` and `.dtype` exist only on diffusers/transformers models) the
 pipeline's `device`, `dtype` and `to` are defined here. Model CPU offload is not supported.
@@ -48,7 +50,7 @@ from ..errors import UserError
 from ..files import atomic_write, atomic_write_bytes, atomic_write_json, read_json
 from ..models.convert import from_diffusers_dit
 from ..models.dit import FlexiDiT, FlexiDiTConfig
-from ..models.loading import load_model
+from ..models.flexible import FlexibleDiT
 from .generate import (
     denoise,
     initial_noise,
@@ -64,12 +66,6 @@ OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 # Scheduler settings that change what a solver computes; a pipeline's scheduler must agree with the search's on them.
 _SOLVER_KEYS = ("prediction_type", "use_flow_sigmas", "clip_sample", "variance_type", "num_train_timesteps",
                 "beta_schedule", "beta_start", "beta_end", "shift", "flow_shift")
-
-
-# diffusers' custom-pipeline layout: the classes model_index.json names, and the files that import them.
-_CUSTOM_INDEX = {"_class_name": ["pipeline", "FlexiDiTPipeline"], "transformer": ["flexidit", "FlexiDiT"]}
-_CUSTOM_FILES = {"pipeline.py": "from flexisearch.sampling.pipeline import FlexiDiTPipeline  # noqa: F401\n",
-                 "transformer/flexidit.py": "from flexisearch.models.dit import FlexiDiT  # noqa: F401\n"}
 
 
 def _scheduler_class(index: dict, path: Path) -> type[SchedulerMixin]:
@@ -94,30 +90,18 @@ def runs_solver(scheduler: SchedulerMixin, solver: str, config: FlexiDiTConfig,
         getattr(scheduler.config, k, None) == made.config[k] for k in keys if k in made.config)
 
 
-class FlexiDiTPipeline(DiffusionPipeline):
-    """Class-conditional FlexiDiT generation; every step at the patch sizes a Schedule gives it.
+class FlexiPipeline(DiffusionPipeline):
+    """What the schedule-following pipelines share: devices and dtypes, the model fingerprint, saving and loading in
+    diffusers' custom-pipeline layout (module docstring), schedules checked against the model and scheduler, and one
+    generation run (`_generate`) over the package's one denoising loop. A subclass names its model class, its
+    layout (`_layout`: the module and class model_index.json names for the pipeline and the transformer), and how
+    its __call__ turns its inputs into the rows the model is conditioned on."""
 
-    Components: transformer (FlexiDiT), scheduler (any diffusers scheduler with set_timesteps and
-    step, e.g. `DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)`), vae (AutoencoderKL
-    for latent models, None for pixel-space models) and id2label (class id -> comma-separated
-    names, as in DiTPipeline, see get_label_ids; int keys are accepted too). `transformer` is None
-    only while from_pretrained builds the pipeline.
-    """
-
-    model_cpu_offload_seq = "transformer->vae"
+    model_class: type[FlexibleDiT]
+    _layout: dict[str, tuple[str, str]]  # pipeline / transformer -> (module of flexisearch, class name)
     _optional_components = ["vae"]
     _callback_tensor_inputs = ["latents"]
-
-    def __init__(self, transformer: FlexiDiT | None, scheduler: SchedulerMixin, vae: AutoencoderKL | None = None,
-                 id2label: dict[str, str] | None = None):
-        super().__init__()
-        self._fingerprint: tuple[FlexiDiT, str] | None = None
-        self.register_modules(transformer=transformer, scheduler=scheduler, vae=vae)
-        id2label = None if id2label is None else {str(k): v for k, v in id2label.items()}  # JSON keys are strings
-        self.register_to_config(id2label=id2label)
-        # name -> class id, every comma-separated synonym a key (DiTPipeline's convention)
-        self.labels = dict(sorted((name.strip(), int(k)) for k, names in (id2label or {}).items()
-                                  for name in names.split(",")))
+    _fingerprint: tuple[FlexibleDiT, str] | None = None
 
     # ---- devices, dtypes, identity ------------------------------------------------------
     @property
@@ -128,8 +112,8 @@ class FlexiDiTPipeline(DiffusionPipeline):
     def dtype(self) -> torch.dtype:
         return next(self.transformer.parameters()).dtype
 
-    def to(self, *args: Any, **kwargs: Any) -> FlexiDiTPipeline:
-        """Move and/or cast the transformer and VAE; takes nn.Module.to's arguments.
+    def to(self, *args: Any, **kwargs: Any) -> FlexiPipeline:
+        """Move and/or cast the transformer, VAE and text encoder; takes nn.Module.to's arguments.
 
         A cast keeps the model's identity: the fingerprint schedules are checked against is taken
         before the first dtype change, so a schedule made for the float32 model still applies.
@@ -138,8 +122,8 @@ class FlexiDiTPipeline(DiffusionPipeline):
         dtype = kwargs.get("dtype", next((a for a in args if isinstance(a, torch.dtype)), None))
         if dtype is not None and dtype != self.dtype:
             self.model_fingerprint()
-        for module in (self.transformer, self.vae):
-            if module is not None:
+        for module in self.components.values():
+            if isinstance(module, torch.nn.Module):
                 module.to(*args, **kwargs)
         return self
 
@@ -155,17 +139,18 @@ class FlexiDiTPipeline(DiffusionPipeline):
 
     # ---- saving and loading (see the module docstring) ----------------------------------
     def save_pretrained(self, save_directory: str | os.PathLike, safe_serialization: bool = True,
-                        variant: str | None = None, adapter_base: tuple[FlexiDiT, str] | None = None,
+                        variant: str | None = None, adapter_base: tuple[FlexibleDiT, str] | None = None,
                         **kwargs: Any) -> None:
-        """Write model_index.json, transformer/, scheduler/, (if any) vae/ and the two import files of diffusers'
-        custom-pipeline layout (module docstring) under save_directory.
+        """Write model_index.json, transformer/, scheduler/, the components it has of vae/, text_encoder/ and
+        tokenizer/, and the two import files of diffusers' custom-pipeline layout (module docstring) under
+        save_directory.
 
         adapter_base (a model and where it is saved) writes transformer/ as an adapter on it (Pretrained.save_adapter).
         safe_serialization, variant and other keywords go to the VAE's save_pretrained; pushing to the Hub is not
         supported.
         """
         if kwargs.get("push_to_hub"):
-            raise ValueError("FlexiDiTPipeline.save_pretrained: push_to_hub is not supported; "
+            raise ValueError(f"{type(self).__name__}.save_pretrained: push_to_hub is not supported; "
                              "save locally and upload the folder")
         directory = Path(save_directory)
         if adapter_base is None:
@@ -175,21 +160,30 @@ class FlexiDiTPipeline(DiffusionPipeline):
         self.scheduler.save_pretrained(directory / "scheduler")
         if self.vae is not None:
             self.vae.save_pretrained(directory / "vae", safe_serialization=safe_serialization, variant=variant, **kwargs)
+        for name in ("text_encoder", "tokenizer"):
+            if getattr(self, name, None) is not None:
+                getattr(self, name).save_pretrained(directory / name)
         self.save_config(directory)
         index = read_json(directory / "model_index.json", "pipeline index")
-        atomic_write_json(directory / "model_index.json", {**index, **_CUSTOM_INDEX})
-        for name, text in _CUSTOM_FILES.items():
-            atomic_write_bytes(directory / name, text.encode())
+        (pipe_module, pipe_class), (model_module, model_class) = self._layout["pipeline"], self._layout["transformer"]
+        file = model_class.lower()
+        atomic_write_json(directory / "model_index.json",
+                          {**index, "_class_name": ["pipeline", pipe_class], "transformer": [file, model_class]})
+        for name, module, cls in (("pipeline.py", pipe_module, pipe_class),
+                                  (f"transformer/{file}.py", model_module, model_class)):
+            atomic_write_bytes(directory / name, f"from flexisearch.{module} import {cls}  # noqa: F401\n".encode())
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any) -> FlexiDiTPipeline:
-        """Load a pipeline folder written by save_pretrained or convert_dit_pipeline, or a Hub repo id of one
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any) -> FlexiPipeline:
+        """Load a pipeline folder written by save_pretrained or convert_pipeline, or a Hub repo id of one
         (downloaded with DiffusionPipeline.download's keywords: cache_dir, revision, token, local_files_only).
 
-        `transformer=`, `scheduler=` and `vae=` replace stored components; `torch_dtype=`/`dtype=` also
-        casts the transformer (after taking its fingerprint). Runs no code from the folder.
+        `transformer=`, `scheduler=`, `vae=` (and the text pipeline's `text_encoder=`, `tokenizer=`) replace stored
+        components; `torch_dtype=`/`dtype=` also casts the transformer (after taking its fingerprint). Runs no code
+        from the folder.
         """
-        components = {k: kwargs.pop(k) for k in ("transformer", "scheduler", "vae") if k in kwargs}
+        components = {k: kwargs.pop(k) for k in ("transformer", "scheduler", "vae", "text_encoder", "tokenizer")
+                      if k in kwargs}
         dtype = kwargs.pop("dtype", kwargs.pop("torch_dtype", None))
         path = Path(pretrained_model_name_or_path)
         if not path.is_dir():
@@ -200,34 +194,22 @@ class FlexiDiTPipeline(DiffusionPipeline):
                                 f"downloaded ({str(e).splitlines()[0]})") from None
         index = read_json(path / "model_index.json", "pipeline index")
         if "transformer" not in components:
-            components["transformer"] = FlexiDiT.from_pretrained(path / "transformer")
+            components["transformer"] = cls.model_class.from_pretrained(path / "transformer")
         if "scheduler" not in components:
             components["scheduler"] = _scheduler_class(index, path).from_pretrained(path / "scheduler")
         if "vae" not in components:
             components["vae"] = AutoencoderKL.from_pretrained(path / "vae") if (path / "vae").is_dir() else None
-        pipe = cls(**components, id2label=index.get("id2label"))
+        pipe = cls(**cls._stored_parts(path, index, set(components)), **components)
         if isinstance(dtype, torch.dtype):
             pipe.to(dtype)
         return pipe
 
-    # ---- labels and schedules -----------------------------------------------------------
-    def get_label_ids(self, label: str | list[str]) -> list[int]:
-        """Class ids of label names (any synonym in id2label), for `class_labels`."""
-        names = [label] if isinstance(label, str) else list(label)
-        for name in names:
-            if name not in self.labels:
-                raise ValueError(f"label {name!r} does not exist; choose among {list(self.labels)}")
-        return [self.labels[name] for name in names]
+    @classmethod
+    def _stored_parts(cls, path: Path, index: dict, given: set[str]) -> dict[str, Any]:
+        """The constructor arguments of a saved folder beyond transformer, scheduler and vae (those not `given`)."""
+        return {}
 
-    def _class_ids(self, class_labels: int | Sequence[int] | torch.Tensor) -> torch.Tensor:
-        ids = torch.as_tensor([class_labels] if isinstance(class_labels, int) else class_labels).reshape(-1)
-        if ids.dtype.is_floating_point or ids.dtype == torch.bool or len(ids) == 0:
-            raise ValueError("class_labels: expected one or more integer class ids (names: use get_label_ids)")
-        null = self.transformer.null_class
-        if ids.min() < 0 or ids.max() > null:
-            raise ValueError(f"class_labels: ids must be in 0..{null} ({null} = the null class, unconditional)")
-        return ids.long().to(self._execution_device)
-
+    # ---- schedules -----------------------------------------------------------------------
     def _solver_name(self) -> str | None:
         """The solver name the pipeline's scheduler runs, if any."""
         cfg = self.transformer.config
@@ -295,7 +277,7 @@ class FlexiDiTPipeline(DiffusionPipeline):
             if latents is not None or generator is not None:
                 raise ValueError("seeds: give per-sample seeds, or generator / latents, not both")
             if len(seeds) != shape[0]:
-                raise ValueError(f"seeds: {len(seeds)} seeds for {shape[0]} class labels")
+                raise ValueError(f"seeds: {len(seeds)} seeds for {shape[0]} images")
             x, generators = initial_noise(list(seeds), shape[1:])
             return x.to(device), generators
         if latents is None:
@@ -309,6 +291,96 @@ class FlexiDiTPipeline(DiffusionPipeline):
         if self.vae is None:
             return latents
         return self.vae.decode((1 / self.vae.config.scaling_factor * latents).to(self.vae.dtype)).sample.float()
+
+    def _generate(self, y: torch.Tensor, schedule: Schedule | str | os.PathLike | None, num_inference_steps: int | None,
+                  guidance_scale: float | None, generator: torch.Generator | list[torch.Generator] | None,
+                  latents: torch.Tensor | None, output_type: str, return_dict: bool,
+                  callback_on_step_end: Callable[..., dict[str, Any]] | PipelineCallback | MultiPipelineCallbacks | None,
+                  callback_on_step_end_tensor_inputs: Sequence[str], seeds: Sequence[int] | None,
+                  **schedule_options: bool) -> ImagePipelineOutput | tuple:
+        """One image per row of y (the model's conditioning: class ids, prompt rows) following the schedule (the
+        arguments of FlexiDiTPipeline.__call__; schedule_options go to resolve_schedule)."""
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type {output_type!r}: expected one of {list(OUTPUT_TYPES)}")
+        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
+            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
+        unknown = sorted(set(callback_on_step_end_tensor_inputs) - set(self._callback_tensor_inputs))
+        if unknown:
+            raise ValueError(f"callback_on_step_end_tensor_inputs: {unknown} not in {self._callback_tensor_inputs}")
+        schedule = self.resolve_schedule(schedule, num_inference_steps, guidance_scale, **schedule_options)
+        model, cfg, scheduler = self.transformer, self.transformer.config, self.scheduler
+        device = self._execution_device
+        shape = (len(y), cfg.in_channels, cfg.input_size, cfg.input_size)
+        latents, generator = self._initial_latents(shape, seeds, generator, latents, device)
+        latents = prepare_scheduler(scheduler, schedule.num_steps, latents, device)
+
+        with self.progress_bar(total=schedule.num_steps) as bar:
+            def on_step(i: int, t: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+                if callback_on_step_end is not None:
+                    returned = callback_on_step_end(self, i, t, dict.fromkeys(callback_on_step_end_tensor_inputs, latents))
+                    latents = returned.pop("latents", latents)
+                bar.update()
+                return latents
+
+            latents = denoise(model, schedule, scheduler, latents, y, generator, on_step=on_step)
+
+        if output_type == "latent":
+            images = latents
+        else:
+            images = (self._decode(latents) / 2 + 0.5).clamp(0, 1)
+            if output_type != "pt":
+                images = images.cpu().permute(0, 2, 3, 1).float().numpy()
+                if output_type == "pil":
+                    images = self.numpy_to_pil(images)
+        self.maybe_free_model_hooks()
+        return ImagePipelineOutput(images=images) if return_dict else (images,)
+
+
+class FlexiDiTPipeline(FlexiPipeline):
+    """Class-conditional FlexiDiT generation; every step at the patch sizes a Schedule gives it.
+
+    Components: transformer (FlexiDiT), scheduler (any diffusers scheduler with set_timesteps and
+    step, e.g. `DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)`), vae (AutoencoderKL
+    for latent models, None for pixel-space models) and id2label (class id -> comma-separated
+    names, as in DiTPipeline, see get_label_ids; int keys are accepted too). `transformer` is None
+    only while from_pretrained builds the pipeline.
+    """
+
+    model_class = FlexiDiT
+    _layout = {"pipeline": ("sampling.pipeline", "FlexiDiTPipeline"), "transformer": ("models.dit", "FlexiDiT")}
+    model_cpu_offload_seq = "transformer->vae"
+
+    def __init__(self, transformer: FlexiDiT | None, scheduler: SchedulerMixin, vae: AutoencoderKL | None = None,
+                 id2label: dict[str, str] | None = None):
+        super().__init__()
+        self.register_modules(transformer=transformer, scheduler=scheduler, vae=vae)
+        id2label = None if id2label is None else {str(k): v for k, v in id2label.items()}  # JSON keys are strings
+        self.register_to_config(id2label=id2label)
+        # name -> class id, every comma-separated synonym a key (DiTPipeline's convention)
+        self.labels = dict(sorted((name.strip(), int(k)) for k, names in (id2label or {}).items()
+                                  for name in names.split(",")))
+
+    @classmethod
+    def _stored_parts(cls, path: Path, index: dict, given: set[str]) -> dict[str, Any]:
+        return {"id2label": index.get("id2label")}
+
+    # ---- labels ------------------------------------------------------------------------
+    def get_label_ids(self, label: str | list[str]) -> list[int]:
+        """Class ids of label names (any synonym in id2label), for `class_labels`."""
+        names = [label] if isinstance(label, str) else list(label)
+        for name in names:
+            if name not in self.labels:
+                raise ValueError(f"label {name!r} does not exist; choose among {list(self.labels)}")
+        return [self.labels[name] for name in names]
+
+    def _class_ids(self, class_labels: int | Sequence[int] | torch.Tensor) -> torch.Tensor:
+        ids = torch.as_tensor([class_labels] if isinstance(class_labels, int) else class_labels).reshape(-1)
+        if ids.dtype.is_floating_point or ids.dtype == torch.bool or len(ids) == 0:
+            raise ValueError("class_labels: expected one or more integer class ids (names: use get_label_ids)")
+        null = self.transformer.null_class
+        if ids.min() < 0 or ids.max() > null:
+            raise ValueError(f"class_labels: ids must be in 0..{null} ({null} = the null class, unconditional)")
+        return ids.long().to(self._execution_device)
 
     @torch.no_grad()
     def __call__(
@@ -349,155 +421,11 @@ class FlexiDiTPipeline(DiffusionPipeline):
             allow_solver_mismatch, allow_model_mismatch: accept a schedule searched with another
                 solver, or for another model fingerprint.
         """
-        if output_type not in OUTPUT_TYPES:
-            raise ValueError(f"output_type {output_type!r}: expected one of {list(OUTPUT_TYPES)}")
-        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
-            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
-        unknown = sorted(set(callback_on_step_end_tensor_inputs) - set(self._callback_tensor_inputs))
-        if unknown:
-            raise ValueError(f"callback_on_step_end_tensor_inputs: {unknown} not in {self._callback_tensor_inputs}")
-        schedule = self.resolve_schedule(schedule, num_inference_steps, guidance_scale, adapt_steps=adapt_steps,
-                                         adapt_guidance=adapt_guidance, allow_solver_mismatch=allow_solver_mismatch,
-                                         allow_model_mismatch=allow_model_mismatch)
-        model, cfg, scheduler = self.transformer, self.transformer.config, self.scheduler
-        device = self._execution_device
-        y = self._class_ids(class_labels)
-        shape = (len(y), cfg.in_channels, cfg.input_size, cfg.input_size)
-        latents, generator = self._initial_latents(shape, seeds, generator, latents, device)
-        latents = prepare_scheduler(scheduler, schedule.num_steps, latents, device)
-
-        with self.progress_bar(total=schedule.num_steps) as bar:
-            def on_step(i: int, t: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
-                if callback_on_step_end is not None:
-                    returned = callback_on_step_end(self, i, t, dict.fromkeys(callback_on_step_end_tensor_inputs, latents))
-                    latents = returned.pop("latents", latents)
-                bar.update()
-                return latents
-
-            latents = denoise(model, schedule, scheduler, latents, y, generator, on_step=on_step)
-
-        if output_type == "latent":
-            images = latents
-        else:
-            images = (self._decode(latents) / 2 + 0.5).clamp(0, 1)
-            if output_type != "pt":
-                images = images.cpu().permute(0, 2, 3, 1).float().numpy()
-                if output_type == "pil":
-                    images = self.numpy_to_pil(images)
-        self.maybe_free_model_hooks()
-        return ImagePipelineOutput(images=images) if return_dict else (images,)
+        return self._generate(self._class_ids(class_labels), schedule, num_inference_steps, guidance_scale, generator,
+                              latents, output_type, return_dict, callback_on_step_end,
+                              callback_on_step_end_tensor_inputs, seeds, adapt_steps=adapt_steps,
+                              adapt_guidance=adapt_guidance, allow_solver_mismatch=allow_solver_mismatch,
+                              allow_model_mismatch=allow_model_mismatch)
 
 
-class ScheduledDiT(torch.nn.Module):
-    """A FlexiDiT in the place of a stock DiTPipeline's transformer (follow_schedule): each call is one denoising
-    step, found by its timestep in the pipeline's scheduler, and runs the conditional half of the batch and the
-    unconditional half (DiTPipeline's layout) at the patch sizes the schedule gives that step."""
-
-    def __init__(self, model: FlexiDiT, schedule: Schedule, scheduler: SchedulerMixin, config: Any):
-        super().__init__()
-        self.model, self.schedule, self.scheduler, self.config = model, schedule, scheduler, config
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.model.parameters()).dtype
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
-
-    def forward(self, x: torch.Tensor, timestep: torch.Tensor, class_labels: torch.Tensor,
-                return_dict: bool = True) -> Any:
-        timesteps = self.scheduler.timesteps.to(timestep.device)
-        if len(timesteps) != self.schedule.num_steps:
-            raise ValueError(f"the pipeline runs {len(timesteps)} steps; the schedule has {self.schedule.num_steps}: "
-                             f"call it with num_inference_steps={self.schedule.num_steps}")
-        i = int((timesteps == timestep[0]).nonzero()[0, 0])
-        p_cond, p_uncond = self.schedule.cond[i], self.schedule.uncond[i]
-        t = timestep.to(x.dtype)
-        if p_cond == p_uncond or not self.schedule.uses_cfg:  # one size for all rows
-            out = self.model(x, t, class_labels, p_cond)
-        else:
-            n = len(x) // 2
-            out = torch.cat([self.model(x[:n], t[:n], class_labels[:n], p_cond),
-                             self.model(x[n:], t[n:], class_labels[n:], p_uncond)])
-        return Transformer2DModelOutput(sample=out) if return_dict else (out,)
-
-
-def follow_schedule(pipe: DiTPipeline, model: FlexiDiT, schedule: Schedule | str | os.PathLike) -> DiTPipeline:
-    """Make a stock diffusers DiTPipeline follow a schedule: its transformer is replaced by `model` (the FlexiDiT of
-    the schedule, e.g. FlexiDiTPipeline.from_pretrained(folder).transformer) stepping at the schedule's patch
-    sizes. Call the pipeline with the schedule's steps and guidance scale:
-    `pipe(labels, num_inference_steps=s.num_steps, guidance_scale=s.guidance_scale, generator=g)` gives the
-    images of FlexiDiTPipeline for the same generator. The pipeline's scheduler must run the schedule's solver
-    without learned variance (DiTPipeline drops the variance channels), and the schedule must use plain CFG."""
-    if not isinstance(schedule, Schedule):
-        schedule = Schedule.load(schedule)
-    cfg = model.config
-    schedule.check_model(cfg, model.fingerprint(), "schedule")
-    if schedule.guidance_mode != "cfg" or schedule.uses_cfg and schedule.guidance_scale < 1:
-        raise UserError(f"schedule: guidance {schedule.guidance_mode} at scale {schedule.guidance_scale:g} needs "
-                        "FlexiDiTPipeline; a DiTPipeline guides with plain CFG, at scales above 1")
-    if not runs_solver(pipe.scheduler, schedule.solver, cfg, schedule.timestep_spacing) or uses_learned_variance(pipe.scheduler):
-        raise UserError(f"schedule: searched with solver {schedule.solver!r}; the DiTPipeline's "
-                        f"{type(pipe.scheduler).__name__} does not run it (without learned variance)")
-    if cfg.num_classes != 1000:  # DiTPipeline's null class id is 1000
-        raise UserError(f"model: {cfg.num_classes} classes; a DiTPipeline's unconditional label is 1000")
-    pipe.transformer = ScheduledDiT(model, schedule, pipe.scheduler, pipe.transformer.config)
-    return pipe
-
-
-def dit_to_flexi_pipeline(source: str, weak_patch_sizes: Sequence[int] = (4,)) -> FlexiDiTPipeline:
-    """A diffusers DiTPipeline (hub id such as facebook/DiT-XL-2-256, or a directory) as a FlexiDiTPipeline: the
-    transformer converted exactly (convert.from_diffusers_dit, an epsilon model) with the weak patch sizes
-    added by PI-resize (untrained until flexified); VAE, scheduler and id2label (model_index.json) kept."""
-    try:
-        index = DiTPipeline.load_config(source)
-        if index.get("_class_name") != "DiTPipeline":  # refused before any weights are read
-            raise UserError(f"{source}: describes a {index.get('_class_name')!r} pipeline, expected 'DiTPipeline'")
-        dit = DiTPipeline.from_pretrained(source)
-    except (OSError, ValueError) as e:
-        raise UserError(f"{source}: cannot load the DiTPipeline ({str(e).splitlines()[0]})") from None
-    flexi = from_diffusers_dit(dit.transformer, prediction="epsilon")
-    if weak_patch_sizes:
-        flexi = flexi.with_patch_sizes(tuple(weak_patch_sizes))
-    return FlexiDiTPipeline(transformer=flexi, scheduler=dit.scheduler, vae=dit.vae, id2label=index.get("id2label"))
-
-
-def convert_dit_pipeline(src_dir: str | os.PathLike, dst_dir: str | os.PathLike,
-                         weak_patch_sizes: Sequence[int] = (4,)) -> FlexiDiTPipeline:
-    """A diffusers DiTPipeline directory (facebook/DiT-XL-2-256's layout) -> a FlexiDiTPipeline directory
-    (dit_to_flexi_pipeline), written next to dst_dir and renamed into place; an existing non-empty dst_dir
-    is refused. Fine-tune the weak sizes (`flexisearch train flexify`) before searching schedules."""
-    src, dst = Path(src_dir), Path(dst_dir)
-    index = read_json(src / "model_index.json", "pipeline index")
-    if not isinstance(index, dict) or index.get("_class_name") != "DiTPipeline":
-        name = index.get("_class_name") if isinstance(index, dict) else None
-        raise UserError(f"{src / 'model_index.json'}: describes a {name!r} pipeline, expected 'DiTPipeline'")
-    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
-        raise UserError(f"{dst}: already exists and is not an empty directory")
-    pipe = dit_to_flexi_pipeline(str(src), weak_patch_sizes)
-    atomic_write(dst, pipe.save_pretrained)  # renamed onto dst, which is absent or empty
-    return pipe
-
-
-def load_flexi_pipeline(spec: str) -> FlexiDiTPipeline:
-    """A class-conditional model spec as a FlexiDiTPipeline on the CPU: embedded:<name> or a FlexiDiT directory
-    (pixel space: no VAE, the scheduler of its first solver), a FlexiDiTPipeline directory, or a DiTPipeline
-    (dit:<hub id or directory>, or its directory; converted, no weak sizes added)."""
-    if spec.startswith("dit:"):
-        return dit_to_flexi_pipeline(spec.split(":", 1)[1], ())
-    if (Path(spec) / "model_index.json").is_file():
-        index = read_json(Path(spec) / "model_index.json", "pipeline index")
-        if isinstance(index, dict) and index.get("_class_name") == "DiTPipeline":
-            return dit_to_flexi_pipeline(spec, ())
-        return FlexiDiTPipeline.from_pretrained(spec)
-    model = load_model(spec)
-    if not isinstance(model, FlexiDiT):
-        raise UserError(f"model '{spec}': a {type(model).__name__} is not a class-conditional FlexiDiT "
-                        "(text-to-image models are flexified by flexisearch.training.text_dit)")
-    cfg = model.config
-    return FlexiDiTPipeline(model, make_scheduler(SOLVERS[cfg.prediction][0], cfg.prediction, cfg.learn_sigma))
-
-
-__all__ = ["FlexiDiTPipeline", "ScheduledDiT", "convert_dit_pipeline", "dit_to_flexi_pipeline", "follow_schedule",
-           "load_flexi_pipeline", "runs_solver"]
+__all__ = ["FlexiDiTPipeline", "FlexiPipeline", "runs_solver"]

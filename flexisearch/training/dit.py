@@ -21,7 +21,7 @@ from ..data.latents import LatentCache, TensorData
 from ..errors import UserError
 from ..files import CONFIG_NAME, atomic_write, read_json
 from ..models.dit import FlexiDiT, FlexiDiTConfig
-from ..sampling.pipeline import load_flexi_pipeline
+from ..sampling.stock import load_flexi_pipeline
 from .loop import data_parallel, drop_labels, ema_copy, local_rows, pretrain, train_loop
 from .objectives import distillation_loss, objective_for
 
