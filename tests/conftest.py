@@ -84,3 +84,59 @@ def tiny_rgb_featnet():
                                             feature_dim=8)).eval()
 
 
+
+
+WORDS = ["<pad>", "</s>", "<unk>", "a", "red", "blue", "green", "fox", "cat", "dog", "in", "the", "snow", "grass", "sky"]
+
+
+def tiny_tokenizer():
+    """A word-level tokenizer over WORDS with T5's conventions (pad 0, eos 1 appended, unk 2), built offline."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+
+
+def tiny_pixart_pipeline():
+    """PixArt-alpha's layout in miniature: a PixArtTransformer2DModel with learned sigma (no additional conditions,
+    as PixArt-alpha 256/512), a 1-layer T5 encoder (12-d states) with tiny_tokenizer, the one-block VAE of
+    tiny_dit_pipeline (8x8 images), and DPM-Solver++ with the DiT betas (PixArt-alpha's scheduler)."""
+    from diffusers import (
+        AutoencoderKL,
+        DPMSolverMultistepScheduler,
+        PixArtAlphaPipeline,
+        PixArtTransformer2DModel,
+    )
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(0)
+    transformer = PixArtTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8,
+                                           num_layers=2, sample_size=8, cross_attention_dim=16, caption_channels=12,
+                                           norm_num_groups=1, use_additional_conditions=False)
+    with torch.no_grad():  # nothing zero-initialised
+        for p in transformer.parameters():
+            p.normal_(0, 0.05)
+    encoder = T5EncoderModel(T5Config(vocab_size=len(WORDS), d_model=12, d_kv=6, d_ff=24, num_layers=1, num_heads=2))
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",),
+                        up_block_types=("UpDecoderBlock2D",), block_out_channels=(8,), layers_per_block=1,
+                        latent_channels=4, norm_num_groups=4, sample_size=8)
+    scheduler = DPMSolverMultistepScheduler(num_train_timesteps=1000, beta_schedule="linear", beta_start=0.0001,
+                                            beta_end=0.02, prediction_type="epsilon")
+    pipe = PixArtAlphaPipeline(tokenizer=tiny_tokenizer(), text_encoder=encoder.eval(), vae=vae.eval(),
+                               transformer=transformer.eval(), scheduler=scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def converted_tiny_pixart(root: Path):
+    """tiny_pixart_pipeline() saved as root/pixart and converted by `flexisearch convert` (weak size 4) into
+    root/flexi; returns the original pipeline."""
+    from flexisearch.cli import main
+
+    original = tiny_pixart_pipeline()
+    original.save_pretrained(root / "pixart")
+    assert main(["convert", str(root / "pixart"), str(root / "flexi"), "--weak", "4"]) == 0
+    return original

@@ -7,6 +7,7 @@ file order) are the training split and the last 100 the held-out split.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import UserError
+from ..files import read_text
 
 MNIST_TRAIN_PER_CLASS = 400
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
@@ -86,6 +88,45 @@ def image_folder_files(root: str | Path) -> tuple[list[tuple[Path, int]], list[s
     if not files:
         raise UserError(f"{root}: no images found in its class subfolders")
     return files, classes
+
+
+CAPTIONS = "captions.jsonl"
+
+
+def captioned_files(root: str | Path) -> tuple[list[tuple[Path, int]], list[str]]:
+    """(path, caption row) of every line of root/captions.jsonl ({"file_name": path relative to root, "text": caption},
+    Hugging Face's image-folder metadata fields; an image may have several lines), and the distinct captions, sorted
+    (row i = captions[i])."""
+    root = Path(root)
+    source = root / CAPTIONS
+    pairs = []
+    for number, line in enumerate(read_text(source, "captions").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            doc = json.loads(line)
+        except json.JSONDecodeError:
+            doc = None
+        name, text = (doc.get("file_name"), doc.get("text")) if isinstance(doc, dict) else (None, None)
+        if not isinstance(name, str) or not isinstance(text, str):
+            raise UserError(f"{source}: line {number}: expected a JSON object with the strings 'file_name' and 'text'")
+        path = root / name
+        if not path.is_file():
+            raise UserError(f"{source}: line {number}: field 'file_name': {path} not found")
+        pairs.append((path, text))
+    if not pairs:
+        raise UserError(f"{source}: no captioned images")
+    captions = sorted({text for _, text in pairs})
+    row = {text: i for i, text in enumerate(captions)}
+    return [(path, row[text]) for path, text in pairs], captions
+
+
+def dataset_files(root: str | Path) -> tuple[list[tuple[Path, int]], list[str], bool]:
+    """The images of a data folder, each with its label: a caption row when root has captions.jsonl
+    (captioned_files), else a class (image_folder_files); the names of the labels; whether they are captions."""
+    if (Path(root) / CAPTIONS).is_file():
+        return (*captioned_files(root), True)
+    return (*image_folder_files(root), False)
 
 
 def read_image(path: Path, size: int, channels: int = 3) -> torch.Tensor:

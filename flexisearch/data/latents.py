@@ -1,16 +1,18 @@
 """Training data as batches: pixel images held in memory, or an image folder encoded once by a VAE.
 
 A latent model trains on VAE latents. Encoding them at every step costs more than the DiT step
-itself, so `LatentCache.build` encodes every image and its horizontal flip once (centre-cropped
+itself, so `LatentCache.build` encodes every image of a data folder (class subfolders, or captions.jsonl:
+data.images.dataset_files) and its horizontal flip once (centre-cropped
 and resized as DiT does) and stores the VAE's posterior (mean and log-variance, so each step draws
 a fresh latent as DiT's training does) in float16 safetensors shards. The cache is named by a fingerprint
-of the VAE weights, the image size and the image files (names, sizes, times), so any run with the same VAE and
+of the VAE weights, the image size, the labels' names and the image files (names, sizes, times), so any run with the same VAE and
 data reuses it; it is written to a partial folder and renamed into place when complete (LatentCache.build).
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import os
 import time
@@ -23,7 +25,7 @@ from safetensors import safe_open
 
 from ..errors import UserError
 from ..files import atomic_write_json, fingerprint, read_json, save_weights
-from .images import image_folder_files, read_image
+from .images import dataset_files, read_image
 
 INDEX = "index.json"
 
@@ -51,6 +53,7 @@ class LatentCache:
             self.scale = float(self.index["scaling_factor"])
             self.shard_size = int(self.index["shard_size"])
             self.labels = torch.tensor(self.index["labels"], dtype=torch.long)
+            self.captions: list[str] | None = self.index.get("captions")  # label i is captions[i]; None: classes
             self._shards = [safe_open(str(self.directory / name), "pt") for name in self.index["shards"]]
         except Exception as e:  # a damaged cache: missing keys, wrong types, unreadable shards
             raise UserError(f"{self.directory / INDEX}: not a usable latent cache ({type(e).__name__}: "
@@ -83,8 +86,8 @@ class LatentCache:
         folder named by the fingerprint, worker 0 writes the index once every shard is there and renames the
         folder into place, and the others wait for it. Shards are written atomically, so an interrupted build
         resumes with the shards it finished."""
-        files, classes = image_folder_files(root)
-        key = _fingerprint(files, vae, image_size)
+        files, label_names, captioned = dataset_files(root)
+        key = _fingerprint(files, label_names, vae, image_size)
         directory, partial = Path(cache_root) / key, Path(cache_root) / f".{key}.partial"
         per_shard = max(1, shard_size // 2)  # images per shard: each gives two rows (itself and its flip)
         names = [f"shard-{i:05d}.safetensors" for i in range(math.ceil(len(files) / per_shard))]
@@ -106,9 +109,10 @@ class LatentCache:
                     rows = torch.cat([encode(part[b:b + batch_size]) for b in range(0, len(part), batch_size)])
                     save_weights(partial / names[i], {"posterior": rows})
             if rank == 0:
-                _wait_for(lambda: all((partial / name).is_file() for name in names), poll_s)
+                wait_for(lambda: all((partial / name).is_file() for name in names), poll_s)
                 atomic_write_json(partial / INDEX, {
-                    "fingerprint": key, "root": str(root), "classes": classes, "image_size": image_size,
+                    "fingerprint": key, "root": str(root), "captions" if captioned else "classes": label_names,
+                    "image_size": image_size,
                     "scaling_factor": vae.config.scaling_factor, "shard_size": 2 * per_shard, "shards": names,
                     "labels": [label for _, label in files for _ in (0, 1)]})
                 try:
@@ -116,25 +120,27 @@ class LatentCache:
                 except OSError:  # another run finished the same cache first
                     if not (directory / INDEX).is_file():
                         raise
-        _wait_for(lambda: (directory / INDEX).is_file(), poll_s)
+        wait_for(lambda: (directory / INDEX).is_file(), poll_s)
         return cls(directory)
 
 
-def _wait_for(done: Callable[[], bool], poll_s: float) -> None:
+def wait_for(done: Callable[[], bool], poll_s: float) -> None:
+    """Poll until done() (another worker is writing what this one needs)."""
     while not done():
         time.sleep(poll_s)
 
 
-def _fingerprint(files: list[tuple[Path, int]], vae: Any, image_size: int) -> str:
-    """VAE config and weights, image size, and every file's class, name, size and modification time (a stat, not
-    a read: a dataset of a million images is fingerprinted in seconds)."""
+def _fingerprint(files: list[tuple[Path, int]], names: list[str], vae: Any, image_size: int) -> str:
+    """VAE config and weights, image size, the labels' names (classes or captions), and every file's label, name,
+    size and modification time (a stat, not a read: a dataset of a million images is fingerprinted in seconds)."""
     config = {k: v for k, v in vae.config.items() if not k.startswith("_")}
     h = hashlib.sha1(fingerprint(config, vae.state_dict(), torch.float32).encode())
     h.update(str(image_size).encode())
+    h.update(json.dumps(names).encode())
     for path, label in files:
         st = path.stat()
         h.update(f"{label}/{path.name}/{st.st_size}/{st.st_mtime_ns}".encode())
     return h.hexdigest()[:16]
 
 
-__all__ = ["LatentCache", "TensorData"]
+__all__ = ["LatentCache", "TensorData", "wait_for"]

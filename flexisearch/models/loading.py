@@ -137,7 +137,11 @@ def pixart_parts(source: str, text_len: int = 120) -> dict[str, Any]:
     text_encoder/, vae/ and scheduler/ from PIXART_COMPONENTS where the source has none): transformer (converted
     exactly into a FlexiTextDiT, no weak sizes, empty prompt table), tokenizer, text_encoder (T5), vae, scheduler.
     Needs the weights locally (or in the Hugging Face cache) or network access."""
-    from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, PixArtTransformer2DModel
+    from diffusers import (
+        AutoencoderKL,
+        DPMSolverMultistepScheduler,
+        PixArtTransformer2DModel,
+    )
     from transformers import AutoTokenizer, T5EncoderModel
 
     def component(cls: Any, sub: str) -> Any:

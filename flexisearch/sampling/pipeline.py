@@ -40,15 +40,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import AutoencoderKL, DiffusionPipeline, DiTPipeline, ImagePipelineOutput
+from diffusers import AutoencoderKL, DiffusionPipeline, ImagePipelineOutput
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
-from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
 
 from ..errors import UserError
-from ..files import atomic_write, atomic_write_bytes, atomic_write_json, read_json
-from ..models.convert import from_diffusers_dit
+from ..files import atomic_write_bytes, atomic_write_json, read_json
 from ..models.dit import FlexiDiT, FlexiDiTConfig
 from ..models.flexible import FlexibleDiT
 from .generate import (
@@ -56,7 +54,6 @@ from .generate import (
     initial_noise,
     make_scheduler,
     prepare_scheduler,
-    uses_learned_variance,
 )
 from .schedule import SOLVERS, Schedule, spacing_expected
 

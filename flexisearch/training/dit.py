@@ -1,6 +1,7 @@
-"""Recipes for the class-conditional DiT: pretrain a static model (rectified flow), then flexify it.
+"""Recipes for the DiT: pretrain a static class-conditional model (rectified flow), then flexify any model.
 
-Flexify supports both of the paper's recipes, on pixel and latent models of any objective:
+Flexify supports both of the paper's recipes, on pixel and latent models of any objective, class-conditional or
+text-to-image (PixArt: trained on captioned images, each caption encoded once into a PromptCache):
   shared: the whole model is fine-tuned with its diffusion loss, one patch size drawn per sample;
   lora:   the base is frozen; per-size LoRA, the patch-size embedding and the embed/de-embed
           residuals learn to match the frozen native prediction, every output channel
@@ -18,10 +19,14 @@ import torch
 
 from ..data.images import load_dataset
 from ..data.latents import LatentCache, TensorData
+from ..data.prompts import PromptCache
 from ..errors import UserError
-from ..files import CONFIG_NAME, atomic_write, read_json
+from ..files import CONFIG_NAME, atomic_write, fingerprint, read_json
 from ..models.dit import FlexiDiT, FlexiDiTConfig
+from ..models.flexible import FlexibleDiT
+from ..models.text_dit import FlexiTextDiT
 from ..sampling.stock import load_flexi_pipeline
+from ..sampling.text_pipeline import FlexiTextDiTPipeline
 from .loop import data_parallel, drop_labels, ema_copy, local_rows, pretrain, train_loop
 from .objectives import distillation_loss, objective_for
 
@@ -50,11 +55,13 @@ class BaseTrainConfig:
 class FlexifyConfig:
     """Fine-tuning a pretrained DiT so that it also runs at the weak patch sizes.
 
-    base is any class-conditional model spec the search accepts (embedded:<name>, a FlexiDiT directory, a
-    pipeline directory from `flexisearch convert`, dit:<hub id or DiTPipeline directory>). A pixel model
-    trains on `data` (mnist, digits8 or an image folder); a latent model on an image folder (one subfolder
-    per class), encoded once by its VAE into a latent cache under cache_dir (default: <out>/latent_cache).
-    The objective is the one the model's config names (training.objectives).
+    base is any model spec the search accepts (embedded:<name>, a FlexiDiT directory, a pipeline directory from
+    `flexisearch convert`, dit:<hub id or DiTPipeline directory>, pixart:<hub id or PixArtAlphaPipeline
+    directory>). A pixel model trains on `data` (mnist, digits8 or an image folder); a latent model on an image
+    folder (one subfolder per class; for a text-to-image model, images listed with their captions in
+    captions.jsonl), encoded once by its VAE into a latent cache, and its captions once by its text encoder into
+    a prompt cache, under cache_dir (default: <out>/latent_cache). The objective is the one the model's config
+    names (training.objectives).
     """
 
     base: str = ""
@@ -89,8 +96,11 @@ def train_base(config: BaseTrainConfig, out_dir: str | Path) -> FlexiDiT:
     return pretrain("pretrain", out_dir, config, model, images, labels, config.class_dropout)
 
 
-def _training_data(config: FlexifyConfig, base: FlexiDiT, vae: Any, out_dir: Path) -> TensorData | LatentCache:
-    size = base.config.input_size
+def _training_data(config: FlexifyConfig, base: FlexibleDiT, vae: Any, cache_dir: Path) -> TensorData | LatentCache:
+    size, text = base.config.input_size, isinstance(base, FlexiTextDiT)
+    if vae is None and text:
+        raise UserError(f"{config.base}: a pixel-space text model; flexify it with its own recipe "
+                        "(training.text_dit.train_text_flexify)")
     if vae is None:
         images, labels = load_dataset(config.data, size, "train")
         data: TensorData | LatentCache = TensorData(images, labels)
@@ -101,13 +111,38 @@ def _training_data(config: FlexifyConfig, base: FlexiDiT, vae: Any, out_dir: Pat
                             "expected an image folder (one subfolder per class)")
         factor = 2 ** (len(vae.config.block_out_channels) - 1)
         rank, world = data_parallel()
-        data = LatentCache.build(config.data, vae, size * factor, config.cache_dir or out_dir / "latent_cache",
-                                 rank=rank, world=world)
+        data = LatentCache.build(config.data, vae, size * factor, cache_dir, rank=rank, world=world)
         channels = data.latent_shape[0]
-    if channels != base.config.in_channels or int(data.labels.max()) >= base.config.num_classes:
+        if text != (data.captions is not None):
+            raise UserError(f"flexify config: field 'data': {config.data} has "
+                            f"{'captions' if data.captions is not None else 'classes'}, {config.base} is "
+                            f"{'text-to-image: expected a captions.jsonl' if text else 'class-conditional'}")
+    classes = base.config.num_classes if not text else len(data.labels)
+    if channels != base.config.in_channels or int(data.labels.max()) >= classes:
         raise UserError(f"{config.base}: model (channels={base.config.in_channels}, classes={base.config.num_classes}) "
                         f"does not fit data '{config.data}'")
     return data
+
+
+class _Captioned(torch.nn.Module):
+    """A text model called as model(x, t, rows, patch_size), its captions read from a PromptCache (rows of the cache,
+    its null row for dropped captions): the training losses call every model that way."""
+
+    def __init__(self, model: FlexiTextDiT, prompts: PromptCache):
+        super().__init__()
+        self.model, self.prompts = model, prompts
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, rows: torch.Tensor, patch_size: int) -> torch.Tensor:
+        embeds, mask = self.prompts.rows(rows.cpu())
+        return self.model.forward_text(x, t, embeds.to(x.device), mask.to(x.device), patch_size)
+
+
+def encoder_key(pipe: FlexiTextDiTPipeline) -> str:
+    """A name for what the pipeline's prompt encoding computes: its encoder's class and the states it gives a fixed
+    caption (cheap next to hashing T5-XXL's 4.7B weights, and changes with them)."""
+    embeds, mask = pipe.encode_prompt(["a photo of a cat sitting on a red sofa"])
+    name = type(pipe.text_encoder).__name__ if pipe.text_encoder is not None else pipe.transformer.config.text_encoder
+    return fingerprint({"encoder": name}, {"embeds": embeds, "mask": mask})
 
 
 def _save(model: FlexiDiT, directory: Path, adapter: tuple[FlexiDiT, str] | None) -> None:
@@ -121,24 +156,32 @@ def _pipeline_transformer(spec: str) -> str:
     """Where a pipeline spec's FlexiDiT is saved, for an adapter to name: a FlexiDiT pipeline's transformer/; ""
     for a DiTPipeline or dit: spec (converted in memory, nowhere to point)."""
     index = read_json(Path(spec) / "model_index.json", "pipeline index") if (Path(spec) / "model_index.json").is_file() else {}
-    return str(Path(spec) / "transformer") if "FlexiDiTPipeline" in str(index.get("_class_name")) else ""
+    flexi = isinstance(index.get("_class_name"), list) and index["_class_name"][-1] in ("FlexiDiTPipeline",
+                                                                                          "FlexiTextDiTPipeline")
+    return str(Path(spec) / "transformer") if flexi else ""
 
 
-def train_flexify(config: FlexifyConfig, out_dir: str | Path, device: str | torch.device = "cpu") -> FlexiDiT:
+def train_flexify(config: FlexifyConfig, out_dir: str | Path, device: str | torch.device = "cpu") -> FlexibleDiT:
     """Add the weak patch sizes to a pretrained model and fine-tune them (shared or lora) on device; writes
     out_dir/model (EMA weights; with LoRA the frozen base is unchanged by the average: a FlexiDiT directory
-    for a pixel model, a pipeline directory for a pipeline or dit: base) and out_dir/raw (the last weights)."""
+    for a pixel model, a pipeline directory for a pipeline, dit: or pixart: base) and out_dir/raw (the last
+    weights)."""
     if config.mode not in ("shared", "lora"):
         raise UserError(f"flexify config: field 'mode' is {config.mode!r}, expected 'shared' or 'lora'")
     out_dir = Path(out_dir)
-    pipe = load_flexi_pipeline(config.base)
-    base, vae = pipe.transformer.to(device), pipe.vae
+    pipe = load_flexi_pipeline(config.base).to(device)
+    base, vae = pipe.transformer, pipe.vae
     image_size = base.config.input_size
     for p in config.weak_patch_sizes:
         if image_size % p or p <= base.config.patch_size:
             raise UserError(f"flexify config: weak patch size {p} must divide {image_size} and exceed {base.config.patch_size}")
     objective = objective_for(base.config)
-    data = _training_data(config, base, vae if vae is None else vae.to(device), out_dir)
+    cache_dir = Path(config.cache_dir or out_dir / "latent_cache")
+    data = _training_data(config, base, vae, cache_dir)
+    prompts = None
+    if isinstance(base, FlexiTextDiT):
+        prompts = PromptCache.build(data.captions, pipe.encode_prompt, base.config.text_len, encoder_key(pipe),
+                                    cache_dir, rank=data_parallel()[0])
     torch.manual_seed(config.seed)
     lora = config.mode == "lora"
     model = base.with_patch_sizes(config.weak_patch_sizes, init_std=config.residual_init_std,
@@ -149,7 +192,8 @@ def train_flexify(config: FlexifyConfig, out_dir: str | Path, device: str | torc
     new = [p for n, p in model.named_parameters() if "residual" in n or "patch_size_embed" in n or "lora_" in n]
     new_ids = {id(p) for p in new}
     old = [p for p in model.parameters() if id(p) not in new_ids]
-    null = model.null_class
+    forward = model if prompts is None else _Captioned(model, prompts)
+    null = model.null_class if prompts is None else prompts.null_row
     native, weak = model.config.patch_size, config.weak_patch_sizes
     if lora:
         for p in old:
@@ -167,7 +211,7 @@ def train_flexify(config: FlexifyConfig, out_dir: str | Path, device: str | torc
         y = drop_labels(y, config.class_dropout, null, gen)
         batch, y = batch.select(rows).to(device), y[rows].to(device)
         if lora:
-            return distillation_loss(model, batch, y, native, weak[int(torch.randint(len(weak), (1,), generator=gen))])
+            return distillation_loss(forward, batch, y, native, weak[int(torch.randint(len(weak), (1,), generator=gen))])
         # Shared weights: a patch size per sample, one forward per size present in the batch.
         sizes = torch.where(torch.rand(len(idx), generator=gen) < config.weak_prob,
                             torch.tensor(weak)[torch.randint(len(weak), (len(idx),), generator=gen)],
@@ -175,7 +219,7 @@ def train_flexify(config: FlexifyConfig, out_dir: str | Path, device: str | torc
         losses = torch.zeros(len(y), device=device)
         for p in sizes.unique().tolist():
             sel = sizes == p
-            losses[sel] = objective.losses(model(batch.xt[sel], batch.t[sel], y[sel], p), batch.select(sel)).float()
+            losses[sel] = objective.losses(forward(batch.xt[sel], batch.t[sel], y[sel], p), batch.select(sel)).float()
         return losses.mean()
 
     lr = config.lr if not lora else config.lr * config.new_layer_lr_mult
