@@ -1,10 +1,11 @@
 """Flexify on real hardware: memory per GPU, Ray Train's overhead, and the latent cache against encoding.
 
-    python bench/bench_train.py memory [--preset DiT-XL/2] [--batch 32]
+    python bench/bench_train.py memory [--preset DiT-XL/2 | PixArt-XL/2-256] [--batch 32]
     python bench/bench_train.py throughput [--steps 200]
     python bench/bench_train.py cache [--batch 8] [--repeats 3]
 
-memory: the memory a flexify worker holds for a DiT preset (random weights: nothing is downloaded),
+memory: the memory a flexify worker holds for a DiT preset or PixArt-XL/2 at 256 px (T5-XXL states of 120 tokens
+in, the text encoder not on the GPU while training; random weights: nothing is downloaded),
 computed from the model: weights, gradients and AdamW moments of what trains, the EMA copy, and the
 activations autograd keeps for the backward pass, measured per sample (sum of the distinct tensors
 saved for backward, parameters excluded) in one forward of the recipe's loss, float32 and under
@@ -31,13 +32,29 @@ from pathlib import Path
 import torch
 
 from flexisearch.models.dit import PRESETS, FlexiDiT
+from flexisearch.models.flexible import FlexibleDiT
+from flexisearch.models.text_dit import FlexiTextDiT, FlexiTextDiTConfig
 from flexisearch.training.dit import FlexifyConfig, train_flexify
 from flexisearch.training.objectives import objective_for
 
 GIB = 2**30
 
 
-def saved_bytes(model: FlexiDiT, mode: str, dtype: torch.dtype | None, batch: int) -> int:
+PIXART = "PixArt-XL/2-256"
+
+
+def base_model(preset: str) -> FlexibleDiT:
+    """A DiT preset, or PixArt-XL/2 at 256 px (FlexiTextDiTConfig's defaults) with one random 120-token prompt."""
+    if preset != PIXART:
+        return FlexiDiT(PRESETS[preset])
+    model = FlexiTextDiT(FlexiTextDiTConfig())
+    cfg = model.config
+    model.set_prompts(torch.randn(1, cfg.text_len, cfg.caption_channels), torch.ones(1, cfg.text_len), ["a prompt"],
+                      torch.randn(cfg.text_len, cfg.caption_channels), torch.ones(cfg.text_len))
+    return model
+
+
+def saved_bytes(model: FlexibleDiT, mode: str, dtype: torch.dtype | None, batch: int) -> int:
     """Bytes autograd saves for backward in one forward of flexify's loss on a batch (parameters excluded)."""
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     seen: dict[int, int] = {}
@@ -63,7 +80,7 @@ def saved_bytes(model: FlexiDiT, mode: str, dtype: torch.dtype | None, batch: in
     return sum(seen.values())
 
 
-def activation_bytes(model: FlexiDiT, mode: str, dtype: torch.dtype | None) -> tuple[int, int]:
+def activation_bytes(model: FlexibleDiT, mode: str, dtype: torch.dtype | None) -> tuple[int, int]:
     """(bytes per sample, bytes per step) saved for backward: from batches of 1 and 2; the per-step part is what
     does not grow with the batch (under autocast: the bf16 copies of the weights)."""
     one, two = (saved_bytes(model, mode, dtype, b) for b in (1, 2))
@@ -72,7 +89,7 @@ def activation_bytes(model: FlexiDiT, mode: str, dtype: torch.dtype | None) -> t
 
 def memory(args: argparse.Namespace) -> None:
     torch.manual_seed(0)
-    base = FlexiDiT(PRESETS[args.preset])
+    base = base_model(args.preset)
     print(f"# {args.preset} with weak patch size 4, flexify worker memory at a local batch of {args.batch} "
           f"(torch {torch.__version__}, {platform.machine()})")
     print(f"{'mode':<7} {'params':>7} {'trained':>8} {'weights':>8} {'grads+Adam':>11} {'EMA':>6} "
@@ -165,7 +182,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="what", required=True)
     p = sub.add_parser("memory")
-    p.add_argument("--preset", default="DiT-XL/2", choices=[k for k in PRESETS if k.endswith("/2")])
+    p.add_argument("--preset", default="DiT-XL/2", choices=[k for k in PRESETS if k.endswith("/2")] + [PIXART])
     p.add_argument("--batch", type=int, default=32)
     p = sub.add_parser("throughput")
     p.add_argument("--steps", type=int, default=200)

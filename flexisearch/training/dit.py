@@ -145,6 +145,21 @@ def encoder_key(pipe: FlexiTextDiTPipeline) -> str:
     return fingerprint({"encoder": name}, {"embeds": embeds, "mask": mask})
 
 
+def _prompt_cache(pipe: FlexiTextDiTPipeline, captions: list[str], cache_dir: Path,
+                  device: str | torch.device) -> PromptCache:
+    """The training captions' PromptCache, encoded by worker 0 with the text encoder on device for the encoding
+    only (PixArt's T5-XXL holds 19 GB in float32; training never needs it)."""
+    rank, encoder = data_parallel()[0], pipe.text_encoder
+    if encoder is not None and rank == 0:
+        encoder.to(device)
+    try:
+        return PromptCache.build(captions, pipe.encode_prompt, pipe.transformer.config.text_len, encoder_key(pipe),
+                                 cache_dir, rank=rank)
+    finally:
+        if encoder is not None:
+            encoder.to("cpu")
+
+
 def _save(model: FlexiDiT, directory: Path, adapter: tuple[FlexiDiT, str] | None) -> None:
     if adapter is None:
         model.save_pretrained(directory)
@@ -169,8 +184,8 @@ def train_flexify(config: FlexifyConfig, out_dir: str | Path, device: str | torc
     if config.mode not in ("shared", "lora"):
         raise UserError(f"flexify config: field 'mode' is {config.mode!r}, expected 'shared' or 'lora'")
     out_dir = Path(out_dir)
-    pipe = load_flexi_pipeline(config.base).to(device)
-    base, vae = pipe.transformer, pipe.vae
+    pipe = load_flexi_pipeline(config.base)
+    base, vae = pipe.transformer.to(device), pipe.vae if pipe.vae is None else pipe.vae.to(device)
     image_size = base.config.input_size
     for p in config.weak_patch_sizes:
         if image_size % p or p <= base.config.patch_size:
@@ -178,10 +193,7 @@ def train_flexify(config: FlexifyConfig, out_dir: str | Path, device: str | torc
     objective = objective_for(base.config)
     cache_dir = Path(config.cache_dir or out_dir / "latent_cache")
     data = _training_data(config, base, vae, cache_dir)
-    prompts = None
-    if isinstance(base, FlexiTextDiT):
-        prompts = PromptCache.build(data.captions, pipe.encode_prompt, base.config.text_len, encoder_key(pipe),
-                                    cache_dir, rank=data_parallel()[0])
+    prompts = _prompt_cache(pipe, data.captions, cache_dir, device) if isinstance(base, FlexiTextDiT) else None
     torch.manual_seed(config.seed)
     lora = config.mode == "lora"
     model = base.with_patch_sizes(config.weak_patch_sizes, init_std=config.residual_init_std,
