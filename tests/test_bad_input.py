@@ -56,6 +56,9 @@ CASES = {
                               "--device 'bogus'"),
     "sample --device cuda:99": ({"s.json": schedule_text()}, ["sample", "--schedule", "s.json", "--device", "cuda:99"],
                                 "--device cuda:99"),
+    "flexify dm with lora": ({"c.json": '{"dm_weight": 1.0}'}, ["train", "flexify", "--base", "embedded:dit-mnist16-base",
+                                                              "--mode", "lora", "--config", "c.json", "--out", "o"],
+                             "field 'dm_weight' needs mode 'shared'"),
 }
 
 

@@ -239,3 +239,27 @@ def test_each_weak_size_keeps_its_own_derived_weights() -> None:
         for key in ("4", "8", "4"):
             want = F.linear(tokens, lin.weight, lin.bias) + 1.0 * tokens @ lin.lora_a[key].T @ lin.lora_b[key].T
             torch.testing.assert_close(lin(tokens, key), want, rtol=1e-5, atol=1e-5)
+
+
+def test_weak_biases_and_norms_start_at_todays_weak_path_and_leave_the_native_path() -> None:
+    """The paper's options: a bias per weak embed / de-embed and an affine per weak size on every norm, zero at
+    init (the weak path is exactly the one without them), trained apart from the native path; stored only when
+    set, so a model without them keeps its config and fingerprint."""
+    from conftest import random_flexidit
+
+    base = random_flexidit(extra=())
+    plain = base.with_patch_sizes((4,), init_std=0.05)
+    torch.manual_seed(0)
+    plain = base.with_patch_sizes((4,), init_std=0.05)
+    torch.manual_seed(0)
+    rich = base.with_patch_sizes((4,), init_std=0.05, weak_bias=True, weak_norms=True)
+    assert "weak_bias" not in plain.config.to_dict() and rich.config.to_dict()["weak_norms"] is True
+    added = sorted(set(rich.state_dict()) - set(plain.state_dict()))
+    assert "x_embedder.bias_residual.4" in added and "final_layer.deembed.bias_residual.4" in added
+    assert "blocks.1.norm2.residual.4" in added and "final_layer.norm_final.residual.4" in added
+    x, t, y = torch.randn(2, 1, 8, 8), torch.tensor([3.0, 700.0]), torch.tensor([0, 2])
+    with torch.no_grad():
+        assert torch.equal(rich(x, t, y, 4), plain(x, t, y, 4))
+        for name in added:
+            rich.get_parameter(name).normal_(0, 0.1)
+        assert torch.equal(rich(x, t, y, 2), plain(x, t, y, 2)) and not torch.allclose(rich(x, t, y, 4), plain(x, t, y, 4))

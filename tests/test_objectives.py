@@ -117,3 +117,57 @@ def test_objective_comes_from_the_config_and_refuses_unknown_pairs():
     assert objective_for(FlexiDiTConfig(learn_sigma=True)).name == "epsilon"
     with pytest.raises(UserError, match="learned sigma"):
         objective_for(FlexiDiTConfig(learn_sigma=True, prediction="flow"))
+
+
+# ---- the paper's distribution-matching term -----------------------------------------------------
+
+@pytest.mark.parametrize("prediction", ["flow", "epsilon", "v_prediction"])
+def test_a_step_with_the_true_target_lands_on_the_forward_process(prediction):
+    """Euler (flow) and DDIM (epsilon, v) steps driven by the exact target move x_u to x_u' of the same noise."""
+    obj = objective_for(FlexiDiTConfig(in_channels=2, learn_sigma=False, prediction=prediction))
+    x0, noise = _x0(), torch.randn(4, 2, 3, 3, generator=torch.Generator().manual_seed(2))
+    u, u_next = 0.7, 0.45
+    x, t = obj.forward_at(x0, noise, u)
+    if prediction == "flow":
+        assert torch.allclose(x, 0.3 * x0 + 0.7 * noise) and torch.allclose(t, torch.full((4,), 700.0))
+        target = noise - x0
+    else:
+        k = round(0.7 * 999)
+        assert torch.equal(t, torch.full((4,), float(k)))
+        assert torch.allclose(x, np.sqrt(ABAR[k]) * x0 + np.sqrt(1 - ABAR[k]) * noise, atol=1e-6)
+        target = noise if prediction == "epsilon" else np.sqrt(ABAR[k]) * noise - np.sqrt(1 - ABAR[k]) * x0
+    want = obj.forward_at(x0, noise, u_next)[0]
+    assert torch.allclose(obj.step(target.float(), x, u, u_next), want, atol=1e-5)
+
+
+def test_mmd_matches_the_unbiased_estimator_written_with_scipy():
+    from scipy.spatial.distance import cdist
+
+    from flexisearch.training.objectives import mmd2
+
+    gen = torch.Generator().manual_seed(0)
+    a, b = torch.randn(6, 2, 2, generator=gen), torch.randn(7, 2, 2, generator=gen) + 0.5
+    pa, pb = a.flatten(1).double().numpy(), b.flatten(1).double().numpy()
+    pooled = np.concatenate([pa, pb])
+    d2 = cdist(pooled, pooled, "sqeuclidean")
+    off = np.sort(d2[~np.eye(13, dtype=bool)])
+    h = off[(len(off) - 1) // 2]  # the lower median, as torch.median
+    k = sum(np.exp(-d2 / (2 * w * w * h)) for w in (0.5, 1.0, 2.0))
+    kaa, kbb, kab = k[:6, :6], k[6:, 6:], k[:6, 6:]
+    want = ((kaa.sum() - np.trace(kaa)) / 30 + (kbb.sum() - np.trace(kbb)) / 42 - 2 * kab.mean())
+    assert abs(float(mmd2(a, b)) - want) < 1e-5
+    same = torch.randn(64, 4, generator=gen)
+    assert abs(float(mmd2(same[:32], same[32:]))) < float(mmd2(a, b))  # one distribution: about 0
+
+
+def test_distribution_matching_trains_through_the_weak_and_the_native_step(tiny_model):
+    from flexisearch.training.objectives import distribution_matching_loss
+
+    model = tiny_model.train()
+    obj = objective_for(model.config)
+    x0, y = torch.randn(6, 1, 8, 8), torch.tensor([0, 1, 2, 0, 1, 2])
+    loss = distribution_matching_loss(model, obj, x0, y, 2, 4, torch.Generator().manual_seed(0))
+    loss.backward()
+    grads = {n: p.grad for n, p in model.named_parameters()}
+    assert loss.isfinite() and grads["x_embedder.residual.4"].abs().sum() > 0  # the weak step
+    assert grads["x_embedder.proj.weight"].abs().sum() > 0 and grads["blocks.0.attn.qkv.weight"].abs().sum() > 0

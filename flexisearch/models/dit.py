@@ -21,6 +21,7 @@ from .layers import (
     FlexiDeEmbed,
     FlexiPatchEmbed,
     Mlp,
+    SizeNorm,
     TimestepEmbedder,
     modulate,
     sincos_2d,
@@ -46,6 +47,13 @@ class FlexiDiTConfig(ConfigMixin):
     mlp_norm_eps: float = 1e-6
     lora_rank: int = 0  # > 0: one LoRA adapter per extra patch size on attention and MLP
     lora_alpha: float = 0.0
+    weak_bias: bool = False  # the paper's option: each extra size's embed / de-embed has its own bias
+    weak_norms: bool = False  # the paper's option: per-patch-size norms (an affine per extra size on every norm)
+
+    def to_dict(self) -> dict:
+        """The stored fields; the recipe options only when set, so models without them keep their fingerprints."""
+        d = super().to_dict()
+        return {k: v for k, v in d.items() if k not in _OPTIONS or v}
 
     @property
     def out_channels(self) -> int:
@@ -54,6 +62,11 @@ class FlexiDiTConfig(ConfigMixin):
     @property
     def patch_sizes(self) -> tuple[int, ...]:
         return (self.patch_size, *self.extra_patch_sizes)
+
+    @property
+    def norm_sizes(self) -> tuple[int, ...]:
+        """The sizes with norms of their own (weak_norms)."""
+        return self.extra_patch_sizes if self.weak_norms else ()
 
     def check(self, source: str = "config") -> None:
         for name in ("input_size", "in_channels", "hidden_size", "depth", "num_heads", "patch_size", "num_classes"):
@@ -74,6 +87,9 @@ class FlexiDiTConfig(ConfigMixin):
                 raise UserError(f"{source}: field 'extra_patch_sizes' has {p}, expected sizes > patch_size={self.patch_size}")
 
 
+_OPTIONS = ("weak_bias", "weak_norms")
+
+
 def _preset(hidden: int, depth: int, heads: int, p: int) -> FlexiDiTConfig:
     return FlexiDiTConfig(hidden_size=hidden, depth=depth, num_heads=heads, patch_size=p)
 
@@ -89,18 +105,18 @@ PRESETS: dict[str, FlexiDiTConfig] = {
 class DiTBlock(nn.Module):
     """adaLN-Zero transformer block."""
 
-    def __init__(self, hidden: int, heads: int, mlp_ratio: float, mlp_norm_eps: float):
+    def __init__(self, hidden: int, heads: int, mlp_ratio: float, mlp_norm_eps: float, norm_sizes: tuple[int, ...] = ()):
         super().__init__()
-        self.norm1 = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
+        self.norm1 = SizeNorm(hidden, 1e-6, norm_sizes)
         self.attn = Attention(hidden, heads)
-        self.norm2 = nn.LayerNorm(hidden, elementwise_affine=False, eps=mlp_norm_eps)
+        self.norm2 = SizeNorm(hidden, mlp_norm_eps, norm_sizes)
         self.mlp = Mlp(hidden, int(hidden * mlp_ratio))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 6 * hidden))
 
     def forward(self, x: torch.Tensor, c: torch.Tensor, adapter: str | None) -> torch.Tensor:
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
-        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), adapter)
-        return x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp), adapter)
+        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x, adapter), shift_msa, scale_msa), adapter)
+        return x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x, adapter), shift_mlp, scale_mlp), adapter)
 
 
 class FinalLayer(nn.Module):
@@ -109,13 +125,13 @@ class FinalLayer(nn.Module):
     def __init__(self, cfg: FlexiDiTConfig):
         super().__init__()
         hidden = cfg.hidden_size
-        self.norm_final = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
+        self.norm_final = SizeNorm(hidden, 1e-6, cfg.norm_sizes)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 2 * hidden))
-        self.deembed = FlexiDeEmbed(hidden, cfg.out_channels, cfg.patch_size, cfg.extra_patch_sizes)
+        self.deembed = FlexiDeEmbed(hidden, cfg.out_channels, cfg.patch_size, cfg.extra_patch_sizes, cfg.weak_bias)
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor, p: int, grid: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, c: torch.Tensor, p: int, grid: int, size: str | None) -> torch.Tensor:
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
-        return self.deembed(modulate(self.norm_final(x), shift, scale), p, grid, grid)
+        return self.deembed(modulate(self.norm_final(x, size), shift, scale), p, grid, grid)
 
 
 class FlexiDiT(FlexibleDiT):
@@ -128,7 +144,8 @@ class FlexiDiT(FlexibleDiT):
         config.check()
         self.config = config
         hidden = config.hidden_size
-        self.x_embedder = FlexiPatchEmbed(config.in_channels, hidden, config.patch_size, config.extra_patch_sizes)
+        self.x_embedder = FlexiPatchEmbed(config.in_channels, hidden, config.patch_size, config.extra_patch_sizes,
+                                          config.weak_bias)
         self.t_embedder = TimestepEmbedder(hidden, freq_shift=config.timestep_freq_shift)
         # Row num_classes is the null class used for classifier-free guidance.
         self.y_embedder = nn.Embedding(config.num_classes + 1, hidden)
@@ -136,7 +153,8 @@ class FlexiDiT(FlexibleDiT):
             {str(p): nn.Parameter(torch.zeros(hidden)) for p in config.extra_patch_sizes}
         )
         self.blocks = nn.ModuleList(
-            DiTBlock(hidden, config.num_heads, config.mlp_ratio, config.mlp_norm_eps) for _ in range(config.depth)
+            DiTBlock(hidden, config.num_heads, config.mlp_ratio, config.mlp_norm_eps, config.norm_sizes)
+            for _ in range(config.depth)
         )
         self.final_layer = FinalLayer(config)
         for p in config.patch_sizes:
@@ -168,7 +186,7 @@ class FlexiDiT(FlexibleDiT):
         c = self.t_embedder(t) + self.y_embedder(y)
         for block in self.blocks:
             h = self._block(block, h, c, adapter)
-        return self.final_layer(h, c, p, self.config.input_size // p)
+        return self.final_layer(h, c, p, self.config.input_size // p, adapter)
 
 
 __all__ = ["FlexiDiT", "FlexiDiTConfig", "PRESETS"]

@@ -78,18 +78,20 @@ class FlexibleDiT(Pretrained, nn.Module):
                 self._add_lora(str(p))
 
     def _tokens(self, x: torch.Tensor, patch_size: int | None) -> tuple[torch.Tensor, int, str | None]:
-        """Patchify at a supported size: (tokens with positions and patch-size embedding, p, LoRA adapter key)."""
+        """Patchify at a supported size: (tokens with positions and patch-size embedding, p, the key of p's
+        LoRA adapters and norms; None at the native size)."""
         p = self.config.patch_size if patch_size is None else int(patch_size)
         if p not in self.config.patch_sizes:
             raise ValueError(f"patch size {p} not supported; model has {self.config.patch_sizes}")
         h = self.x_embedder(x, p) + getattr(self, f"pos_embed_{p}")
         if p == self.config.patch_size:
             return h, p, None
-        return h + self.patch_size_embed[str(p)], p, str(p) if self.config.lora_rank else None
+        return h + self.patch_size_embed[str(p)], p, str(p)
 
     def with_patch_sizes(self, extra: tuple[int, ...], init_std: float = 0.0, lora_rank: int = 0,
-                         lora_alpha: float = 0.0) -> FlexibleDiT:
-        """A copy that also supports the given larger patch sizes (and LoRA for them if lora_rank).
+                         lora_alpha: float = 0.0, weak_bias: bool = False, weak_norms: bool = False) -> FlexibleDiT:
+        """A copy that also supports the given larger patch sizes (and LoRA for them if lora_rank; the paper's
+        options: separate embed / de-embed biases per extra size if weak_bias, per-size norms if weak_norms).
 
         At init the native path is identical to this model, and a token of an upsampled patch at a
         new size equals the native token of the original patch (PI-resize); init_std adds small
@@ -97,7 +99,9 @@ class FlexibleDiT(Pretrained, nn.Module):
         """
         cfg = dataclasses.replace(self.config,
                                   extra_patch_sizes=tuple(sorted(set(self.config.extra_patch_sizes) | set(extra))),
-                                  lora_rank=lora_rank, lora_alpha=lora_alpha)
+                                  lora_rank=lora_rank, lora_alpha=lora_alpha,
+                                  weak_bias=self.config.weak_bias or weak_bias,
+                                  weak_norms=self.config.weak_norms or weak_norms)
         new = self._like(cfg)
         _, unexpected = new.load_state_dict(self.state_dict(), strict=False)
         if unexpected:

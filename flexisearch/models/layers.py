@@ -135,6 +135,22 @@ class LoRALinear(nn.Linear):
         return F.linear(x, self.weight, self.bias) + F.linear(F.linear(x, a), b) * scale
 
 
+class SizeNorm(nn.LayerNorm):
+    """LayerNorm without affine parameters (DiT's and PixArt's block norms), plus, for the weak sizes it is given,
+    a per-size affine (FlexiDiT's per-patch-size norms): y * (1 + scale(p)) + shift(p), zero at init."""
+
+    def __init__(self, hidden: int, eps: float, sizes: tuple[int, ...] = ()):
+        super().__init__(hidden, elementwise_affine=False, eps=eps)
+        self.residual = nn.ParameterDict({str(p): nn.Parameter(torch.zeros(2, hidden)) for p in sizes})
+
+    def forward(self, x: torch.Tensor, size: str | None = None) -> torch.Tensor:
+        x = super().forward(x)
+        if size is None or size not in self.residual:
+            return x
+        scale, shift = self.residual[size]
+        return x * (1 + scale) + shift
+
+
 class Attention(nn.Module):
     """Multi-head self-attention with a fused qkv projection (timm/DiT layout), via SDPA."""
 
@@ -172,14 +188,16 @@ class FlexiPatchEmbed(nn.Module):
 
     weight(p) = PI-resize(p) applied to the native kernel + residual(p), where residual(p) lives in
     the null space of B(p)^T: it never changes the token of an upsampled native patch, so the
-    initialisation is exact, but it lets the weak path see detail the resized kernel cannot.
+    initialisation is exact, but it lets the weak path see detail the resized kernel cannot. With
+    weak_bias, each weak size also has its own bias: the native bias + bias_residual(p), zero at init.
     """
 
-    def __init__(self, in_channels: int, hidden: int, native: int, extra: tuple[int, ...] = ()):
+    def __init__(self, in_channels: int, hidden: int, native: int, extra: tuple[int, ...] = (), weak_bias: bool = False):
         super().__init__()
         self.in_channels, self.hidden, self.native = in_channels, hidden, native
         self.proj = nn.Conv2d(in_channels, hidden, kernel_size=native, stride=native)
         self.residual = nn.ParameterDict()
+        self.bias_residual = nn.ParameterDict() if weak_bias else None
         for p in extra:
             self.add_patch_size(p)
 
@@ -193,6 +211,8 @@ class FlexiPatchEmbed(nn.Module):
         coeff = torch.randn(self.hidden, self.in_channels, k.shape[1], dtype=torch.float64, device=k.device) * init_std
         res = (coeff @ k.T).reshape(self.hidden, self.in_channels, p, p)
         self.residual[str(p)] = nn.Parameter(res.to(self.proj.weight))
+        if self.bias_residual is not None:
+            self.bias_residual[str(p)] = nn.Parameter(torch.zeros_like(self.proj.bias))
 
     def weight(self, p: int) -> torch.Tensor:
         if p == self.native:
@@ -204,8 +224,13 @@ class FlexiPatchEmbed(nn.Module):
         m = pi_resize_matrix(self.native, p).to(w0)
         return (w0 @ m.T).reshape(self.hidden, self.in_channels, p, p) + self.residual[str(p)]
 
+    def bias(self, p: int) -> torch.Tensor:
+        if p == self.native or self.bias_residual is None:
+            return self.proj.bias
+        return self.proj.bias + self.bias_residual[str(p)]
+
     def forward(self, x: torch.Tensor, p: int) -> torch.Tensor:
-        x = F.conv2d(x, self.weight(p), self.proj.bias, stride=p)
+        x = F.conv2d(x, self.weight(p), self.bias(p), stride=p)
         return x.flatten(2).transpose(1, 2)
 
 
@@ -213,14 +238,16 @@ class FlexiDeEmbed(nn.Module):
     """Final linear tokens -> patches at any supported patch size, from one native map.
 
     weight(p) = B(p) applied to the native map (a weak token predicts the upsampled native patch)
-    + residual(p) orthogonal to range(B(p)): downsampling the output still gives the native map.
+    + residual(p) orthogonal to range(B(p)): downsampling the output still gives the native map. With
+    weak_bias, the weak bias (B(p) applied to the native bias) gets its own bias_residual(p), zero at init.
     """
 
-    def __init__(self, hidden: int, out_channels: int, native: int, extra: tuple[int, ...] = ()):
+    def __init__(self, hidden: int, out_channels: int, native: int, extra: tuple[int, ...] = (), weak_bias: bool = False):
         super().__init__()
         self.hidden, self.out_channels, self.native = hidden, out_channels, native
         self.linear = nn.Linear(hidden, native * native * out_channels)
         self.residual = nn.ParameterDict()
+        self.bias_residual = nn.ParameterDict() if weak_bias else None
         for p in extra:
             self.add_patch_size(p)
 
@@ -229,11 +256,15 @@ class FlexiDeEmbed(nn.Module):
         coeff = torch.randn(k.shape[1], self.out_channels * self.hidden, dtype=torch.float64) * init_std
         res = (k @ coeff).reshape(p * p, self.out_channels, self.hidden).reshape(p * p * self.out_channels, self.hidden)
         self.residual[str(p)] = nn.Parameter(res.to(self.linear.weight))
+        if self.bias_residual is not None:
+            self.bias_residual[str(p)] = nn.Parameter(torch.zeros(p * p * self.out_channels).to(self.linear.bias))
 
     def weight_bias(self, p: int) -> tuple[torch.Tensor, torch.Tensor]:
         if p == self.native:
             return self.linear.weight, self.linear.bias
         sources = (self.linear.weight, self.linear.bias, self.residual[str(p)])
+        if self.bias_residual is not None:
+            sources += (self.bias_residual[str(p)],)
         return derived(self, str(p), sources, lambda: self._resized(p))
 
     def _resized(self, p: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -241,6 +272,8 @@ class FlexiDeEmbed(nn.Module):
         c, n0 = self.out_channels, self.native * self.native
         w = (b @ self.linear.weight.reshape(n0, c * self.hidden)).reshape(p * p * c, self.hidden)
         bias = (b @ self.linear.bias.reshape(n0, c)).reshape(-1)
+        if self.bias_residual is not None:
+            bias = bias + self.bias_residual[str(p)]
         return w + self.residual[str(p)], bias
 
     def forward(self, x: torch.Tensor, p: int, grid_h: int, grid_w: int) -> torch.Tensor:

@@ -47,6 +47,7 @@ from .layers import (
     FlexiDeEmbed,
     FlexiPatchEmbed,
     Mlp,
+    SizeNorm,
     TimestepEmbedder,
     sincos_1d,
 )
@@ -134,12 +135,12 @@ class CrossAttention(nn.Module):
 class TextDiTBlock(nn.Module):
     """PixArt block: adaLN-single modulated self-attention, cross-attention, modulated MLP."""
 
-    def __init__(self, hidden: int, heads: int, mlp_ratio: float, eps: float):
+    def __init__(self, hidden: int, heads: int, mlp_ratio: float, eps: float, norm_sizes: tuple[int, ...] = ()):
         super().__init__()
-        self.norm1 = nn.LayerNorm(hidden, elementwise_affine=False, eps=eps)
+        self.norm1 = SizeNorm(hidden, eps, norm_sizes)
         self.attn = Attention(hidden, heads)
         self.cross_attn = CrossAttention(hidden, heads)
-        self.norm2 = nn.LayerNorm(hidden, elementwise_affine=False, eps=eps)
+        self.norm2 = SizeNorm(hidden, eps, norm_sizes)
         self.mlp = Mlp(hidden, int(hidden * mlp_ratio))
         self.scale_shift_table = nn.Parameter(torch.randn(6, hidden) / hidden**0.5)
 
@@ -147,9 +148,9 @@ class TextDiTBlock(nn.Module):
                 adapter: str | None) -> torch.Tensor:
         mod = self.scale_shift_table[None] + t6.reshape(x.shape[0], 6, -1)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod.chunk(6, dim=1)  # (N, 1, D) each
-        x = x + gate_msa * self.attn(self.norm1(x) * (1 + scale_msa) + shift_msa, adapter)
+        x = x + gate_msa * self.attn(self.norm1(x, adapter) * (1 + scale_msa) + shift_msa, adapter)
         x = x + self.cross_attn(x, ctx, bias)
-        return x + gate_mlp * self.mlp(self.norm2(x) * (1 + scale_mlp) + shift_mlp, adapter)
+        return x + gate_mlp * self.mlp(self.norm2(x, adapter) * (1 + scale_mlp) + shift_mlp, adapter)
 
 
 class FlexiTextDiT(FlexibleDiT):
@@ -163,16 +164,17 @@ class FlexiTextDiT(FlexibleDiT):
         config.check()
         self.config = config
         d = config.hidden_size
-        self.x_embedder = FlexiPatchEmbed(config.in_channels, d, config.patch_size, config.extra_patch_sizes)
+        self.x_embedder = FlexiPatchEmbed(config.in_channels, d, config.patch_size, config.extra_patch_sizes,
+                                          config.weak_bias)
         self.t_embedder = TimestepEmbedder(d, freq_shift=config.timestep_freq_shift)
         self.t_block = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))  # adaLN-single
         self.caption_projection = CaptionProjection(config.caption_channels, d)
         self.patch_size_embed = nn.ParameterDict({str(p): nn.Parameter(torch.zeros(d)) for p in config.extra_patch_sizes})
-        self.blocks = nn.ModuleList(TextDiTBlock(d, config.num_heads, config.mlp_ratio, config.mlp_norm_eps)
-                                    for _ in range(config.depth))
-        self.norm_final = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
+        self.blocks = nn.ModuleList(TextDiTBlock(d, config.num_heads, config.mlp_ratio, config.mlp_norm_eps,
+                                                 config.norm_sizes) for _ in range(config.depth))
+        self.norm_final = SizeNorm(d, 1e-6, config.norm_sizes)
         self.scale_shift_table = nn.Parameter(torch.randn(2, d) / d**0.5)
-        self.deembed = FlexiDeEmbed(d, config.out_channels, config.patch_size, config.extra_patch_sizes)
+        self.deembed = FlexiDeEmbed(d, config.out_channels, config.patch_size, config.extra_patch_sizes, config.weak_bias)
         for p in config.patch_sizes:
             g = config.input_size // p
             self.register_buffer(f"pos_embed_{p}", text_sincos_2d(d, g, p / config.patch_size, config.interpolation_scale),
@@ -262,7 +264,7 @@ class FlexiTextDiT(FlexibleDiT):
         for block in self.blocks:
             h = self._block(block, h, t6, ctx, bias, adapter)
         shift, scale = (self.scale_shift_table[None] + emb[:, None]).chunk(2, dim=1)
-        h = self.norm_final(h) * (1 + scale) + shift
+        h = self.norm_final(h, adapter) * (1 + scale) + shift
         g = self.config.input_size // p
         return self.deembed(h, p, g, g)
 

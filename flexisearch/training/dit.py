@@ -28,7 +28,7 @@ from ..models.text_dit import FlexiTextDiT
 from ..sampling.stock import load_flexi_pipeline
 from ..sampling.text_pipeline import FlexiTextDiTPipeline
 from .loop import data_parallel, drop_labels, ema_copy, local_rows, pretrain, train_loop
-from .objectives import distillation_loss, objective_for
+from .objectives import distillation_loss, distribution_matching_loss, objective_for
 
 
 @dataclass(frozen=True)
@@ -82,6 +82,12 @@ class FlexifyConfig:
     seed: int = 0
     ckpt_every: int = 100
     cache_dir: str = ""
+    # The paper's optional recipe parts (README: measured on the embedded model):
+    weak_bias: bool = False  # each weak size's embed / de-embed gets a bias of its own
+    weak_norms: bool = False  # per-patch-size norms: an affine per weak size on every norm
+    dm_weight: float = 0.0  # shared: weight of the bootstrapped distribution-matching (MMD) loss against exposure bias
+    dm_span: float = 0.2  # its span of noise levels (a weak then a native step, each over half of it)
+    dm_fraction: float = 0.25  # the share of each batch it runs on (two more forward passes per row)
 
 
 def train_base(config: BaseTrainConfig, out_dir: str | Path) -> FlexiDiT:
@@ -183,6 +189,9 @@ def train_flexify(config: FlexifyConfig, out_dir: str | Path, device: str | torc
     weights)."""
     if config.mode not in ("shared", "lora"):
         raise UserError(f"flexify config: field 'mode' is {config.mode!r}, expected 'shared' or 'lora'")
+    if config.dm_weight and (config.mode != "shared" or not 0 < config.dm_span < 1 or not 0 < config.dm_fraction <= 1):
+        raise UserError("flexify config: field 'dm_weight' needs mode 'shared', 0 < dm_span < 1 and "
+                        "0 < dm_fraction <= 1")
     out_dir = Path(out_dir)
     pipe = load_flexi_pipeline(config.base)
     base, vae = pipe.transformer.to(device), pipe.vae if pipe.vae is None else pipe.vae.to(device)
@@ -197,7 +206,8 @@ def train_flexify(config: FlexifyConfig, out_dir: str | Path, device: str | torc
     torch.manual_seed(config.seed)
     lora = config.mode == "lora"
     model = base.with_patch_sizes(config.weak_patch_sizes, init_std=config.residual_init_std,
-                                  lora_rank=config.lora_rank if lora else 0, lora_alpha=float(config.lora_rank))
+                                  lora_rank=config.lora_rank if lora else 0, lora_alpha=float(config.lora_rank),
+                                  weak_bias=config.weak_bias, weak_norms=config.weak_norms)
     model.train()
     ema = ema_copy(model)
     model.gradient_checkpointing = config.gradient_checkpointing
@@ -232,7 +242,12 @@ def train_flexify(config: FlexifyConfig, out_dir: str | Path, device: str | torc
         for p in sizes.unique().tolist():
             sel = sizes == p
             losses[sel] = objective.losses(forward(batch.xt[sel], batch.t[sel], y[sel], p), batch.select(sel)).float()
-        return losses.mean()
+        if not config.dm_weight:
+            return losses.mean()
+        k = max(2, round(config.dm_fraction * len(y)))  # MMD over this worker's first k rows
+        p = weak[int(torch.randint(len(weak), (1,), generator=gen))]
+        dm = distribution_matching_loss(forward, objective, batch.x0[:k], y[:k], native, p, gen, config.dm_span)
+        return losses.mean() + config.dm_weight * dm
 
     lr = config.lr if not lora else config.lr * config.new_layer_lr_mult
     train_loop(f"flexify-{config.mode}", out_dir, config, model, ema, groups, loss_fn, config.steps, lr, warmup=20,

@@ -8,7 +8,9 @@
 
 `Objective.noised` draws a training pair; `Objective.losses` gives one loss per sample, so a batch
 split across patch sizes (shared-weight flexify) averages exactly like one batch. `distillation_loss` is
-LoRA flexify's loss, the same for every objective.
+LoRA flexify's loss, the same for every objective. `distribution_matching_loss` is the paper's optional
+bootstrapped term against exposure bias: the model's own weak-then-native steps, matched by MMD to the
+forward process (`Objective.forward_at` / `Objective.step`: the noise level u in [0, 1] of each objective).
 """
 
 from __future__ import annotations
@@ -58,6 +60,14 @@ class Objective:
         """Per-sample loss of the model output `out` (all its channels) on batch."""
         return _mean_flat((out[:, :self.channels].float() - batch.target) ** 2)
 
+    def forward_at(self, x0: torch.Tensor, noise: torch.Tensor, u: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x_u ~ q(x_u | x0) for this noise, the model's timestep) at noise level u (0: data, 1: pure noise)."""
+        raise NotImplementedError
+
+    def step(self, out: torch.Tensor, x: torch.Tensor, u: float, u_next: float) -> torch.Tensor:
+        """One deterministic solver step (Euler for flow, DDIM for DDPM models) from level u to u_next."""
+        raise NotImplementedError
+
 
 class FlowObjective(Objective):
     name = "flow"
@@ -67,6 +77,12 @@ class FlowObjective(Objective):
         s = torch.rand(x0.shape[0], generator=gen).to(x0.device)
         xt = (1 - s.view(-1, 1, 1, 1)) * x0 + s.view(-1, 1, 1, 1) * noise
         return Noised(x0, xt, s * 1000, noise - x0)
+
+    def forward_at(self, x0: torch.Tensor, noise: torch.Tensor, u: float) -> tuple[torch.Tensor, torch.Tensor]:
+        return (1 - u) * x0 + u * noise, torch.full((len(x0),), 1000 * u, device=x0.device)
+
+    def step(self, out: torch.Tensor, x: torch.Tensor, u: float, u_next: float) -> torch.Tensor:
+        return x + (u_next - u) * out[:, :self.channels].float()
 
 
 class DDPMObjective(Objective):
@@ -92,6 +108,21 @@ class DDPMObjective(Objective):
         xt = self.scheduler.add_noise(x0, noise, steps)
         target = noise if self.name == "epsilon" else self.scheduler.get_velocity(x0, noise, steps)
         return Noised(x0, xt, steps.to(x0.device).float(), target)
+
+    def _index(self, u: float) -> int:
+        return round(u * (len(self.abar) - 1))
+
+    def forward_at(self, x0: torch.Tensor, noise: torch.Tensor, u: float) -> tuple[torch.Tensor, torch.Tensor]:
+        k = self._index(u)
+        abar = float(self.abar[k])
+        return abar**0.5 * x0 + (1 - abar) ** 0.5 * noise, torch.full((len(x0),), float(k), device=x0.device)
+
+    def step(self, out: torch.Tensor, x: torch.Tensor, u: float, u_next: float) -> torch.Tensor:
+        a, a_next = float(self.abar[self._index(u)]), float(self.abar[self._index(u_next)])
+        pred = out[:, :self.channels].float()
+        eps = pred if self.name == "epsilon" else a**0.5 * pred + (1 - a) ** 0.5 * x  # v -> epsilon
+        x0 = (x - (1 - a) ** 0.5 * eps) / a**0.5
+        return a_next**0.5 * x0 + (1 - a_next) ** 0.5 * eps
 
     def losses(self, out: torch.Tensor, batch: Noised) -> torch.Tensor:
         mse = super().losses(out, batch)
@@ -141,6 +172,35 @@ def distillation_loss(model: torch.nn.Module, batch: Noised, y: torch.Tensor, na
     return ((model(batch.xt, batch.t, y, weak) - teacher) ** 2).mean()
 
 
+def mmd2(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Unbiased squared MMD between the rows of a and b (each flattened), Gaussian kernels at 0.5, 1 and 2 times
+    the (lower) median pairwise distance of the pooled rows (no gradient through the bandwidth)."""
+    a, b = a.flatten(1).float(), b.flatten(1).float()
+    d2 = torch.cdist(torch.cat([a, b]), torch.cat([a, b])).pow(2)
+    n, m = len(a), len(b)
+    off = ~torch.eye(n + m, dtype=torch.bool, device=d2.device)
+    h = d2.detach()[off].median().clamp_min(1e-12)
+    k = sum(torch.exp(-d2 / (2 * w * w * h)) for w in (0.5, 1.0, 2.0))
+    kaa, kbb, kab = k[:n, :n], k[n:, n:], k[:n, n:]
+    return ((kaa.sum() - kaa.diagonal().sum()) / (n * (n - 1)) + (kbb.sum() - kbb.diagonal().sum()) / (m * (m - 1))
+            - 2 * kab.mean())
+
+
+def distribution_matching_loss(model: torch.nn.Module, objective: Objective, x0: torch.Tensor, y: torch.Tensor,
+                               native: int, weak: int, gen: torch.Generator, span: float = 0.2) -> torch.Tensor:
+    """The paper's bootstrapped distribution matching against exposure bias: from x_u1 ~ q(x_u1 | x0) (one level
+    u1 for the batch), a weak step to u1 - span/2 and a native step to u2 = u1 - span (the model's own steps,
+    gradients through both), matched by MMD (mmd2) to fresh draws of q(x_u2 | x0) for the same x0."""
+    u1 = span + (1 - span) * float(torch.rand(1, generator=gen))
+    mid, u2 = u1 - span / 2, u1 - span
+    start, fresh = (torch.randn(x0.shape, generator=gen).to(x0.device) for _ in range(2))
+    x, t = objective.forward_at(x0, start, u1)
+    x = objective.step(model(x, t, y, weak), x, u1, mid)
+    t_mid = objective.forward_at(x0, start, mid)[1]
+    x = objective.step(model(x, t_mid, y, native), x, mid, u2)
+    return mmd2(x, objective.forward_at(x0, fresh, u2)[0])
+
+
 def objective_for(config: object) -> Objective:
     """The objective a model config names (fields prediction, in_channels, learn_sigma)."""
     prediction, learn_sigma, channels = config.prediction, config.learn_sigma, config.in_channels
@@ -154,4 +214,5 @@ def objective_for(config: object) -> Objective:
     raise UserError(f"model config: field 'prediction' is {prediction!r}, expected epsilon, v_prediction or flow")
 
 
-__all__ = ["DDPMObjective", "FlowObjective", "Noised", "Objective", "distillation_loss", "objective_for"]
+__all__ = ["DDPMObjective", "FlowObjective", "Noised", "Objective", "distillation_loss", "distribution_matching_loss",
+           "mmd2", "objective_for"]
