@@ -4,6 +4,9 @@ of any resolution through a reusable VAE latent cache, and writes a pipeline dir
 import functools
 import json
 import math
+import os
+import subprocess
+import sys
 import threading
 
 import numpy as np
@@ -127,8 +130,9 @@ def test_flexify_a_converted_dit_pipeline_from_an_image_folder(dirs, tmp_path, m
 
 
 def test_a_flexified_pipeline_is_searched_exported_and_reused_in_stock_diffusers(dirs, tmp_path, monkeypatch):
-    """convert -> flexify (LoRA) -> search 3 trials -> export -> DiffusionPipeline.from_pretrained(folder) with the
-    exported schedule gives the latents of flexisearch's sample() for the same seeds."""
+    """convert -> flexify (LoRA, Ray Train on 2 CPU workers) -> search 3 trials -> export ->
+    DiffusionPipeline.from_pretrained(folder) with the exported schedule gives the latents of flexisearch's sample()
+    for the same seeds."""
     from diffusers import DiffusionPipeline
 
     from flexisearch.sampling.generate import sample
@@ -137,8 +141,13 @@ def test_a_flexified_pipeline_is_searched_exported_and_reused_in_stock_diffusers
     root, _ = dirs
     monkeypatch.chdir(tmp_path)
     (tmp_path / "cfg.json").write_text(json.dumps({"batch_size": 4, "lora_rank": 2, "cache_dir": "cache"}))
-    assert main(["train", "flexify", "--base", str(root / "flexi"), "--data", str(root / "images"), "--mode", "lora",
-                 "--steps", "3", "--config", "cfg.json", "--out", "run"]) == 0
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), RAY_TMPDIR=str(tmp_path / "r"))
+    done = subprocess.run([sys.executable, "-m", "flexisearch.cli", "train", "flexify", "--base", str(root / "flexi"),
+                           "--data", str(root / "images"), "--mode", "lora", "--steps", "3", "--config", "cfg.json",
+                           "--out", "run", "--backend", "ray", "--num-workers", "2"], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads((tmp_path / "run" / "train_info.json").read_text())["workers"] == 2
     tiny_rgb_featnet().save_pretrained(tmp_path / "net")
     (tmp_path / "space.yaml").write_text(json.dumps({
         "study": "e2e", "model": "run/model", "feature_net": "net", "metric": {"name": "fid_native", "max": 1e6},
