@@ -296,8 +296,8 @@ def cmd_train(args: argparse.Namespace) -> None:
 def cmd_convert(args: argparse.Namespace) -> None:
     from .sampling.stock import convert_pipeline
 
-    convert_pipeline(args.src, args.dst, tuple(args.weak))
-    print(f"wrote {args.dst} (FlexiDiT pipeline, weak patch sizes {args.weak}: untrained until flexified)")
+    pipe = convert_pipeline(args.src, args.dst, tuple(args.weak))
+    print(f"wrote {args.dst} ({type(pipe).__name__}, weak patch sizes {args.weak}: untrained until flexified)")
 
 
 class _Parser(argparse.ArgumentParser):

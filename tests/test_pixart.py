@@ -77,6 +77,10 @@ def test_converted_pixart_pipeline_gives_the_stock_pipelines_images(dirs):
     assert len(images) == 1 and images[0].size == (8, 8)
     with pytest.raises(ValueError, match="negative_prompt"):
         pipe(PROMPTS, negative_prompt=["x", "y", "z"])
+    given = FlexiTextDiTPipeline.from_pretrained(root / "flexi", text_encoder=original.text_encoder)  # one replaced
+    assert given.text_encoder is original.text_encoder and given.tokenizer is not None
+    with pytest.raises(UserError, match="cannot be downloaded"):
+        FlexiTextDiTPipeline.from_pretrained("no-such-user/no-such-pixart")  # offline in the tests
 
 
 def test_the_pipeline_call_leaves_the_models_prompt_table(dirs):

@@ -196,7 +196,8 @@ class FlexiPipeline(DiffusionPipeline):
             components["scheduler"] = _scheduler_class(index, path).from_pretrained(path / "scheduler")
         if "vae" not in components:
             components["vae"] = AutoencoderKL.from_pretrained(path / "vae") if (path / "vae").is_dir() else None
-        pipe = cls(**cls._stored_parts(path, index, set(components)), **components)
+        stored = cls._stored_parts(path, index, set(components))
+        pipe = cls(**{k: v for k, v in stored.items() if k not in components}, **components)
         if isinstance(dtype, torch.dtype):
             pipe.to(dtype)
         return pipe
