@@ -123,8 +123,7 @@ def _training_data(config: FlexifyConfig, base: FlexibleDiT, vae: Any, cache_dir
             raise UserError(f"flexify config: field 'data': {config.data} has "
                             f"{'captions' if data.captions is not None else 'classes'}, {config.base} is "
                             f"{'text-to-image: expected a captions.jsonl' if text else 'class-conditional'}")
-    classes = base.config.num_classes if not text else len(data.labels)
-    if channels != base.config.in_channels or int(data.labels.max()) >= classes:
+    if channels != base.config.in_channels or not text and int(data.labels.max()) >= base.config.num_classes:
         raise UserError(f"{config.base}: model (channels={base.config.in_channels}, classes={base.config.num_classes}) "
                         f"does not fit data '{config.data}'")
     return data
@@ -154,13 +153,17 @@ def encoder_key(pipe: FlexiTextDiTPipeline) -> str:
 def _prompt_cache(pipe: FlexiTextDiTPipeline, captions: list[str], cache_dir: Path,
                   device: str | torch.device) -> PromptCache:
     """The training captions' PromptCache, encoded by worker 0 with the text encoder on device for the encoding
-    only (PixArt's T5-XXL holds 19 GB in float32; training never needs it)."""
-    rank, encoder = data_parallel()[0], pipe.text_encoder
+    only (PixArt's T5-XXL holds 19 GB in float32; training never needs it); worker 0 names the cache for all (the
+    encoder_key of other devices could differ in the last bits)."""
+    (rank, world), encoder = data_parallel(), pipe.text_encoder
     if encoder is not None and rank == 0:
         encoder.to(device)
     try:
-        return PromptCache.build(captions, pipe.encode_prompt, pipe.transformer.config.text_len, encoder_key(pipe),
-                                 cache_dir, rank=rank)
+        key = [encoder_key(pipe) if rank == 0 else None]
+        if world > 1:
+            torch.distributed.broadcast_object_list(key, src=0)
+        return PromptCache.build(captions, pipe.encode_prompt, pipe.transformer.config.text_len, key[0], cache_dir,
+                                 rank=rank)
     finally:
         if encoder is not None:
             encoder.to("cpu")
