@@ -114,7 +114,7 @@ def test_bad_npz_and_unloadable_hub_id_are_one_line_errors(dirs, tmp_path):
         with pytest.raises(UserError) as e:
             ReferenceStats.from_npz(tmp_path / name, net.fingerprint())
         assert name in str(e.value) and "\n" not in str(e.value)
-    with pytest.raises(UserError, match=r"dit:facebook/DiT-XL-2-256.*cannot load transformer/"):
+    with pytest.raises(UserError, match=r"dit:facebook/DiT-XL-2-256.*cannot load the DiTPipeline"):
         load_model("dit:facebook/DiT-XL-2-256")  # offline in tests (HF_HUB_OFFLINE=1), not in the cache
     with pytest.raises(UserError, match="give reference_stats"):
         Evaluator(write_cfg(root, tmp_path, reference_stats=None))

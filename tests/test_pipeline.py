@@ -15,11 +15,11 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from flexisearch.cli import main
 from flexisearch.errors import UserError
-from flexisearch.sampling.generate import make_scheduler, sample
 from flexisearch.sampling.follow import follow_schedule
+from flexisearch.sampling.generate import make_scheduler, sample
 from flexisearch.sampling.pipeline import FlexiDiTPipeline
-from flexisearch.sampling.stock import convert_pipeline
 from flexisearch.sampling.schedule import Schedule
+from flexisearch.sampling.stock import convert_pipeline
 
 LABELS, SEEDS = [0, 1, 2, 1, 3], [5, 6, 7, 8, 9]  # 3 = the null class of random_flexidit
 

@@ -114,18 +114,33 @@ def _component(cls: Any, source: str, sub: str, what: str) -> Any:
         raise UserError(f"{what}: cannot load {sub}/ ({str(e).splitlines()[0]})") from None
 
 
-def load_dit(source: str, device: str | torch.device = "cpu", weak_patch_sizes: Sequence[int] = (4,)) -> FlexiDiT:
-    """A diffusers DiTPipeline (hub id such as facebook/DiT-XL-2-256, or a local directory) as a FlexiDiT
-    with the weak sizes added by PI-resize and its VAE as `decode_images`. Needs the weights locally
-    (or in the Hugging Face cache) or network access."""
-    from diffusers import AutoencoderKL, DiTTransformer2DModel
+def dit_parts(source: str) -> dict[str, Any]:
+    """The components of a diffusers DiTPipeline (hub id such as facebook/DiT-XL-2-256, or a local directory):
+    transformer (converted exactly into a FlexiDiT, an epsilon model, no weak sizes), vae, scheduler and id2label
+    (model_index.json; a folder of another pipeline is refused before any weights are read). Needs the weights
+    locally (or in the Hugging Face cache) or network access."""
+    from diffusers import DiTPipeline
 
-    what = f"model 'dit:{source}'"
-    flexi = from_diffusers_dit(_component(DiTTransformer2DModel, source, "transformer", what), prediction="epsilon")
+    try:
+        index = DiTPipeline.load_config(source)
+        if index.get("_class_name") != "DiTPipeline":
+            raise UserError(f"{source}: describes a {index.get('_class_name')!r} pipeline, expected 'DiTPipeline'")
+        dit = DiTPipeline.from_pretrained(source)
+    except (OSError, ValueError) as e:  # offline, missing or damaged files: one line
+        raise UserError(f"model 'dit:{source}': cannot load the DiTPipeline ({str(e).splitlines()[0]})") from None
+    return {"transformer": from_diffusers_dit(dit.transformer, prediction="epsilon"), "vae": dit.vae.eval(),
+            "scheduler": dit.scheduler, "id2label": index.get("id2label")}
+
+
+def load_dit(source: str, device: str | torch.device = "cpu", weak_patch_sizes: Sequence[int] = (4,)) -> FlexiDiT:
+    """A diffusers DiTPipeline (dit_parts) as a FlexiDiT with the weak sizes added by PI-resize and its VAE as
+    `decode_images`."""
+    parts = dit_parts(source)
+    flexi = parts["transformer"]
     if weak_patch_sizes:
         flexi = flexi.with_patch_sizes(tuple(weak_patch_sizes))
     flexi = flexi.to(device).eval()
-    flexi.decode_images = VAEDecoder(_component(AutoencoderKL, source, "vae", what).to(device))
+    flexi.decode_images = VAEDecoder(parts["vae"].to(device))
     return flexi
 
 
@@ -175,4 +190,4 @@ def load_pixart(source: str, device: str | torch.device = "cpu", weak_patch_size
     return flexi
 
 
-__all__ = ["VAEDecoder", "load_dit", "load_model", "load_model_dir", "load_pipeline_transformer", "load_pixart", "pixart_parts"]
+__all__ = ["VAEDecoder", "dit_parts", "load_dit", "load_model", "load_model_dir", "load_pipeline_transformer", "load_pixart", "pixart_parts"]

@@ -12,13 +12,10 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from diffusers import DiTPipeline
-
 from ..errors import UserError
 from ..files import atomic_write, read_json
-from ..models.convert import from_diffusers_dit
 from ..models.dit import FlexiDiT
-from ..models.loading import load_model, pixart_parts
+from ..models.loading import dit_parts, load_model, pixart_parts
 from ..models.text_dit import FlexiTextDiT
 from .generate import make_scheduler
 from .pipeline import FlexiDiTPipeline, FlexiPipeline
@@ -29,19 +26,12 @@ STOCK_PIPELINES = ("DiTPipeline", "PixArtAlphaPipeline")
 
 
 def dit_to_flexi_pipeline(source: str, weak_patch_sizes: Sequence[int] = (4,)) -> FlexiDiTPipeline:
-    """A diffusers DiTPipeline (hub id such as facebook/DiT-XL-2-256, or a directory) as a FlexiDiTPipeline (an
-    epsilon model; id2label of model_index.json kept)."""
-    try:
-        index = DiTPipeline.load_config(source)
-        if index.get("_class_name") != "DiTPipeline":  # refused before any weights are read
-            raise UserError(f"{source}: describes a {index.get('_class_name')!r} pipeline, expected 'DiTPipeline'")
-        dit = DiTPipeline.from_pretrained(source)
-    except (OSError, ValueError) as e:
-        raise UserError(f"{source}: cannot load the DiTPipeline ({str(e).splitlines()[0]})") from None
-    flexi = from_diffusers_dit(dit.transformer, prediction="epsilon")
+    """A diffusers DiTPipeline (hub id such as facebook/DiT-XL-2-256, or a directory; models.loading.dit_parts) as a
+    FlexiDiTPipeline."""
+    parts = dit_parts(source)
     if weak_patch_sizes:
-        flexi = flexi.with_patch_sizes(tuple(weak_patch_sizes))
-    return FlexiDiTPipeline(transformer=flexi, scheduler=dit.scheduler, vae=dit.vae, id2label=index.get("id2label"))
+        parts["transformer"] = parts["transformer"].with_patch_sizes(tuple(weak_patch_sizes))
+    return FlexiDiTPipeline(**parts)
 
 
 def pixart_to_flexi_pipeline(source: str, weak_patch_sizes: Sequence[int] = (4,)) -> FlexiTextDiTPipeline:
