@@ -1,7 +1,8 @@
 """The one config reader: a typed, frozen dataclass from a mapping (YAML, JSON or CLI overrides).
 
 Types come from the dataclass annotations: bool, int, float (an int is accepted), str, tuple[int, ...]
-(positive ints), dict, X | None, and nested dataclasses. Numbers must be finite and non-negative.
+(positive ints), tuples of such tuples (lists of lists in JSON), dict, X | None, and nested dataclasses.
+Numbers must be finite and non-negative.
 Every problem is a one-line UserError naming the source, the key and what was expected.
 """
 
@@ -75,6 +76,10 @@ def _value(hint: Any, value: Any, source: str, key: str) -> Any:
         if not isinstance(value, str):
             raise key_error(source, key, "a string", value)
         return value
+    if origin is tuple and args and typing.get_origin(args[0]) is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise key_error(source, key, "a list of lists of positive integers", value)
+        return tuple(_value(args[0], v, source, key) for v in value)
     if origin is tuple:
         if not (isinstance(value, (list, tuple)) and all(isinstance(v, int) and not isinstance(v, bool) and v > 0
                                                          for v in value)):

@@ -90,8 +90,8 @@ def test_deembed_downsamples_to_native(init_std: float) -> None:
         assert torch.allclose(down @ bias.reshape(WEAK * WEAK, -1), de.linear.bias.reshape(n0, -1), atol=1e-10)
         # The same on outputs: every 4x4 output patch, downsampled, is the 2x2 native output patch.
         tokens = torch.randn(2, 9, 12, dtype=torch.float64)
-        weak = de(tokens, WEAK, 3, 3).reshape(2, 3, 3, WEAK, 3, WEAK).permute(0, 1, 2, 4, 3, 5)
-        native = de(tokens, NATIVE, 3, 3).reshape(2, 3, 3, NATIVE, 3, NATIVE).permute(0, 1, 2, 4, 3, 5)
+        weak = de(tokens, WEAK, (3, 3)).reshape(2, 3, 3, WEAK, 3, WEAK).permute(0, 1, 2, 4, 3, 5)
+        native = de(tokens, NATIVE, (3, 3)).reshape(2, 3, 3, NATIVE, 3, NATIVE).permute(0, 1, 2, 4, 3, 5)
         projected = weak.reshape(2, 3, 3, 3, -1) @ down.T
         assert torch.allclose(projected, native.reshape(2, 3, 3, 3, -1), atol=1e-10)
         if init_std == 0:  # without the residual a weak patch is exactly the upsampled native patch
@@ -120,7 +120,7 @@ def test_weak_kernels_are_the_resized_native_ones_plus_their_residuals() -> None
     residual = (tokens[:, 0] @ de.residual[str(WEAK)].T).reshape(5, WEAK, WEAK, 3).permute(0, 3, 1, 2)
     with torch.no_grad():
         torch.testing.assert_close(embed(x, WEAK), want, rtol=1e-10, atol=1e-10)
-        torch.testing.assert_close(de(tokens, WEAK, 1, 1), upsample_patch(native, WEAK) + residual, rtol=1e-10,
+        torch.testing.assert_close(de(tokens, WEAK, (1, 1)), upsample_patch(native, WEAK) + residual, rtol=1e-10,
                                    atol=1e-10)
 
 
@@ -235,7 +235,7 @@ def test_each_weak_size_keeps_its_own_derived_weights() -> None:
     x, tokens = torch.randn(1, 1, 16, 16), torch.randn(1, 4, 8)
     with torch.no_grad():
         for p in (4, 8, 4):
-            assert embed(x, p).shape == (1, (16 // p) ** 2, 8) and de(tokens[:, :1], p, 1, 1).shape == (1, 1, p, p)
+            assert embed(x, p).shape == (1, (16 // p) ** 2, 8) and de(tokens[:, :1], p, (1, 1)).shape == (1, 1, p, p)
         for key in ("4", "8", "4"):
             want = F.linear(tokens, lin.weight, lin.bias) + 1.0 * tokens @ lin.lora_a[key].T @ lin.lora_b[key].T
             torch.testing.assert_close(lin(tokens, key), want, rtol=1e-5, atol=1e-5)

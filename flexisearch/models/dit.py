@@ -25,6 +25,7 @@ from .layers import (
     TimestepEmbedder,
     modulate,
     sincos_2d,
+    size_key,
 )
 
 
@@ -62,6 +63,10 @@ class FlexiDiTConfig(ConfigMixin):
     @property
     def patch_sizes(self) -> tuple[int, ...]:
         return (self.patch_size, *self.extra_patch_sizes)
+
+    def grid(self, p: int) -> tuple[int, ...]:
+        """Tokens along each axis at patch size p."""
+        return self.input_size // p, self.input_size // p
 
     @property
     def norm_sizes(self) -> tuple[int, ...]:
@@ -129,9 +134,9 @@ class FinalLayer(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 2 * hidden))
         self.deembed = FlexiDeEmbed(hidden, cfg.out_channels, cfg.patch_size, cfg.extra_patch_sizes, cfg.weak_bias)
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor, p: int, grid: int, size: str | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, c: torch.Tensor, p: int, grid: tuple[int, ...], size: str | None) -> torch.Tensor:
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
-        return self.deembed(modulate(self.norm_final(x, size), shift, scale), p, grid, grid)
+        return self.deembed(modulate(self.norm_final(x, size), shift, scale), p, grid)
 
 
 class FlexiDiT(FlexibleDiT):
@@ -150,7 +155,7 @@ class FlexiDiT(FlexibleDiT):
         # Row num_classes is the null class used for classifier-free guidance.
         self.y_embedder = nn.Embedding(config.num_classes + 1, hidden)
         self.patch_size_embed = nn.ParameterDict(
-            {str(p): nn.Parameter(torch.zeros(hidden)) for p in config.extra_patch_sizes}
+            {size_key(p): nn.Parameter(torch.zeros(hidden)) for p in config.extra_patch_sizes}
         )
         self.blocks = nn.ModuleList(
             DiTBlock(hidden, config.num_heads, config.mlp_ratio, config.mlp_norm_eps, config.norm_sizes)
@@ -158,10 +163,14 @@ class FlexiDiT(FlexibleDiT):
         )
         self.final_layer = FinalLayer(config)
         for p in config.patch_sizes:
-            g = config.input_size // p
-            self.register_buffer(f"pos_embed_{p}", sincos_2d(hidden, g, g, p / config.patch_size), persistent=False)
+            self.register_buffer(f"pos_embed_{size_key(p)}", self._positions(p), persistent=False)
         self.initialize_weights()
         self._add_all_lora()
+
+    def _positions(self, p: int) -> torch.Tensor:
+        """Sin-cos positions of the tokens at patch size p, in the native token frame."""
+        g = self.config.input_size // p
+        return sincos_2d(self.config.hidden_size, g, g, p / self.config.patch_size)
 
     def initialize_weights(self) -> None:
         """DiT's init: xavier linears, zeroed adaLN modulation and output layer."""
@@ -186,7 +195,7 @@ class FlexiDiT(FlexibleDiT):
         c = self.t_embedder(t) + self.y_embedder(y)
         for block in self.blocks:
             h = self._block(block, h, c, adapter)
-        return self.final_layer(h, c, p, self.config.input_size // p, adapter)
+        return self.final_layer(h, c, p, self.config.grid(p), adapter)
 
 
 __all__ = ["FlexiDiT", "FlexiDiTConfig", "PRESETS"]

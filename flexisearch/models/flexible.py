@@ -1,9 +1,10 @@
 """The shared base of every flexible DiT: growing extra patch sizes, per-size LoRA, the tokenizer front
 (patchify, positions, patch-size embedding), identity and save/load.
 
-A subclass builds `x_embedder` (layers.FlexiPatchEmbed), `patch_size_embed`, `pos_embed_<p>` buffers and
+A subclass builds `x_embedder` (layers.FlexiPatchEmbed), `patch_size_embed`, `pos_embed_<key>` buffers and
 `blocks` (each with attn and mlp made of layers.LoRALinear), and says where its de-embedding is
-(`_deembed`). Everything else here is written once for the class-conditional and the text model.
+(`_deembed`). Everything else here is written once for the class-conditional, the text and the video model;
+a patch size is an int for images and a (t, h, w) tuple for video (layers.size_key names it).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch.utils.checkpoint
 from torch import nn
 
 from ..files import Pretrained, fingerprint
+from .layers import Size, size_key
 
 
 class FlexibleDiT(Pretrained, nn.Module):
@@ -39,6 +41,11 @@ class FlexibleDiT(Pretrained, nn.Module):
 
     def _deembed(self) -> nn.Module:
         raise NotImplementedError
+
+    @staticmethod
+    def _size(patch_size: Any) -> Size:
+        """A patch size as the config holds it (an int; a tuple for video)."""
+        return tuple(int(v) for v in patch_size) if isinstance(patch_size, (tuple, list)) else int(patch_size)
 
     def _like(self, config: Any) -> FlexibleDiT:
         """An empty model of the same class for another config (with_patch_sizes)."""
@@ -75,33 +82,35 @@ class FlexibleDiT(Pretrained, nn.Module):
     def _add_all_lora(self) -> None:
         if self.config.lora_rank:
             for p in self.config.extra_patch_sizes:
-                self._add_lora(str(p))
+                self._add_lora(size_key(p))
 
-    def _tokens(self, x: torch.Tensor, patch_size: int | None) -> tuple[torch.Tensor, int, str | None]:
+    def _tokens(self, x: torch.Tensor, patch_size: Any) -> tuple[torch.Tensor, Any, str | None]:
         """Patchify at a supported size: (tokens with positions and patch-size embedding, p, the key of p's
         LoRA adapters and norms; None at the native size)."""
-        p = self.config.patch_size if patch_size is None else int(patch_size)
+        p = self.config.patch_size if patch_size is None else self._size(patch_size)
         if p not in self.config.patch_sizes:
             raise ValueError(f"patch size {p} not supported; model has {self.config.patch_sizes}")
-        h = self.x_embedder(x, p) + getattr(self, f"pos_embed_{p}")
+        key = size_key(p)
+        h = self.x_embedder(x, p) + getattr(self, f"pos_embed_{key}")
         if p == self.config.patch_size:
             return h, p, None
-        return h + self.patch_size_embed[str(p)], p, str(p)
+        return h + self.patch_size_embed[key], p, key
 
-    def with_patch_sizes(self, extra: tuple[int, ...], init_std: float = 0.0, lora_rank: int = 0,
+    def with_patch_sizes(self, extra: tuple[Any, ...], init_std: float = 0.0, lora_rank: int = 0,
                          lora_alpha: float = 0.0, weak_bias: bool = False, weak_norms: bool = False) -> FlexibleDiT:
         """A copy that also supports the given larger patch sizes (and LoRA for them if lora_rank; the paper's
-        options: separate embed / de-embed biases per extra size if weak_bias, per-size norms if weak_norms).
+        options, for configs that have them: separate embed / de-embed biases per extra size if weak_bias,
+        per-size norms if weak_norms).
 
         At init the native path is identical to this model, and a token of an upsampled patch at a
         new size equals the native token of the original patch (PI-resize); init_std adds small
         random weights in the directions the resize cannot reach.
         """
+        extra = tuple(self._size(p) for p in extra)
+        options = {name: True for name, on in (("weak_bias", weak_bias), ("weak_norms", weak_norms)) if on}
         cfg = dataclasses.replace(self.config,
                                   extra_patch_sizes=tuple(sorted(set(self.config.extra_patch_sizes) | set(extra))),
-                                  lora_rank=lora_rank, lora_alpha=lora_alpha,
-                                  weak_bias=self.config.weak_bias or weak_bias,
-                                  weak_norms=self.config.weak_norms or weak_norms)
+                                  lora_rank=lora_rank, lora_alpha=lora_alpha, **options)
         new = self._like(cfg)
         _, unexpected = new.load_state_dict(self.state_dict(), strict=False)
         if unexpected:

@@ -1,4 +1,5 @@
-"""Exact analytic compute of one FlexiDiT forward at a given patch size.
+"""Exact analytic compute of one FlexiDiT forward at a given patch size (an int; for a FlexiVideoDiT a
+(t, h, w) tuple: the count is the same with 3-D patches).
 
 Counts multiply-accumulates (MACs) of every matrix product for one sample (batch 1): the patch
 embedding, the timestep MLP, the adaLN linears, qkv, attention scores (q @ k^T), attention times
@@ -13,9 +14,11 @@ a weight transform independent of the batch and is not counted either.
 
 from __future__ import annotations
 
+import math
 from typing import Protocol
 
 from .dit import FlexiDiTConfig
+from .layers import Size, patch_shape
 
 
 class StepSizes(Protocol):
@@ -28,9 +31,9 @@ class StepSizes(Protocol):
 _FREQ_DIM = 256  # width of the sinusoidal timestep features (layers.TimestepEmbedder)
 
 
-def tokens(config: FlexiDiTConfig, patch_size: int) -> int:
+def tokens(config: FlexiDiTConfig, patch_size: Size) -> int:
     """Number of tokens of one input at this patch size."""
-    return (config.input_size // patch_size) ** 2
+    return math.prod(config.grid(patch_size))
 
 
 def _block_macs(config: FlexiDiTConfig, n: int, lora: bool) -> dict[str, int]:
@@ -65,20 +68,20 @@ def _text_len(config: FlexiDiTConfig) -> int:
     return int(getattr(config, "text_len", 0)) if getattr(config, "caption_channels", None) else 0
 
 
-def breakdown_macs(config: FlexiDiTConfig, patch_size: int) -> dict[str, int]:
+def breakdown_macs(config: FlexiDiTConfig, patch_size: Size) -> dict[str, int]:
     """MACs of one forward (batch 1) at patch_size, per component; block terms summed over depth."""
     if patch_size not in config.patch_sizes:
         raise ValueError(f"patch size {patch_size} not supported; config has {config.patch_sizes}")
-    n, d, p = tokens(config, patch_size), config.hidden_size, patch_size
+    n, d, volume = tokens(config, patch_size), config.hidden_size, math.prod(patch_shape(patch_size))
     lora = bool(config.lora_rank) and patch_size != config.patch_size
     macs = {
-        "patch_embed": n * d * config.in_channels * p * p,
+        "patch_embed": n * d * config.in_channels * volume,
         "timestep_mlp": _FREQ_DIM * d + d * d,
     }
     for key, value in _block_macs(config, n, lora).items():
         macs[key] = value * config.depth
     macs["final_adaln"] = d * 2 * d
-    macs["deembed"] = n * d * p * p * config.out_channels
+    macs["deembed"] = n * d * volume * config.out_channels
     length = _text_len(config)
     if length:  # one shared t -> 6d linear, the caption projection MLP, and a final modulation without a linear
         macs["adaln_single"] = d * 6 * d
@@ -87,12 +90,12 @@ def breakdown_macs(config: FlexiDiTConfig, patch_size: int) -> dict[str, int]:
     return macs
 
 
-def forward_macs(config: FlexiDiTConfig, patch_size: int) -> int:
+def forward_macs(config: FlexiDiTConfig, patch_size: Size) -> int:
     """MACs of one forward of one sample at patch_size."""
     return sum(breakdown_macs(config, patch_size).values())
 
 
-def forward_flops(config: FlexiDiTConfig, patch_size: int) -> int:
+def forward_flops(config: FlexiDiTConfig, patch_size: Size) -> int:
     """FLOPs (2 x MACs) of one forward of one sample at patch_size."""
     return 2 * forward_macs(config, patch_size)
 

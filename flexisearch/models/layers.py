@@ -36,20 +36,28 @@ def derived(owner: nn.Module, name: str, sources: tuple[torch.Tensor, ...], buil
     return hit[1]
 
 
-@lru_cache(maxsize=None)
-def resize_matrix(p_from: int, p_to: int) -> torch.Tensor:
-    """Matrix B (p_to^2 x p_from^2) of a bilinear resize of a p_from x p_from patch to p_to x p_to.
+_LINEAR_MODES = {1: "linear", 2: "bilinear", 3: "trilinear"}
 
-    Half-pixel centres (align_corners=False), as jax.image.resize upsamples in FlexiViT.
+
+@lru_cache(maxsize=None)
+def resize_matrix(p_from: int | tuple[int, ...], p_to: int | tuple[int, ...]) -> torch.Tensor:
+    """Matrix B (|p_to| x |p_from|) of a linear resize of a patch of shape p_from to p_to, entries row-major.
+
+    An int is a square 2-D patch (bilinear); a tuple gives one length per axis ((t, h, w): trilinear). The resize
+    is separable, the Kronecker product of one 1-D linear resize per axis, so a length-1 axis resized to 2 is
+    duplicated. Half-pixel centres (align_corners=False), as jax.image.resize upsamples in FlexiViT.
     """
-    eye = torch.eye(p_from * p_from, dtype=torch.float64, device="cpu").reshape(-1, 1, p_from, p_from)  # cached: never meta
-    cols = F.interpolate(eye, size=(p_to, p_to), mode="bilinear", align_corners=False)
-    return cols.reshape(p_from * p_from, p_to * p_to).T.contiguous()
+    shape_from = (p_from, p_from) if isinstance(p_from, int) else tuple(p_from)
+    shape_to = (p_to, p_to) if isinstance(p_to, int) else tuple(p_to)
+    n_from, n_to = math.prod(shape_from), math.prod(shape_to)
+    eye = torch.eye(n_from, dtype=torch.float64, device="cpu").reshape(-1, 1, *shape_from)  # cached: never meta
+    cols = F.interpolate(eye, size=shape_to, mode=_LINEAR_MODES[len(shape_from)], align_corners=False)
+    return cols.reshape(n_from, n_to).T.contiguous()
 
 
 @lru_cache(maxsize=None)
-def pi_resize_matrix(p_from: int, p_to: int) -> torch.Tensor:
-    """PI-resize map P (p_to^2 x p_from^2) for an embedding kernel: w_to = P @ w_from.
+def pi_resize_matrix(p_from: int | tuple[int, ...], p_to: int | tuple[int, ...]) -> torch.Tensor:
+    """PI-resize map P (|p_to| x |p_from|) for an embedding kernel: w_to = P @ w_from.
 
     P = pinv(B^T), so <B x, P w> = <x, w> for every patch x: a token embedded from an upsampled
     patch with the resized kernel equals the token of the original patch.
@@ -183,8 +191,21 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
     return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
 
 
+Size = int | tuple[int, ...]  # a patch size: an int for a square image patch, (t, h, w) for a video patch
+
+
+def patch_shape(p: Size) -> tuple[int, ...]:
+    """The patch's extent per axis: 4 -> (4, 4); (2, 2, 2) stays."""
+    return (p, p) if isinstance(p, int) else tuple(p)
+
+
+def size_key(p: Size) -> str:
+    """The name of a patch size in parameter dicts, buffers and LoRA adapters: "4", or "2x2x2"."""
+    return str(p) if isinstance(p, int) else "x".join(str(v) for v in p)
+
+
 class FlexiPatchEmbed(nn.Module):
-    """Patchify + linear embedding at any supported patch size, from one native kernel.
+    """Patchify + linear embedding at any supported patch size (2-D, or 3-D for video), from one native kernel.
 
     weight(p) = PI-resize(p) applied to the native kernel + residual(p), where residual(p) lives in
     the null space of B(p)^T: it never changes the token of an upsampled native patch, so the
@@ -192,93 +213,96 @@ class FlexiPatchEmbed(nn.Module):
     weak_bias, each weak size also has its own bias: the native bias + bias_residual(p), zero at init.
     """
 
-    def __init__(self, in_channels: int, hidden: int, native: int, extra: tuple[int, ...] = (), weak_bias: bool = False):
+    def __init__(self, in_channels: int, hidden: int, native: Size, extra: tuple[Size, ...] = (), weak_bias: bool = False):
         super().__init__()
         self.in_channels, self.hidden, self.native = in_channels, hidden, native
-        self.proj = nn.Conv2d(in_channels, hidden, kernel_size=native, stride=native)
+        shape = patch_shape(native)
+        self.proj = (nn.Conv2d if len(shape) == 2 else nn.Conv3d)(in_channels, hidden, kernel_size=shape, stride=shape)
         self.residual = nn.ParameterDict()
         self.bias_residual = nn.ParameterDict() if weak_bias else None
         for p in extra:
             self.add_patch_size(p)
 
-    @property
-    def patch_sizes(self) -> tuple[int, ...]:
-        return (self.native, *sorted(int(k) for k in self.residual))
-
-    def add_patch_size(self, p: int, init_std: float = 0.0) -> None:
+    def add_patch_size(self, p: Size, init_std: float = 0.0) -> None:
         """Register patch size p; init_std > 0 fills the residual with small null-space noise."""
-        k = null_space_basis(resize_matrix(self.native, p).T).to(self.proj.weight.device)  # (p^2, r)
+        k = null_space_basis(resize_matrix(self.native, p).T).to(self.proj.weight.device)  # (|p|, r)
         coeff = torch.randn(self.hidden, self.in_channels, k.shape[1], dtype=torch.float64, device=k.device) * init_std
-        res = (coeff @ k.T).reshape(self.hidden, self.in_channels, p, p)
-        self.residual[str(p)] = nn.Parameter(res.to(self.proj.weight))
+        res = (coeff @ k.T).reshape(self.hidden, self.in_channels, *patch_shape(p))
+        self.residual[size_key(p)] = nn.Parameter(res.to(self.proj.weight))
         if self.bias_residual is not None:
-            self.bias_residual[str(p)] = nn.Parameter(torch.zeros_like(self.proj.bias))
+            self.bias_residual[size_key(p)] = nn.Parameter(torch.zeros_like(self.proj.bias))
 
-    def weight(self, p: int) -> torch.Tensor:
+    def weight(self, p: Size) -> torch.Tensor:
         if p == self.native:
             return self.proj.weight
-        return derived(self, str(p), (self.proj.weight, self.residual[str(p)]), lambda: self._resized(p))
+        key = size_key(p)
+        return derived(self, key, (self.proj.weight, self.residual[key]), lambda: self._resized(p))
 
-    def _resized(self, p: int) -> torch.Tensor:
-        w0 = self.proj.weight.flatten(2)  # (hidden, C, native^2)
+    def _resized(self, p: Size) -> torch.Tensor:
+        w0 = self.proj.weight.flatten(2)  # (hidden, C, |native|)
         m = pi_resize_matrix(self.native, p).to(w0)
-        return (w0 @ m.T).reshape(self.hidden, self.in_channels, p, p) + self.residual[str(p)]
+        return (w0 @ m.T).reshape(self.hidden, self.in_channels, *patch_shape(p)) + self.residual[size_key(p)]
 
-    def bias(self, p: int) -> torch.Tensor:
+    def bias(self, p: Size) -> torch.Tensor:
         if p == self.native or self.bias_residual is None:
             return self.proj.bias
-        return self.proj.bias + self.bias_residual[str(p)]
+        return self.proj.bias + self.bias_residual[size_key(p)]
 
-    def forward(self, x: torch.Tensor, p: int) -> torch.Tensor:
-        x = F.conv2d(x, self.weight(p), self.bias(p), stride=p)
-        return x.flatten(2).transpose(1, 2)
+    def forward(self, x: torch.Tensor, p: Size) -> torch.Tensor:
+        shape = patch_shape(p)
+        conv = F.conv2d if len(shape) == 2 else F.conv3d
+        return conv(x, self.weight(p), self.bias(p), stride=shape).flatten(2).transpose(1, 2)
 
 
 class FlexiDeEmbed(nn.Module):
-    """Final linear tokens -> patches at any supported patch size, from one native map.
+    """Final linear tokens -> patches at any supported patch size (2-D or 3-D), from one native map.
 
     weight(p) = B(p) applied to the native map (a weak token predicts the upsampled native patch)
     + residual(p) orthogonal to range(B(p)): downsampling the output still gives the native map. With
     weak_bias, the weak bias (B(p) applied to the native bias) gets its own bias_residual(p), zero at init.
     """
 
-    def __init__(self, hidden: int, out_channels: int, native: int, extra: tuple[int, ...] = (), weak_bias: bool = False):
+    def __init__(self, hidden: int, out_channels: int, native: Size, extra: tuple[Size, ...] = (), weak_bias: bool = False):
         super().__init__()
         self.hidden, self.out_channels, self.native = hidden, out_channels, native
-        self.linear = nn.Linear(hidden, native * native * out_channels)
+        self.linear = nn.Linear(hidden, math.prod(patch_shape(native)) * out_channels)
         self.residual = nn.ParameterDict()
         self.bias_residual = nn.ParameterDict() if weak_bias else None
         for p in extra:
             self.add_patch_size(p)
 
-    def add_patch_size(self, p: int, init_std: float = 0.0) -> None:
+    def add_patch_size(self, p: Size, init_std: float = 0.0) -> None:
         k = null_space_basis(resize_matrix(self.native, p).T)  # orthogonal complement of range(B)
         coeff = torch.randn(k.shape[1], self.out_channels * self.hidden, dtype=torch.float64) * init_std
-        res = (k @ coeff).reshape(p * p, self.out_channels, self.hidden).reshape(p * p * self.out_channels, self.hidden)
-        self.residual[str(p)] = nn.Parameter(res.to(self.linear.weight))
+        volume = math.prod(patch_shape(p))
+        self.residual[size_key(p)] = nn.Parameter((k @ coeff).reshape(volume * self.out_channels, self.hidden)
+                                                  .to(self.linear.weight))
         if self.bias_residual is not None:
-            self.bias_residual[str(p)] = nn.Parameter(torch.zeros(p * p * self.out_channels).to(self.linear.bias))
+            self.bias_residual[size_key(p)] = nn.Parameter(torch.zeros(volume * self.out_channels).to(self.linear.bias))
 
-    def weight_bias(self, p: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def weight_bias(self, p: Size) -> tuple[torch.Tensor, torch.Tensor]:
         if p == self.native:
             return self.linear.weight, self.linear.bias
-        sources = (self.linear.weight, self.linear.bias, self.residual[str(p)])
+        key = size_key(p)
+        sources = (self.linear.weight, self.linear.bias, self.residual[key])
         if self.bias_residual is not None:
-            sources += (self.bias_residual[str(p)],)
-        return derived(self, str(p), sources, lambda: self._resized(p))
+            sources += (self.bias_residual[key],)
+        return derived(self, key, sources, lambda: self._resized(p))
 
-    def _resized(self, p: int) -> tuple[torch.Tensor, torch.Tensor]:
-        b = resize_matrix(self.native, p).to(self.linear.weight)  # (p^2, native^2)
-        c, n0 = self.out_channels, self.native * self.native
-        w = (b @ self.linear.weight.reshape(n0, c * self.hidden)).reshape(p * p * c, self.hidden)
+    def _resized(self, p: Size) -> tuple[torch.Tensor, torch.Tensor]:
+        b = resize_matrix(self.native, p).to(self.linear.weight)  # (|p|, |native|)
+        c, n0 = self.out_channels, math.prod(patch_shape(self.native))
+        w = (b @ self.linear.weight.reshape(n0, c * self.hidden)).reshape(-1, self.hidden)
         bias = (b @ self.linear.bias.reshape(n0, c)).reshape(-1)
         if self.bias_residual is not None:
-            bias = bias + self.bias_residual[str(p)]
-        return w + self.residual[str(p)], bias
+            bias = bias + self.bias_residual[size_key(p)]
+        return w + self.residual[size_key(p)], bias
 
-    def forward(self, x: torch.Tensor, p: int, grid_h: int, grid_w: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, p: Size, grid: tuple[int, ...]) -> torch.Tensor:
+        """Tokens (N, prod(grid), hidden) -> (N, C, *extent): each token's patch put back at its grid position."""
         w, bias = self.weight_bias(p)
         x = F.linear(x, w, bias)
-        n, c = x.shape[0], self.out_channels
-        x = x.reshape(n, grid_h, grid_w, p, p, c)
-        return torch.einsum("nhwpqc->nchpwq", x).reshape(n, c, grid_h * p, grid_w * p)
+        shape, k = patch_shape(p), len(grid)
+        x = x.reshape(x.shape[0], *grid, *shape, self.out_channels)
+        x = x.permute(0, 2 * k + 1, *(a for i in range(1, k + 1) for a in (i, k + i)))  # (N, C, g1, p1, g2, p2, ...)
+        return x.reshape(x.shape[0], self.out_channels, *(g * q for g, q in zip(grid, shape)))

@@ -266,7 +266,7 @@ class FlexiTextDiT(FlexibleDiT):
         shift, scale = (self.scale_shift_table[None] + emb[:, None]).chunk(2, dim=1)
         h = self.norm_final(h, adapter) * (1 + scale) + shift
         g = self.config.input_size // p
-        return self.deembed(h, p, g, g)
+        return self.deembed(h, p, (g, g))
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, patch_size: int | None = None) -> torch.Tensor:
         """x: (N, C, H, W), t: (N,) timesteps, y: (N,) prompt rows (null_class = empty caption)."""
