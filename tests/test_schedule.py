@@ -201,7 +201,7 @@ ONLY_LEADING = "(diffusers' DDIMScheduler steps by a fixed stride, exact for 'le
     ({**V2, "timestep_spacing": "linspace", "solver": "euler"}, "expected none for solver 'euler' (only ddpm and ddim"),
     ({**V2, "timestep_spacing": "trailing", "solver": "dpm++"}, "'timestep_spacing' is 'trailing', expected none"),
     ({**V2, "timestep_spacing": "linspace", "solver": "ddim"}, f"one of ['leading'] for solver 'ddim' {ONLY_LEADING}"),
-    ({"version": 3}, "unknown schema version 3, expected 1 or 2"),
+    ({"version": 4}, "unknown schema version 4, expected 1 or 2 or 3"),
 ])
 def test_bad_timestep_spacing(tmp_path, change, expect):
     d = {**Schedule.static(2, 3, guidance_scale=2.0, solver="ddpm", model="m").to_dict(), **change}

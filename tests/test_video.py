@@ -313,3 +313,40 @@ def test_token_counts_and_patch_terms() -> None:
     assert parts["patch_embed"] == 32 * 32 * 2 * 8 and parts["deembed"] == 32 * 32 * 8 * 4
     with pytest.raises(ValueError, match="not supported"):
         breakdown_macs(cfg, (2, 4, 4))
+
+
+# ---- schedules of 3-D sizes, and sampling them ------------------------------------------------------------
+
+def test_a_schedule_of_video_sizes_is_version_3_and_image_schedules_keep_their_versions(tmp_path) -> None:
+    from flexisearch.sampling.schedule import Schedule
+
+    kw = {"guidance_scale": 2.0, "solver": "euler", "model": "abc"}
+    video = Schedule(cond=((2, 2, 2), [1, 4, 4], (1, 2, 2)), uncond=((2, 2, 2),) * 3, **kw)
+    assert video.cond[1] == (1, 4, 4) and video.describe() == "cond (2,2,2)x1 (1,4,4)x1 (1,2,2)x1 | uncond (2,2,2)x3"
+    video.save(tmp_path / "v.json")
+    doc = json.loads((tmp_path / "v.json").read_text())
+    assert doc["version"] == 3 and doc["cond"][0] == [2, 2, 2]
+    assert Schedule.load(tmp_path / "v.json") == video
+    assert Schedule.static(4, 3, **kw).to_dict()["version"] == 1  # image schedules: version 1 readers still read them
+    assert video.resample(6).cond == ((2, 2, 2),) * 2 + ((1, 4, 4),) * 2 + ((1, 2, 2),) * 2
+    doc["cond"][0] = [2, 2]
+    (tmp_path / "bad.json").write_text(json.dumps(doc))
+    with pytest.raises(UserError, match="field 'cond/0'"):
+        Schedule.load(tmp_path / "bad.json")
+
+
+def test_a_video_model_samples_a_3d_schedule_per_seed_and_its_flops_add_up() -> None:
+    from flexisearch.models.flops import forward_macs, schedule_macs
+    from flexisearch.sampling.generate import sample
+    from flexisearch.sampling.schedule import Schedule
+
+    model = flexified(random_model(), lora_rank=2).eval()
+    s = Schedule(cond=((2, 2, 2), (1, 4, 4), NATIVE), uncond=((2, 2, 2), (2, 2, 2), (1, 4, 4)), guidance_scale=2.0,
+                 solver="euler", model=model.fingerprint())
+    labels, seeds = [0, 1, 2], [4, 5, 6]
+    out = sample(model, s, labels, seeds, batch_size=2)
+    assert out.shape == (3, *CONFIG.sample_shape) and out.isfinite().all()
+    assert torch.equal(out[2:], sample(model, s, labels[2:], seeds[2:]))  # a sample depends on its seed alone
+    cfg = model.config
+    want = sum(forward_macs(cfg, c) + forward_macs(cfg, u) for c, u in s.steps())
+    assert schedule_macs(cfg, s) == want

@@ -64,6 +64,11 @@ class FlexiDiTConfig(ConfigMixin):
     def patch_sizes(self) -> tuple[int, ...]:
         return (self.patch_size, *self.extra_patch_sizes)
 
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        """The shape of one sample (channels first)."""
+        return self.in_channels, self.input_size, self.input_size
+
     def grid(self, p: int) -> tuple[int, ...]:
         """Tokens along each axis at patch size p."""
         return self.input_size // p, self.input_size // p

@@ -39,6 +39,10 @@ class FlexiVideoDiTConfig(FlexiDiTConfig):
         object.__setattr__(self, "patch_size", tuple(self.patch_size))
         object.__setattr__(self, "extra_patch_sizes", tuple(tuple(p) for p in self.extra_patch_sizes))
 
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        return self.in_channels, self.num_frames, self.input_size, self.input_size
+
     def grid(self, p: Size) -> Size:
         """Tokens along (time, height, width) at patch size p."""
         return self.num_frames // p[0], self.input_size // p[1], self.input_size // p[2]

@@ -246,7 +246,7 @@ def sample(
     template = scheduler if scheduler is not None else make_scheduler(schedule.solver, cfg.prediction, cfg.learn_sigma,
                                                                       schedule.timestep_spacing)
     steps = schedule.steps()
-    shape = (cfg.in_channels, cfg.input_size, cfg.input_size)
+    shape = cfg.sample_shape
     outputs = []
     chunks = range(0, len(seeds), batch_size)
     bar = None

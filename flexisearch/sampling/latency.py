@@ -276,7 +276,7 @@ def profile(model: FlexibleDiT, batch_sizes: Iterable[int], solvers: Iterable[st
     learned = cfg.learn_sigma  # the variance channels are computed at any rate; kept like DDPM keeps them
     for b in batch_sizes:
         gen = torch.Generator().manual_seed(0)
-        x = torch.randn(b, cfg.in_channels, cfg.input_size, cfg.input_size, generator=gen).to(device)
+        x = torch.randn(b, *cfg.sample_shape, generator=gen).to(device)
         y = (torch.arange(b) % max(1, model.null_class)).to(device)
         t = torch.tensor(500.0, device=device)
         for c in sizes:

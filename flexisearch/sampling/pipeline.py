@@ -308,7 +308,7 @@ class FlexiPipeline(DiffusionPipeline):
         schedule = self.resolve_schedule(schedule, num_inference_steps, guidance_scale, **schedule_options)
         model, cfg, scheduler = self.transformer, self.transformer.config, self.scheduler
         device = self._execution_device
-        shape = (len(y), cfg.in_channels, cfg.input_size, cfg.input_size)
+        shape = (len(y), *cfg.sample_shape)
         latents, generator = self._initial_latents(shape, seeds, generator, latents, device)
         latents = prepare_scheduler(scheduler, schedule.num_steps, latents, device)
 

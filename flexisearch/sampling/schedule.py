@@ -1,9 +1,10 @@
 """Schedule: which patch size every denoising step uses, per classifier-free-guidance branch.
 
-A Schedule is an immutable value with a versioned JSON form (schemas: schemas/schedule.v1.json and
-schedule.v2.json, documented in docs/schedule.md). Compatibility rule: a reader accepts every file whose
-`version` it knows (currently 1 and 2); a new version is only introduced for changes old readers cannot
-ignore. Version 2 adds `timestep_spacing`; a schedule without one is written as version 1.
+A Schedule is an immutable value with a versioned JSON form (schemas: schemas/schedule.v1.json to
+schedule.v3.json, documented in docs/schedule.md). Compatibility rule: a reader accepts every file whose
+`version` it knows (currently 1 to 3); a new version is only introduced for changes old readers cannot
+ignore, and a schedule is written with the lowest version that holds it. Version 2 adds `timestep_spacing`;
+version 3 allows (time, height, width) sizes of video models.
 """
 
 from __future__ import annotations
@@ -20,7 +21,9 @@ import jsonschema
 from ..errors import UserError
 from ..files import PACKAGE, atomic_write_json, read_json
 
-SCHEMA_VERSIONS = (1, 2)
+Size = int | tuple[int, ...]  # a patch size: an int (image), (t, h, w) (video)
+
+SCHEMA_VERSIONS = (1, 2, 3)
 MAX_GUIDANCE = 100.0  # larger guidance scales only saturate images (the schema says so too)
 SOLVERS = {"flow": ("euler", "dpm++"), "epsilon": ("ddpm", "ddim", "dpm++"),
            "v_prediction": ("ddpm", "ddim", "dpm++")}
@@ -58,8 +61,8 @@ class Schedule:
     spacing of the timesteps; None keeps the default.
     """
 
-    cond: tuple[int, ...]
-    uncond: tuple[int, ...]
+    cond: tuple[Size, ...]
+    uncond: tuple[Size, ...]
     guidance_scale: float
     solver: str
     model: str
@@ -67,8 +70,8 @@ class Schedule:
     timestep_spacing: str | None = None
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "cond", tuple(self.cond))
-        object.__setattr__(self, "uncond", tuple(self.uncond))
+        for name in ("cond", "uncond"):  # a video size given as a list is stored as a tuple
+            object.__setattr__(self, name, tuple(tuple(p) if isinstance(p, list) else p for p in getattr(self, name)))
         self.validate_dict(self.to_dict(), "schedule")
 
     @property
@@ -79,21 +82,21 @@ class Schedule:
     def uses_cfg(self) -> bool:
         return self.guidance_scale != 1.0
 
-    def steps(self) -> list[tuple[int, int]]:
+    def steps(self) -> list[tuple[Size, Size]]:
         return list(zip(self.cond, self.uncond))
 
     # ---- constructors -------------------------------------------------------------------
     @classmethod
-    def static(cls, patch_size: int, num_steps: int, **kw: Any) -> Schedule:
+    def static(cls, patch_size: Size, num_steps: int, **kw: Any) -> Schedule:
         return cls(cond=(patch_size,) * num_steps, uncond=(patch_size,) * num_steps, **kw)
 
     @classmethod
-    def weak_first(cls, k: int, num_steps: int, weak: int, native: int, **kw: Any) -> Schedule:
+    def weak_first(cls, k: int, num_steps: int, weak: Size, native: Size, **kw: Any) -> Schedule:
         """The paper's family: the weak size for the first k steps (from noise), native after."""
         return cls.branch_split(k, k, num_steps, weak, native, **kw)
 
     @classmethod
-    def branch_split(cls, k_cond: int, k_uncond: int, num_steps: int, weak: int, native: int, **kw: Any) -> Schedule:
+    def branch_split(cls, k_cond: int, k_uncond: int, num_steps: int, weak: Size, native: Size, **kw: Any) -> Schedule:
         """Weak for the first k_cond conditional and the first k_uncond unconditional steps."""
         for name, k in (("k_cond", k_cond), ("k_uncond", k_uncond)):
             if not 0 <= k <= num_steps:
@@ -138,10 +141,13 @@ class Schedule:
 
     # ---- JSON ---------------------------------------------------------------------------
     def to_dict(self) -> dict:
-        """The JSON form: version 2 only with a timestep_spacing, so version-1 readers read every other schedule."""
+        """The JSON form in the lowest version that holds it: 3 with video sizes, 2 with a timestep_spacing, else 1
+        (so version-1 readers read every image schedule without a spacing)."""
         spacing = {} if self.timestep_spacing is None else {"timestep_spacing": self.timestep_spacing}
-        return {"schema": "flexisearch.schedule", "version": 2 if spacing else 1, "num_steps": self.num_steps,
-                "cond": list(self.cond), "uncond": list(self.uncond), "guidance_scale": self.guidance_scale,
+        video = any(isinstance(p, tuple) for p in self.cond + self.uncond)
+        return {"schema": "flexisearch.schedule", "version": 3 if video else 2 if spacing else 1,
+                "num_steps": self.num_steps, "cond": [list(p) if video else p for p in self.cond],
+                "uncond": [list(p) if video else p for p in self.uncond], "guidance_scale": self.guidance_scale,
                 "guidance_mode": self.guidance_mode, "solver": self.solver, **spacing, "model": self.model}
 
     @staticmethod
@@ -169,7 +175,7 @@ class Schedule:
     @classmethod
     def from_dict(cls, d: Any, source: str = "schedule") -> Schedule:
         cls.validate_dict(d, source)
-        return cls(cond=tuple(d["cond"]), uncond=tuple(d["uncond"]), guidance_scale=float(d["guidance_scale"]),
+        return cls(cond=d["cond"], uncond=d["uncond"], guidance_scale=float(d["guidance_scale"]),
                    guidance_mode=d["guidance_mode"], solver=d["solver"], model=d["model"],
                    timestep_spacing=d.get("timestep_spacing"))
 
@@ -192,20 +198,21 @@ class Schedule:
         return cls.from_dict(d, str(path))
 
     def describe(self) -> str:
-        """Compact text form, e.g. 'cond 4x8 2x12 | uncond 4x10 2x10'."""
-        def runs(sizes: tuple[int, ...]) -> str:
+        """Compact text form, e.g. 'cond 4x8 2x12 | uncond 4x10 2x10' (video: '(2,2,2)x8 ...')."""
+        def runs(sizes: tuple[Size, ...]) -> str:
             out, i = [], 0
             while i < len(sizes):
                 j = i
                 while j < len(sizes) and sizes[j] == sizes[i]:
                     j += 1
-                out.append(f"{sizes[i]}x{j - i}")
+                label = sizes[i] if isinstance(sizes[i], int) else f"({','.join(map(str, sizes[i]))})"
+                out.append(f"{label}x{j - i}")
                 i = j
             return " ".join(out)
         return f"cond {runs(self.cond)} | uncond {runs(self.uncond)}"
 
 
-def _resample_sizes(sizes: tuple[int, ...], m: int) -> tuple[int, ...]:
+def _resample_sizes(sizes: tuple[Size, ...], m: int) -> tuple[Size, ...]:
     """Schedule.resample for one branch, in exact integer arithmetic (units of 1/(n m) of the trajectory)."""
     n = len(sizes)
     kinds = sorted(set(sizes))  # ascending, so max() breaks ties towards the smaller size
@@ -214,7 +221,7 @@ def _resample_sizes(sizes: tuple[int, ...], m: int) -> tuple[int, ...]:
         for p in kinds:
             before[p].append(before[p][-1] + (s == p))
 
-    def occupied(p: int, x: int) -> int:
+    def occupied(p: Size, x: int) -> int:
         """Length of [0, x) that the old schedule spends at size p (old step i spans [i m, (i+1) m))."""
         i, r = divmod(x, m)
         return before[p][i] * m + (r if i < n and sizes[i] == p else 0)
