@@ -350,3 +350,38 @@ def test_a_video_model_samples_a_3d_schedule_per_seed_and_its_flops_add_up() -> 
     cfg = model.config
     want = sum(forward_macs(cfg, c) + forward_macs(cfg, u) for c, u in s.steps())
     assert schedule_macs(cfg, s) == want
+
+
+# ---- moving digits ------------------------------------------------------------------------------------------
+
+def test_bounce_reflects_at_both_walls_as_a_step_by_step_simulation() -> None:
+    from flexisearch.data.moving_digits import _bounce
+
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        room, v0 = int(rng.integers(0, 9)), int(rng.choice([-3, -2, -1, 1, 2, 3]))
+        start = int(rng.integers(0, room + 1))
+        pos, direction, want = start, 1 if v0 > 0 else -1, []
+        for _ in range(12):  # one pixel at a time, turning round at a wall
+            want.append(pos)
+            for _ in range(abs(v0) if room else 0):
+                if not 0 <= pos + direction <= room:
+                    direction = -direction
+                pos += direction
+        assert _bounce(start, v0, 12, room).tolist() == want
+
+
+def test_moving_digits_are_deterministic_whole_digits_of_known_class_and_motion() -> None:
+    from flexisearch.data.moving_digits import moving_digits
+
+    a = moving_digits(12, "train", seed=3, frames=6, canvas=24, digit_size=12)
+    b = moving_digits(12, "train", seed=3, frames=6, canvas=24, digit_size=12)
+    assert a.videos.shape == (12, 1, 6, 24, 24) and a.videos.min() >= -1 and a.videos.max() <= 1
+    assert torch.equal(a.videos, b.videos) and torch.equal(a.labels, b.labels) and torch.equal(a.motions, b.motions)
+    other = moving_digits(12, "heldout", seed=3, frames=6, canvas=24, digit_size=12)
+    assert not torch.equal(a.videos, other.videos)
+    ink = ((a.videos + 1) / 2).sum((1, 3, 4))  # (clips, frames): one whole digit in every frame
+    torch.testing.assert_close(ink, ink[:, :1].expand_as(ink), rtol=1e-5, atol=1e-4)
+    assert set(a.labels.tolist()) <= set(range(10)) and set(a.motions.tolist()) <= {0, 1, 2, 3}
+    with pytest.raises(UserError, match="canvas >= digit_size"):
+        moving_digits(2, canvas=8, digit_size=12)
