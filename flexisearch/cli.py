@@ -278,6 +278,11 @@ def cmd_train(args: argparse.Namespace) -> None:
     if args.what == "base":
         cfg = read_config(BaseTrainConfig, args.config, {"steps": args.steps, "data": args.data, "seed": args.seed})
         train_base(cfg, args.out)
+    elif args.what == "video-base":
+        from .training.video_dit import VideoBaseTrainConfig, train_video_base
+
+        train_video_base(read_config(VideoBaseTrainConfig, args.config, {"steps": args.steps, "seed": args.seed}),
+                         args.out)
     else:
         cfg = read_config(FlexifyConfig, args.config, {"steps": args.steps, "data": args.data, "seed": args.seed,
                                                        "base": args.base, "mode": args.mode})
@@ -407,16 +412,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/cost_table.json", help="JSON file to write (default runs/cost_table.json)")
     p.set_defaults(fn=cmd_profile)
 
-    p = sub.add_parser("train", help="pretrain a base DiT or flexify one")
-    p.add_argument("what", choices=["base", "flexify"])
-    p.add_argument("--config", help="JSON config (fields of BaseTrainConfig / FlexifyConfig)")
+    p = sub.add_parser("train", help="pretrain a base DiT (video-base: a video DiT on moving digits) or flexify one")
+    p.add_argument("what", choices=["base", "video-base", "flexify"])
+    p.add_argument("--config", help="JSON config (fields of BaseTrainConfig / VideoBaseTrainConfig / FlexifyConfig)")
     p.add_argument("--out", required=True, help="run folder: the model is written to OUT/model, checkpoints beside it")
     p.add_argument("--base", help="flexify: the pretrained model: embedded:<name>, a FlexiDiT or pipeline directory "
                    "(flexisearch convert) or dit:<hub id or DiTPipeline directory>")
     p.add_argument("--mode", choices=["shared", "lora"], help="flexify: fine-tune the shared weights, or LoRA adapters "
                    "per weak patch size (default: the config's)")
     p.add_argument("--data", help="mnist, digits8, or an image folder with one subfolder per class (latent models: "
-                   "any resolution, centre-cropped as DiT does and encoded once by the model's VAE)")
+                   "any resolution, centre-cropped as DiT does and encoded once by the model's VAE; text-to-image: "
+                   "images listed in captions.jsonl); moving-digits for video models")
     p.add_argument("--device", help="flexify: cpu (default), cuda or cuda:N (bf16 autocast on CUDA)")
     p.add_argument("--backend", choices=["local", "ray"], default="local",
                    help="flexify: this process (default), or Ray Train workers (data parallel, one config for both)")

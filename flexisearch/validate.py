@@ -57,8 +57,13 @@ def _value(hint: Any, value: Any, source: str, key: str) -> Any:
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        (inner,) = [a for a in args if a is not type(None)]
-        return _value(inner, value, source, key)
+        *others, last = [a for a in args if a is not type(None)]
+        for option in others:  # the first type that reads the value; the last one's error otherwise
+            try:
+                return _value(option, value, source, key)
+            except UserError:
+                pass
+        return _value(last, value, source, key)
     if dataclasses.is_dataclass(hint):
         return read_dataclass(hint, value, source, f"{key}.")
     if hint is bool:

@@ -385,3 +385,26 @@ def test_moving_digits_are_deterministic_whole_digits_of_known_class_and_motion(
     assert set(a.labels.tolist()) <= set(range(10)) and set(a.motions.tolist()) <= {0, 1, 2, 3}
     with pytest.raises(UserError, match="canvas >= digit_size"):
         moving_digits(2, canvas=8, digit_size=12)
+
+
+def test_a_video_model_pretrains_and_flexifies_on_moving_digits(tmp_path) -> None:
+    """train video-base -> flexify (shared, (t, h, w) weak sizes from a JSON config) -> the weak sizes run."""
+    from flexisearch.cli import main
+    from flexisearch.models.loading import load_model
+
+    (tmp_path / "base.json").write_text(json.dumps({"frames": 4, "canvas": 8, "hidden_size": 32, "depth": 1,
+                                                     "num_heads": 2, "batch_size": 4, "ckpt_every": 2}))
+    assert main(["train", "video-base", "--config", str(tmp_path / "base.json"), "--steps", "2",
+                 "--out", str(tmp_path / "base")]) == 0
+    (tmp_path / "flex.json").write_text(json.dumps({"weak_patch_sizes": [[2, 2, 2], [1, 4, 4]], "batch_size": 4,
+                                                     "ckpt_every": 2}))
+    assert main(["train", "flexify", "--base", str(tmp_path / "base" / "model"), "--data", "moving-digits",
+                 "--config", str(tmp_path / "flex.json"), "--steps", "2", "--out", str(tmp_path / "flex")]) == 0
+    base, model = load_model(str(tmp_path / "base" / "model")), load_model(str(tmp_path / "flex" / "model"))
+    assert isinstance(model, FlexiVideoDiT) and model.config.extra_patch_sizes == ((1, 4, 4), (2, 2, 2))
+    x, t, y = torch.randn(2, 1, 4, 8, 8), torch.tensor([10.0, 700.0]), torch.tensor([3, 10])
+    with torch.no_grad():
+        assert model(x, t, y, (2, 2, 2)).shape == x.shape and not torch.equal(model(x, t, y), base(x, t, y))
+    (tmp_path / "bad.json").write_text(json.dumps({"weak_patch_sizes": [[2, 3, 2]]}))
+    assert main(["train", "flexify", "--base", str(tmp_path / "base" / "model"), "--data", "moving-digits",
+                 "--config", str(tmp_path / "bad.json"), "--out", str(tmp_path / "bad")]) == 2

@@ -25,6 +25,7 @@ from .dit import FlexiDiT
 from .flexible import FlexibleDiT
 from .text_dit import FlexiTextDiT, is_text_config
 from .text_encoder import encode_with, load_text_components
+from .video_dit import FlexiVideoDiT
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -65,10 +66,13 @@ def load_model(spec: str, device: str | torch.device = "cpu") -> FlexibleDiT:
 
 
 def load_model_dir(directory: str | Path, device: str | torch.device = "cpu") -> FlexibleDiT:
-    """FlexiTextDiT or FlexiDiT, whichever the directory's config.json describes."""
+    """FlexiTextDiT, FlexiVideoDiT or FlexiDiT, whichever the directory's config.json describes."""
     directory = Path(directory)
-    if is_text_config(read_json(directory / CONFIG_NAME, "config.json")):
+    config = read_json(directory / CONFIG_NAME, "config.json")
+    if is_text_config(config):
         return FlexiTextDiT.from_pretrained(directory, device)
+    if isinstance(config, dict) and "num_frames" in config:
+        return FlexiVideoDiT.from_pretrained(directory, device)
     return FlexiDiT.from_pretrained(directory, device)
 
 

@@ -19,11 +19,13 @@ import torch
 
 from ..data.images import load_dataset
 from ..data.latents import LatentCache, TensorData
+from ..data.moving_digits import load_moving_digits
 from ..data.prompts import PromptCache
 from ..errors import UserError
 from ..files import CONFIG_NAME, atomic_write, fingerprint, read_json
 from ..models.dit import FlexiDiT, FlexiDiTConfig
 from ..models.flexible import FlexibleDiT
+from ..models.layers import patch_shape
 from ..models.text_dit import FlexiTextDiT
 from ..sampling.stock import load_flexi_pipeline
 from ..sampling.text_pipeline import FlexiTextDiTPipeline
@@ -67,7 +69,7 @@ class FlexifyConfig:
     base: str = ""
     data: str = "mnist"
     mode: str = "shared"  # "shared" or "lora"
-    weak_patch_sizes: tuple[int, ...] = (4,)
+    weak_patch_sizes: tuple[int, ...] | tuple[tuple[int, ...], ...] = (4,)  # video models: (t, h, w) sizes
     weak_prob: float = 0.5  # shared: chance that a sample trains at a weak size
     steps: int = 400  # 10% of the default pretraining
     batch_size: int = 128
@@ -107,9 +109,16 @@ def _training_data(config: FlexifyConfig, base: FlexibleDiT, vae: Any, cache_dir
     if vae is None and text:
         raise UserError(f"{config.base}: a pixel-space text model; flexify it with its own recipe "
                         "(training.text_dit.train_text_flexify)")
-    if vae is None:
+    if len(base.config.sample_shape) == 4:  # a video model: the moving digits it was pretrained on
+        if config.data != "moving-digits":
+            raise UserError(f"flexify config: field 'data' is {config.data!r}; {config.base} is a video model, "
+                            "expected 'moving-digits'")
+        clips = load_moving_digits(base.config.num_frames, size, "train")
+        data: TensorData | LatentCache = TensorData(clips.videos, clips.labels)
+        channels = clips.videos.shape[1]
+    elif vae is None:
         images, labels = load_dataset(config.data, size, "train")
-        data: TensorData | LatentCache = TensorData(images, labels)
+        data = TensorData(images, labels)
         channels = images.shape[1]
     else:
         if config.data in ("mnist", "digits8"):
@@ -198,10 +207,13 @@ def train_flexify(config: FlexifyConfig, out_dir: str | Path, device: str | torc
     out_dir = Path(out_dir)
     pipe = load_flexi_pipeline(config.base)
     base, vae = pipe.transformer.to(device), pipe.vae if pipe.vae is None else pipe.vae.to(device)
-    image_size = base.config.input_size
+    extent, native = base.config.sample_shape[1:], patch_shape(base.config.patch_size)
     for p in config.weak_patch_sizes:
-        if image_size % p or p <= base.config.patch_size:
-            raise UserError(f"flexify config: weak patch size {p} must divide {image_size} and exceed {base.config.patch_size}")
+        shape = patch_shape(p)
+        if (len(shape) != len(native) or any(e % q for e, q in zip(extent, shape)) or shape == native
+                or any(q < q0 for q, q0 in zip(shape, native))):
+            raise UserError(f"flexify config: weak patch size {p} must divide {list(extent)} and exceed "
+                            f"{base.config.patch_size}")
     objective = objective_for(base.config)
     cache_dir = Path(config.cache_dir or out_dir / "latent_cache")
     data = _training_data(config, base, vae, cache_dir)
@@ -237,13 +249,13 @@ def train_flexify(config: FlexifyConfig, out_dir: str | Path, device: str | torc
         batch, y = batch.select(rows).to(device), y[rows].to(device)
         if lora:
             return distillation_loss(forward, batch, y, native, weak[int(torch.randint(len(weak), (1,), generator=gen))])
-        # Shared weights: a patch size per sample, one forward per size present in the batch.
-        sizes = torch.where(torch.rand(len(idx), generator=gen) < config.weak_prob,
-                            torch.tensor(weak)[torch.randint(len(weak), (len(idx),), generator=gen)],
-                            torch.full((len(idx),), native))[rows].to(device)
+        # Shared weights: a patch size per sample (0: native, i: weak[i - 1]), one forward per size in the batch.
+        choice = torch.where(torch.rand(len(idx), generator=gen) < config.weak_prob,
+                             1 + torch.randint(len(weak), (len(idx),), generator=gen),
+                             torch.zeros(len(idx), dtype=torch.long))[rows].to(device)
         losses = torch.zeros(len(y), device=device)
-        for p in sizes.unique().tolist():
-            sel = sizes == p
+        for i in choice.unique().tolist():
+            sel, p = choice == i, (native, *weak)[i]
             losses[sel] = objective.losses(forward(batch.xt[sel], batch.t[sel], y[sel], p), batch.select(sel)).float()
         if not config.dm_weight:
             return losses.mean()

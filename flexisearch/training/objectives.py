@@ -75,7 +75,8 @@ class FlowObjective(Objective):
     def noised(self, x0: torch.Tensor, gen: torch.Generator) -> Noised:
         noise = torch.randn(x0.shape, generator=gen).to(x0.device)
         s = torch.rand(x0.shape[0], generator=gen).to(x0.device)
-        xt = (1 - s.view(-1, 1, 1, 1)) * x0 + s.view(-1, 1, 1, 1) * noise
+        per_sample = s.view(-1, *(1,) * (x0.dim() - 1))  # images (N, C, H, W) and videos (N, C, T, H, W)
+        xt = (1 - per_sample) * x0 + per_sample * noise
         return Noised(x0, xt, s * 1000, noise - x0)
 
     def forward_at(self, x0: torch.Tensor, noise: torch.Tensor, u: float) -> tuple[torch.Tensor, torch.Tensor]:
