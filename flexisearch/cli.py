@@ -178,10 +178,11 @@ def cmd_sample(args: argparse.Namespace) -> None:
     from .sampling.schedule import Schedule
 
     out = Path(args.out)
-    if out.is_dir() or out.suffix.lower() != ".png":
-        raise UserError(f"--out {args.out}: expected a .png file name")
     schedule = Schedule.load(args.schedule, point=args.point)
     model = load_model(args.model, resolve_device(args.device))
+    kind = ".gif" if len(model.config.sample_shape) == 4 else ".png"  # videos: an animated grid
+    if out.is_dir() or out.suffix.lower() != kind:
+        raise UserError(f"--out {args.out}: expected a {kind} file name")
     schedule.check_model(model.config, None if args.any_model else model.fingerprint(), args.schedule)
     num_classes = model.config.num_classes
     rows = args.label if args.label is not None else list(range(min(10, num_classes)))
@@ -379,7 +380,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=_positive, default=8, help="images per class: one grid row each (default 8)")
     p.add_argument("--label", type=int, nargs="+", help="the classes, one row each (default: the first 10)")
     p.add_argument("--seed", type=int, default=0, help="seed of the first image; image i (row by row) uses seed + i")
-    p.add_argument("--out", default="runs/samples.png", help="PNG file to write (default runs/samples.png)")
+    p.add_argument("--out", default="runs/samples.png", help="PNG file to write; an animated GIF for video models "
+                   "(default runs/samples.png)")
     p.add_argument("--any-model", action="store_true", help="accept a schedule made for another model")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when there is one, else cpu)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

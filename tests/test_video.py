@@ -405,6 +405,17 @@ def test_a_video_model_pretrains_and_flexifies_on_moving_digits(tmp_path) -> Non
     x, t, y = torch.randn(2, 1, 4, 8, 8), torch.tensor([10.0, 700.0]), torch.tensor([3, 10])
     with torch.no_grad():
         assert model(x, t, y, (2, 2, 2)).shape == x.shape and not torch.equal(model(x, t, y), base(x, t, y))
+    from PIL import Image
+
+    from flexisearch.sampling.schedule import Schedule
+
+    s = Schedule(cond=((2, 2, 2), (1, 4, 4), (1, 2, 2)), uncond=((2, 2, 2),) * 3, guidance_scale=2.0, solver="euler",
+                 model=model.fingerprint())
+    s.save(tmp_path / "s.json")
+    assert main(["sample", "--model", str(tmp_path / "flex" / "model"), "--schedule", str(tmp_path / "s.json"),
+                 "--label", "1", "2", "--n", "3", "--out", str(tmp_path / "clips.gif"), "--quiet"]) == 0
+    gif = Image.open(tmp_path / "clips.gif")
+    assert gif.n_frames == 4 and gif.size[0] > gif.size[1]  # the frames of a grid of 2 rows of 3 clips
     (tmp_path / "bad.json").write_text(json.dumps({"weak_patch_sizes": [[2, 3, 2]]}))
     assert main(["train", "flexify", "--base", str(tmp_path / "base" / "model"), "--data", "moving-digits",
                  "--config", str(tmp_path / "bad.json"), "--out", str(tmp_path / "bad")]) == 2

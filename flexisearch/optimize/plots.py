@@ -11,9 +11,21 @@ from ..sampling.schedule import Schedule
 from .evaluate import Evaluator
 
 
-def save_grid(images: Any, path: Path, nrow: int = 8, min_side: int = 64) -> None:
-    """Save images in [-1, 1] (N, C, H, W) as one PNG grid, nrow to a row, with a 1-pixel border; small
-    images are enlarged by an integer factor (nearest neighbour) to at least min_side pixels, to be seen."""
+def save_grid(images: Any, path: Path, nrow: int = 8, min_side: int = 64, frame_ms: int = 125) -> None:
+    """Save images in [-1, 1] (N, C, H, W) as one PNG grid, nrow to a row, with a 1-pixel border, or videos
+    (N, C, T, H, W) as an animated GIF of such grids, one per frame (frame_ms each, looping); small images are
+    enlarged by an integer factor (nearest neighbour) to at least min_side pixels, to be seen."""
+    buf = io.BytesIO()
+    if images.dim() == 5:
+        frames = [_grid(images[:, :, t], nrow, min_side) for t in range(images.shape[2])]
+        frames[0].save(buf, format="GIF", save_all=True, append_images=frames[1:], duration=frame_ms, loop=0)
+    else:
+        _grid(images, nrow, min_side).save(buf, format="PNG")
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def _grid(images: Any, nrow: int, min_side: int) -> Any:
+    """The PIL image of save_grid's grid of (N, C, H, W) images."""
     import numpy as np
     import torch
     from PIL import Image
@@ -27,10 +39,7 @@ def save_grid(images: Any, path: Path, nrow: int = 8, min_side: int = 64) -> Non
     for i in range(n):
         r, q = divmod(i, nrow)
         canvas[1 + r * (h + 1): 1 + r * (h + 1) + h, 1 + q * (w + 1): 1 + q * (w + 1) + w] = pix[i]
-    img = Image.fromarray(canvas[..., 0] if c == 1 else canvas)
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    atomic_write_bytes(path, buf.getvalue())
+    return Image.fromarray(canvas[..., 0] if c == 1 else canvas)
 
 
 def _save_fig(fig: Any, path: Path) -> None:
