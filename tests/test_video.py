@@ -419,3 +419,13 @@ def test_a_video_model_pretrains_and_flexifies_on_moving_digits(tmp_path) -> Non
     (tmp_path / "bad.json").write_text(json.dumps({"weak_patch_sizes": [[2, 3, 2]]}))
     assert main(["train", "flexify", "--base", str(tmp_path / "base" / "model"), "--data", "moving-digits",
                  "--config", str(tmp_path / "bad.json"), "--out", str(tmp_path / "bad")]) == 2
+
+
+def test_the_papers_per_size_norms_and_biases_act_on_video_sizes() -> None:
+    model = random_model().with_patch_sizes(WEAK, weak_bias=True, weak_norms=True)
+    x, t, y = inputs()
+    with torch.no_grad():
+        before = model(x, t, y, (2, 2, 2))
+        model.blocks[0].norm1.residual["2x2x2"].normal_()
+        assert not torch.allclose(model(x, t, y, (2, 2, 2)), before)
+        assert "x_embedder.bias_residual.1x4x4" in model.state_dict()

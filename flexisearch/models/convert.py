@@ -23,9 +23,10 @@ from ..errors import UserError
 from ..files import check_state
 from .dit import PRESETS, FlexiDiT, FlexiDiTConfig
 from .text_dit import FlexiTextDiT, FlexiTextDiTConfig
+from .wan import FlexiWan, FlexiWanConfig
 
 if TYPE_CHECKING:  # importing diffusers takes seconds; only the diffusers paths need it
-    from diffusers import DiTTransformer2DModel
+    from diffusers import DiTTransformer2DModel, WanTransformer3DModel
 
 
 def _load(config: FlexiDiTConfig, state: dict[str, torch.Tensor], source: str,
@@ -383,3 +384,86 @@ def from_diffusers_pixart(model: Any, text_len: int = 120, text_encoder: str = "
                             f"expected {tuple(expected[key].shape)}")
     flexi.load_state_dict({**state, **table})
     return flexi.float().eval().to(model.device)
+
+
+# ---- diffusers Wan 2.1 (text-to-video) ------------------------------------------------------
+
+def from_diffusers_wan(model: WanTransformer3DModel, text_len: int = 512, num_frames: int = 20,
+                       input_size: int = 60) -> FlexiWan:
+    """FlexiWan (native patch size only, float32, same device) with the outputs of a diffusers
+    WanTransformer3DModel: forward_text(x, t, encoder_hidden_states, None) equals the diffusers forward.
+    num_frames and input_size set the latent shape the sampler draws (any extent runs). The prompt table
+    is empty (null row only): fill it with FlexiWan.set_prompts. Only text-to-video Wan 2.1 is supported.
+    """
+    cfg = model.config
+    unsupported = {
+        "image_dim": (cfg.image_dim, None),
+        "added_kv_proj_dim": (cfg.added_kv_proj_dim, None),
+        "pos_embed_seq_len": (cfg.pos_embed_seq_len, None),
+        "qk_norm": (cfg.qk_norm, "rms_norm_across_heads"),
+    }
+    for name, (value, want) in unsupported.items():
+        if value != want:
+            raise UserError(f"diffusers Wan: config '{name}' is {value!r}; only {want!r} (text-to-video) is supported")
+    hidden = cfg.num_attention_heads * cfg.attention_head_dim
+    out_channels = cfg.out_channels or cfg.in_channels
+    if out_channels not in (cfg.in_channels, 2 * cfg.in_channels):
+        raise UserError(f"diffusers Wan: config 'out_channels' is {out_channels}, neither in_channels nor 2 x in_channels")
+    config = FlexiWanConfig(
+        input_size=input_size, num_frames=num_frames, in_channels=cfg.in_channels, hidden_size=hidden,
+        depth=cfg.num_layers, num_heads=cfg.num_attention_heads, mlp_ratio=cfg.ffn_dim / hidden,
+        patch_size=tuple(cfg.patch_size), learn_sigma=out_channels == 2 * cfg.in_channels, mlp_norm_eps=cfg.eps,
+        text_dim=cfg.text_dim, text_len=text_len, freq_dim=cfg.freq_dim, cross_attn_norm=cfg.cross_attn_norm,
+    )
+    config.check("diffusers Wan")
+    sd = {k: v.detach() for k, v in model.state_dict().items()}
+    used: set[str] = set()
+
+    def take(key: str) -> torch.Tensor:
+        if key not in sd:
+            raise UserError(f"diffusers Wan: weight '{key}' missing")
+        used.add(key)
+        return sd[key]
+
+    emb = "condition_embedder."
+    state = {
+        "x_embedder.proj.weight": take("patch_embedding.weight"),
+        "x_embedder.proj.bias": take("patch_embedding.bias"),
+        "scale_shift_table": take("scale_shift_table"),
+        "deembed.linear.weight": take("proj_out.weight"),
+        "deembed.linear.bias": take("proj_out.bias"),
+    }
+    for kind in ("weight", "bias"):
+        state[f"t_embedder.mlp.0.{kind}"] = take(f"{emb}time_embedder.linear_1.{kind}")
+        state[f"t_embedder.mlp.2.{kind}"] = take(f"{emb}time_embedder.linear_2.{kind}")
+        state[f"t_block.1.{kind}"] = take(f"{emb}time_proj.{kind}")
+        state[f"text_embedder.linear_1.{kind}"] = take(f"{emb}text_embedder.linear_1.{kind}")
+        state[f"text_embedder.linear_2.{kind}"] = take(f"{emb}text_embedder.linear_2.{kind}")
+    for i in range(cfg.num_layers):
+        b = f"blocks.{i}."  # the same prefix on both sides
+        state[f"{b}scale_shift_table"] = take(f"{b}scale_shift_table")
+        for theirs, ours in (("attn1", "attn"), ("attn2", "cross_attn")):
+            for n in "qk":
+                state[f"{b}{ours}.norm_{n}.weight"] = take(f"{b}{theirs}.norm_{n}.weight")
+        for kind in ("weight", "bias"):
+            state[f"{b}attn.qkv.{kind}"] = torch.cat([take(f"{b}attn1.to_{n}.{kind}") for n in "qkv"])
+            state[f"{b}attn.proj.{kind}"] = take(f"{b}attn1.to_out.0.{kind}")
+            state[f"{b}cross_attn.q.{kind}"] = take(f"{b}attn2.to_q.{kind}")
+            state[f"{b}cross_attn.kv.{kind}"] = torch.cat([take(f"{b}attn2.to_{n}.{kind}") for n in "kv"])
+            state[f"{b}cross_attn.proj.{kind}"] = take(f"{b}attn2.to_out.0.{kind}")
+            state[f"{b}mlp.fc1.{kind}"] = take(f"{b}ffn.net.0.proj.{kind}")
+            state[f"{b}mlp.fc2.{kind}"] = take(f"{b}ffn.net.2.{kind}")
+            if cfg.cross_attn_norm:
+                state[f"{b}norm2.{kind}"] = take(f"{b}norm2.{kind}")
+    left = sorted(set(sd) - used)
+    if left:
+        raise UserError(f"diffusers Wan: weight '{left[0]}' has no counterpart in FlexiWan")
+    flexi = FlexiWan(config)
+    table = {k: v for k, v in flexi.state_dict().items() if k in ("prompt_embeds", "prompt_mask")}
+    check_state(state, {k: v for k, v in flexi.state_dict().items() if k not in table}, "diffusers Wan")
+    flexi.load_state_dict({**state, **table})
+    return flexi.float().eval().to(model.device)
+
+
+__all__ = ["from_diffusers_dit", "from_diffusers_pixart", "from_diffusers_wan", "from_original_state_dict",
+           "infer_original_config", "load_original_checkpoint", "read_checkpoint", "to_diffusers_dit"]

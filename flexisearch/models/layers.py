@@ -149,7 +149,7 @@ class SizeNorm(nn.LayerNorm):
 
     def __init__(self, hidden: int, eps: float, sizes: tuple[int, ...] = ()):
         super().__init__(hidden, elementwise_affine=False, eps=eps)
-        self.residual = nn.ParameterDict({str(p): nn.Parameter(torch.zeros(2, hidden)) for p in sizes})
+        self.residual = nn.ParameterDict({size_key(p): nn.Parameter(torch.zeros(2, hidden)) for p in sizes})
 
     def forward(self, x: torch.Tensor, size: str | None = None) -> torch.Tensor:
         x = super().forward(x)

@@ -26,6 +26,7 @@ from .flexible import FlexibleDiT
 from .text_dit import FlexiTextDiT, is_text_config
 from .text_encoder import encode_with, load_text_components
 from .video_dit import FlexiVideoDiT
+from .wan import FlexiWan
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -66,9 +67,11 @@ def load_model(spec: str, device: str | torch.device = "cpu") -> FlexibleDiT:
 
 
 def load_model_dir(directory: str | Path, device: str | torch.device = "cpu") -> FlexibleDiT:
-    """FlexiTextDiT, FlexiVideoDiT or FlexiDiT, whichever the directory's config.json describes."""
+    """FlexiWan, FlexiTextDiT, FlexiVideoDiT or FlexiDiT, whichever the directory's config.json describes."""
     directory = Path(directory)
     config = read_json(directory / CONFIG_NAME, "config.json")
+    if isinstance(config, dict) and "text_dim" in config:
+        return FlexiWan.from_pretrained(directory, device)
     if is_text_config(config):
         return FlexiTextDiT.from_pretrained(directory, device)
     if isinstance(config, dict) and "num_frames" in config:

@@ -179,14 +179,7 @@ class FlexiTextDiT(FlexibleDiT):
             g = config.input_size // p
             self.register_buffer(f"pos_embed_{p}", text_sincos_2d(d, g, p / config.patch_size, config.interpolation_scale),
                                  persistent=False)
-        rows = config.num_classes + 1
-        self.register_buffer("prompt_embeds", torch.zeros(rows, config.text_len, config.caption_channels))
-        mask = torch.zeros(rows, config.text_len)
-        mask[:, 0] = 1  # an all-masked row would be meaningless; set_prompts fills real masks
-        self.register_buffer("prompt_mask", mask)
-        self.captions: list[str] = list(captions) if captions is not None else [""] * rows
-        if len(self.captions) != rows:
-            raise ValueError(f"{len(self.captions)} captions for a table of {rows} rows (null row included)")
+        self._init_prompt_table(captions)
         self.initialize_weights()
         self._add_all_lora()
 
@@ -203,6 +196,18 @@ class FlexiTextDiT(FlexibleDiT):
         nn.init.zeros_(self.deembed.linear.bias)
 
     # ---- the prompt table -----------------------------------------------------------------
+    def _init_prompt_table(self, captions: Sequence[str] | None) -> None:
+        """Empty table buffers of config.num_classes caption rows and the null row (set_prompts fills them)."""
+        config = self.config
+        rows = config.num_classes + 1
+        self.register_buffer("prompt_embeds", torch.zeros(rows, config.text_len, config.caption_channels))
+        mask = torch.zeros(rows, config.text_len)
+        mask[:, 0] = 1  # an all-masked row would be meaningless; set_prompts fills real masks
+        self.register_buffer("prompt_mask", mask)
+        self.captions: list[str] = list(captions) if captions is not None else [""] * rows
+        if len(self.captions) != rows:
+            raise ValueError(f"{len(self.captions)} captions for a table of {rows} rows (null row included)")
+
     def prompt_rows(self, which: str) -> list[int]:
         """Rows of the table for 'search' or 'heldout' prompts (all caption rows when there is no split)."""
         n, s = self.config.num_classes, self.config.num_search_prompts
