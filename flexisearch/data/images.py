@@ -22,7 +22,8 @@ MNIST_TRAIN_PER_CLASS = 400
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 
 
-def _resize(images: torch.Tensor, size: int) -> torch.Tensor:
+def resize_images(images: torch.Tensor, size: int) -> torch.Tensor:
+    """(N, C, H, W) images in [-1, 1] to size x size (bilinear with antialiasing, as every loader here resizes)."""
     if images.shape[-1] == size:
         return images
     return F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False, antialias=True).clamp(-1, 1)
@@ -48,7 +49,7 @@ def load_mnist(size: int = 16, split: str = "train") -> tuple[torch.Tensor, torc
     images = torch.from_numpy(x.astype(np.float32) / 127.5 - 1.0).reshape(-1, 1, 28, 28)
     labels = torch.from_numpy(y.astype(np.int64))
     images, labels = _split(images, labels, split, MNIST_TRAIN_PER_CLASS)
-    return _resize(images, size), labels
+    return resize_images(images, size), labels
 
 
 def load_digits8(size: int = 8, split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
@@ -59,7 +60,7 @@ def load_digits8(size: int = 8, split: str = "train") -> tuple[torch.Tensor, tor
     images = torch.from_numpy(d.images.astype(np.float32) / 8.0 - 1.0).unsqueeze(1)
     labels = torch.from_numpy(d.target.astype(np.int64))
     images, labels = _split(images, labels, split, 150)
-    return _resize(images, size), labels
+    return resize_images(images, size), labels
 
 
 def center_crop(img: Any, size: int) -> Any:

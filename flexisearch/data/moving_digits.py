@@ -68,12 +68,12 @@ def moving_digits(n: int, split: str = "train", seed: int = 0, frames: int = 8, 
     return MovingDigits(clips, torch.from_numpy(first_digit), torch.from_numpy(motion))
 
 
-def load_moving_digits(frames: int, canvas: int, split: str = "train") -> MovingDigits:
-    """The fixed moving-digits split for a video model of `frames` frames of canvas x canvas: SPLIT_CLIPS clips of
-    one digit of half the canvas, moving canvas / 16 pixels per frame per axis (at least 1), seed 0."""
+def load_moving_digits(frames: int, canvas: int, split: str = "train", n: int | None = None) -> MovingDigits:
+    """The fixed moving-digits split for a video model of `frames` frames of canvas x canvas: SPLIT_CLIPS clips (or
+    the first n) of one digit of half the canvas, moving canvas / 16 pixels per frame per axis (at least 1), seed 0."""
     if split not in SPLIT_CLIPS:
         raise UserError(f"split {split!r}: expected 'train' or 'heldout'")
-    return moving_digits(SPLIT_CLIPS[split], split, 0, frames, canvas, canvas // 2, speed=max(1, canvas // 16))
+    return moving_digits(n or SPLIT_CLIPS[split], split, 0, frames, canvas, canvas // 2, speed=max(1, canvas // 16))
 
 
 __all__ = ["DIRECTIONS", "SPLIT_CLIPS", "MovingDigits", "load_moving_digits", "moving_digits"]
