@@ -75,6 +75,21 @@ def converted_tiny_dit(root: Path):
     return original
 
 
+def flexify_on_ray(args: list[str], tmp_path: Path) -> None:
+    """`flexisearch train flexify ARGS` on 2 Ray Train CPU workers, in a process of its own (Ray's files under
+    tmp_path); checks that it succeeded with 2 workers (OUT given by --out, relative to the working directory)."""
+    import json
+    import subprocess
+    import sys
+
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), RAY_TMPDIR=str(tmp_path / "r"))
+    done = subprocess.run([sys.executable, "-m", "flexisearch.cli", "train", "flexify", *args, "--backend", "ray",
+                           "--num-workers", "2"], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    out = Path(args[args.index("--out") + 1])
+    assert json.loads((out / "train_info.json").read_text())["workers"] == 2
+
+
 def tiny_rgb_featnet():
     """A random feature net for the 8x8 RGB images of tiny_dit_pipeline's VAE (3 classes, 8-d features)."""
     from flexisearch.metrics.featnet import DigitFeatureNet, FeatureNetConfig

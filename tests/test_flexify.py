@@ -4,15 +4,12 @@ of any resolution through a reusable VAE latent cache, and writes a pipeline dir
 import functools
 import json
 import math
-import os
-import subprocess
-import sys
 import threading
 
 import numpy as np
 import pytest
 import torch
-from conftest import converted_tiny_dit, tiny_rgb_featnet
+from conftest import converted_tiny_dit, flexify_on_ray, tiny_rgb_featnet
 from PIL import Image
 
 from flexisearch.cli import main
@@ -141,13 +138,8 @@ def test_a_flexified_pipeline_is_searched_exported_and_reused_in_stock_diffusers
     root, _ = dirs
     monkeypatch.chdir(tmp_path)
     (tmp_path / "cfg.json").write_text(json.dumps({"batch_size": 4, "lora_rank": 2, "cache_dir": "cache"}))
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), RAY_TMPDIR=str(tmp_path / "r"))
-    done = subprocess.run([sys.executable, "-m", "flexisearch.cli", "train", "flexify", "--base", str(root / "flexi"),
-                           "--data", str(root / "images"), "--mode", "lora", "--steps", "3", "--config", "cfg.json",
-                           "--out", "run", "--backend", "ray", "--num-workers", "2"], env=env, capture_output=True,
-                          text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert json.loads((tmp_path / "run" / "train_info.json").read_text())["workers"] == 2
+    flexify_on_ray(["--base", str(root / "flexi"), "--data", str(root / "images"), "--mode", "lora", "--steps", "3",
+                    "--config", "cfg.json", "--out", "run"], tmp_path)
     tiny_rgb_featnet().save_pretrained(tmp_path / "net")
     (tmp_path / "space.yaml").write_text(json.dumps({
         "study": "e2e", "model": "run/model", "feature_net": "net", "metric": {"name": "fid_native", "max": 1e6},

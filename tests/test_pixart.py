@@ -4,13 +4,15 @@ diffusers reuse, captions and the prompt cache, and convert -> flexify (Ray Trai
 
 import dataclasses
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
-from conftest import converted_tiny_pixart, tiny_pixart_pipeline, tiny_rgb_featnet
+from conftest import (
+    converted_tiny_pixart,
+    flexify_on_ray,
+    tiny_pixart_pipeline,
+    tiny_rgb_featnet,
+)
 from PIL import Image
 
 from flexisearch.cli import main
@@ -154,15 +156,9 @@ def test_convert_flexify_with_ray_train_search_export_and_reuse_in_stock_diffuse
     monkeypatch.chdir(tmp_path)
     (tmp_path / "cfg.json").write_text(json.dumps({"batch_size": 4, "lora_rank": 2, "cache_dir": "cache",
                                                    "ckpt_every": 2}))
-    common = ["train", "flexify", "--base", str(root / "flexi"), "--data", str(root / "images"), "--steps", "3",
-              "--config", "cfg.json"]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), RAY_TMPDIR=str(tmp_path / "r"))
-    done = subprocess.run([sys.executable, "-m", "flexisearch.cli", *common, "--mode", "lora", "--out", "lora",
-                           "--backend", "ray", "--num-workers", "2"], env=env, capture_output=True, text=True,
-                          timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert json.loads((tmp_path / "lora" / "train_info.json").read_text())["workers"] == 2
-    assert main([*common, "--mode", "shared", "--out", "shared"]) == 0
+    common = ["--base", str(root / "flexi"), "--data", str(root / "images"), "--steps", "3", "--config", "cfg.json"]
+    flexify_on_ray([*common, "--mode", "lora", "--out", "lora"], tmp_path)
+    assert main(["train", "flexify", *common, "--mode", "shared", "--out", "shared"]) == 0
     base = load_model(str(root / "flexi"))
     x, t, rows = torch.randn(2, 4, 8, 8), torch.tensor([10.0, 900.0]), torch.tensor([0, 1])
     for mode in ("lora", "shared"):

@@ -392,7 +392,7 @@ def test_a_video_model_pretrains_and_flexifies_on_moving_digits(tmp_path) -> Non
     from flexisearch.cli import main
     from flexisearch.models.loading import load_model
 
-    (tmp_path / "base.json").write_text(json.dumps({"frames": 4, "canvas": 8, "hidden_size": 32, "depth": 1,
+    (tmp_path / "base.json").write_text(json.dumps({"frames": 4, "image_size": 8, "hidden_size": 32, "depth": 1,
                                                      "num_heads": 2, "batch_size": 4, "ckpt_every": 2}))
     assert main(["train", "video-base", "--config", str(tmp_path / "base.json"), "--steps", "2",
                  "--out", str(tmp_path / "base")]) == 0

@@ -22,6 +22,7 @@ from safetensors.torch import load_file
 from ..errors import UserError
 from ..files import check_state
 from .dit import PRESETS, FlexiDiT, FlexiDiTConfig
+from .flexible import FlexibleDiT
 from .text_dit import FlexiTextDiT, FlexiTextDiTConfig
 from .wan import FlexiWan, FlexiWanConfig
 
@@ -29,16 +30,37 @@ if TYPE_CHECKING:  # importing diffusers takes seconds; only the diffusers paths
     from diffusers import DiTTransformer2DModel, WanTransformer3DModel
 
 
-def _load(config: FlexiDiTConfig, state: dict[str, torch.Tensor], source: str,
-          names: dict[str, str] | None = None) -> FlexiDiT:
-    """A FlexiDiT for config holding exactly the weights in state (FlexiDiT key names).
+def _load(model: FlexibleDiT, state: dict[str, torch.Tensor], source: str,
+          names: dict[str, str] | None = None) -> FlexibleDiT:
+    """model (just built from its config) holding exactly the weights in state (its own key names); a text model's
+    prompt table, input data rather than weights, stays empty.
 
-    names maps a FlexiDiT key to the checkpoint's own name for it, so errors quote the latter.
+    names maps a key to the checkpoint's own name for it, so errors quote the latter.
     """
-    model = FlexiDiT(config)
-    check_state(state, model.state_dict(), source, names)
-    model.load_state_dict(state)
-    return model.eval()
+    table = {k: v for k, v in model.state_dict().items() if k in ("prompt_embeds", "prompt_mask")}
+    check_state(state, {k: v for k, v in model.state_dict().items() if k not in table}, source, names)
+    model.load_state_dict({**state, **table})
+    return model.float().eval()
+
+
+class _Weights:
+    """A source model's state dict, taken key by key (a missing key is a one-line error), so that a conversion can
+    refuse the weights it took nowhere (check_all_taken)."""
+
+    def __init__(self, model: Any, source: str):
+        self.sd = {k: v.detach() for k, v in model.state_dict().items()}
+        self.source, self.used = source, set()
+
+    def __call__(self, key: str) -> torch.Tensor:
+        if key not in self.sd:
+            raise UserError(f"{self.source}: weight '{key}' missing")
+        self.used.add(key)
+        return self.sd[key]
+
+    def check_all_taken(self, target: str) -> None:
+        left = sorted(set(self.sd) - self.used)
+        if left:
+            raise UserError(f"{self.source}: weight '{left[0]}' has no counterpart in {target}")
 
 
 # ---- diffusers ------------------------------------------------------------------------------
@@ -70,13 +92,8 @@ def from_diffusers_dit(model: DiTTransformer2DModel, prediction: str = "epsilon"
     for name, (value, want) in unsupported.items():
         if value != want:
             raise UserError(f"diffusers DiT: config '{name}' is {value!r}; only {want!r} (as in DiT) is supported")
-    sd = {k: v.detach() for k, v in model.state_dict().items()}
-    used: set[str] = set()
-
-    def take(key: str) -> torch.Tensor:
-        used.add(key)
-        return sd[key]
-
+    take = _Weights(model, "diffusers DiT")
+    sd = take.sd
     emb0 = "transformer_blocks.0.norm1.emb."
     for i in range(1, cfg.num_layers):
         emb = f"transformer_blocks.{i}.norm1.emb."
@@ -115,10 +132,8 @@ def from_diffusers_dit(model: DiTTransformer2DModel, prediction: str = "epsilon"
             state[f"{dst}mlp.fc1.{kind}"] = take(f"{src}ff.net.0.proj.{kind}")
             state[f"{dst}mlp.fc2.{kind}"] = take(f"{src}ff.net.2.{kind}")
             state[f"{dst}adaLN_modulation.1.{kind}"] = take(f"{src}norm1.linear.{kind}")
-    left = sorted(set(sd) - used)
-    if left:
-        raise UserError(f"diffusers DiT: weight '{left[0]}' has no counterpart in FlexiDiT")
-    return _load(config, state, "diffusers DiT").to(model.device)
+    take.check_all_taken("FlexiDiT")
+    return _load(FlexiDiT(config), state, "diffusers DiT").to(model.device)
 
 
 def to_diffusers_dit(flexi: FlexiDiT) -> DiTTransformer2DModel:
@@ -199,7 +214,7 @@ def from_original_state_dict(state: dict[str, torch.Tensor], config: FlexiDiTCon
         raise UserError(f"{source}: weight 'pos_embed' has shape {tuple(pos.shape)}, "
                         f"config expects {(1, tokens, config.hidden_size)}")
     names = {new: old for old, new in _ORIGINAL_RENAMES.items()}
-    return _load(config, {_ORIGINAL_RENAMES.get(k, k): v for k, v in state.items()}, source, names)
+    return _load(FlexiDiT(config), {_ORIGINAL_RENAMES.get(k, k): v for k, v in state.items()}, source, names)
 
 
 def infer_original_config(state: dict[str, torch.Tensor], num_heads: int | None = None, preset: str | None = None,
@@ -325,18 +340,10 @@ def from_diffusers_pixart(model: Any, text_len: int = 120, text_encoder: str = "
             raise UserError(f"diffusers PixArt: config '{name}' is {value!r}; only {want!r} is supported")
     if cfg.caption_channels is None:
         raise UserError("diffusers PixArt: config 'caption_channels' is None; a caption projection is required")
-    sd = {k: v.detach() for k, v in model.state_dict().items()}
-    used: set[str] = set()
-
-    def take(key: str) -> torch.Tensor:
-        if key not in sd:
-            raise UserError(f"diffusers PixArt: weight '{key}' missing")
-        used.add(key)
-        return sd[key]
-
+    take = _Weights(model, "diffusers PixArt")
     interpolation = cfg.interpolation_scale if cfg.interpolation_scale is not None else max(cfg.sample_size // 64, 1)
     config = FlexiTextDiTConfig(
-        **_geometry(cfg, sd, model.out_channels),
+        **_geometry(cfg, take.sd, model.out_channels),
         num_classes=0,
         prediction=prediction,
         timestep_freq_shift=0.0,  # PixArt: Timesteps(flip_sin_to_cos=True, downscale_freq_shift=0)
@@ -372,18 +379,8 @@ def from_diffusers_pixart(model: Any, text_len: int = 120, text_encoder: str = "
             state[f"{dst}cross_attn.proj.{kind}"] = take(f"{src}attn2.to_out.0.{kind}")
             state[f"{dst}mlp.fc1.{kind}"] = take(f"{src}ff.net.0.proj.{kind}")
             state[f"{dst}mlp.fc2.{kind}"] = take(f"{src}ff.net.2.{kind}")
-    left = sorted(set(sd) - used)
-    if left:
-        raise UserError(f"diffusers PixArt: weight '{left[0]}' has no counterpart in FlexiTextDiT")
-    flexi = FlexiTextDiT(config)
-    table = {k: v for k, v in flexi.state_dict().items() if k in ("prompt_embeds", "prompt_mask")}
-    expected = flexi.state_dict()
-    for key, value in state.items():
-        if value.shape != expected[key].shape:
-            raise UserError(f"diffusers PixArt: weight for '{key}' has shape {tuple(value.shape)}, "
-                            f"expected {tuple(expected[key].shape)}")
-    flexi.load_state_dict({**state, **table})
-    return flexi.float().eval().to(model.device)
+    take.check_all_taken("FlexiTextDiT")
+    return _load(FlexiTextDiT(config), state, "diffusers PixArt").to(model.device)
 
 
 # ---- diffusers Wan 2.1 (text-to-video) ------------------------------------------------------
@@ -416,15 +413,7 @@ def from_diffusers_wan(model: WanTransformer3DModel, text_len: int = 512, num_fr
         text_dim=cfg.text_dim, text_len=text_len, freq_dim=cfg.freq_dim, cross_attn_norm=cfg.cross_attn_norm,
     )
     config.check("diffusers Wan")
-    sd = {k: v.detach() for k, v in model.state_dict().items()}
-    used: set[str] = set()
-
-    def take(key: str) -> torch.Tensor:
-        if key not in sd:
-            raise UserError(f"diffusers Wan: weight '{key}' missing")
-        used.add(key)
-        return sd[key]
-
+    take = _Weights(model, "diffusers Wan")
     emb = "condition_embedder."
     state = {
         "x_embedder.proj.weight": take("patch_embedding.weight"),
@@ -455,14 +444,8 @@ def from_diffusers_wan(model: WanTransformer3DModel, text_len: int = 512, num_fr
             state[f"{b}mlp.fc2.{kind}"] = take(f"{b}ffn.net.2.{kind}")
             if cfg.cross_attn_norm:
                 state[f"{b}norm2.{kind}"] = take(f"{b}norm2.{kind}")
-    left = sorted(set(sd) - used)
-    if left:
-        raise UserError(f"diffusers Wan: weight '{left[0]}' has no counterpart in FlexiWan")
-    flexi = FlexiWan(config)
-    table = {k: v for k, v in flexi.state_dict().items() if k in ("prompt_embeds", "prompt_mask")}
-    check_state(state, {k: v for k, v in flexi.state_dict().items() if k not in table}, "diffusers Wan")
-    flexi.load_state_dict({**state, **table})
-    return flexi.float().eval().to(model.device)
+    take.check_all_taken("FlexiWan")
+    return _load(FlexiWan(config), state, "diffusers Wan").to(model.device)
 
 
 __all__ = ["from_diffusers_dit", "from_diffusers_pixart", "from_diffusers_wan", "from_original_state_dict",

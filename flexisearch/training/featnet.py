@@ -7,10 +7,13 @@ import math
 import os
 import platform
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from ..data.images import load_mnist
 from ..files import atomic_write_bytes
@@ -50,16 +53,27 @@ def train_feature_net(images: torch.Tensor, labels: torch.Tensor, steps: int = 1
     if config is None:
         config = FeatureNetConfig(image_size=images.shape[-1], in_channels=images.shape[1],
                                   num_classes=int(labels.max()) + 1)
-    gen = torch.Generator().manual_seed(seed)  # batches and augmentation
+
+    def batch_loss(net: nn.Module, idx: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        return F.cross_entropy(net(random_affine(images[idx], gen)), labels[idx], label_smoothing=0.1)
+
+    return fit(lambda: DigitFeatureNet(config), batch_loss, len(images), steps, seed, batch_size, lr)
+
+
+def fit(make_net: Callable[[], nn.Module], batch_loss: Callable[[nn.Module, torch.Tensor, torch.Generator], torch.Tensor],
+        n: int, steps: int, seed: int, batch_size: int, lr: float) -> tuple[Any, list[float]]:
+    """The feature nets' one training loop: AdamW with a one-cycle schedule over `steps` batches of rows drawn from
+    n by a generator seeded with `seed` (which batch_loss may also use), initialisation and dropout seeded too (the
+    global RNG is restored afterwards); returns (net in eval mode, per-step losses)."""
+    gen = torch.Generator().manual_seed(seed)
     losses = []
-    with torch.random.fork_rng():  # initialisation and dropout use the global RNG: seed it, then restore it
+    with torch.random.fork_rng():
         torch.manual_seed(seed)
-        net = DigitFeatureNet(config).train()
+        net = make_net().train()
         opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
         sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.15)
         for _ in range(steps):
-            idx = torch.randint(0, len(images), (batch_size,), generator=gen)
-            loss = F.cross_entropy(net(random_affine(images[idx], gen)), labels[idx], label_smoothing=0.1)
+            loss = batch_loss(net, torch.randint(0, n, (batch_size,), generator=gen), gen)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

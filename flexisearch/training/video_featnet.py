@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from ..data.moving_digits import DIRECTIONS, load_moving_digits
 from ..errors import UserError
@@ -25,6 +26,7 @@ from ..metrics.video_featnet import (
     per_frame_fid,
     video_frames,
 )
+from .featnet import fit
 
 
 def train_video_feature_net(videos: torch.Tensor, labels: torch.Tensor, motions: torch.Tensor, steps: int = 600,
@@ -43,24 +45,13 @@ def train_video_feature_net(videos: torch.Tensor, labels: torch.Tensor, motions:
     if config is None:
         config = VideoFeatureNetConfig(frames=videos.shape[2], image_size=videos.shape[-1], in_channels=videos.shape[1],
                                        num_motions=len(DIRECTIONS))
-    gen = torch.Generator().manual_seed(seed)  # batches
-    losses = []
-    with torch.random.fork_rng():  # initialisation and dropout use the global RNG: seed it, then restore it
-        torch.manual_seed(seed)
-        net = VideoFeatureNet(config).train()
-        opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
-        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.15)
-        for _ in range(steps):
-            idx = torch.randint(0, len(videos), (batch_size,), generator=gen)
-            digit, motion = net.classify(net.features(videos[idx]))
-            loss = (F.cross_entropy(digit, labels[idx], label_smoothing=0.1)
-                    + F.cross_entropy(motion, motions[idx], label_smoothing=0.1))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            losses.append(loss.item())
-    return net.eval(), losses
+
+    def batch_loss(net: nn.Module, idx: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        digit, motion = net.classify(net.features(videos[idx]))
+        return (F.cross_entropy(digit, labels[idx], label_smoothing=0.1)
+                + F.cross_entropy(motion, motions[idx], label_smoothing=0.1))
+
+    return fit(lambda: VideoFeatureNet(config), batch_loss, len(videos), steps, seed, batch_size, lr)
 
 
 @torch.no_grad()
