@@ -8,6 +8,7 @@ at init) and optional per-size LoRA adapters on attention and MLP projections.
 
 from __future__ import annotations
 
+import typing
 from dataclasses import dataclass
 
 import torch
@@ -78,8 +79,11 @@ class FlexiDiTConfig(ConfigMixin):
         """The sizes with norms of their own (weak_norms)."""
         return self.extra_patch_sizes if self.weak_norms else ()
 
+    _COUNTS: typing.ClassVar[tuple[str, ...]] = ("input_size", "in_channels", "hidden_size", "depth", "num_heads",
+                                                  "patch_size", "num_classes")
+
     def check(self, source: str = "config") -> None:
-        for name in ("input_size", "in_channels", "hidden_size", "depth", "num_heads", "patch_size", "num_classes"):
+        for name in self._COUNTS:
             low = 0 if name == "num_classes" else 1  # a text model converted without its prompt table has none
             if not low <= getattr(self, name) <= 1 << 20:  # beyond any DiT; checked before anything is allocated
                 raise UserError(f"{source}: field '{name}' is {getattr(self, name)}, expected an integer from {low} "
@@ -89,6 +93,9 @@ class FlexiDiTConfig(ConfigMixin):
                             "or 'flow'")
         if self.hidden_size % self.num_heads:
             raise UserError(f"{source}: field 'hidden_size' must be divisible by num_heads={self.num_heads}")
+        self._check_sizes(source)
+
+    def _check_sizes(self, source: str) -> None:
         for p in self.patch_sizes:
             if p <= 0 or self.input_size % p:
                 raise UserError(f"{source}: patch size {p} does not divide input_size={self.input_size}")

@@ -13,6 +13,7 @@ A size is a tuple (pt, ph, pw); as a key (parameter dicts, buffers, LoRA adapter
 
 from __future__ import annotations
 
+import typing
 from dataclasses import dataclass
 
 import torch
@@ -47,17 +48,10 @@ class FlexiVideoDiTConfig(FlexiDiTConfig):
         """Tokens along (time, height, width) at patch size p."""
         return self.num_frames // p[0], self.input_size // p[1], self.input_size // p[2]
 
-    def check(self, source: str = "config") -> None:
-        for name in ("input_size", "num_frames", "in_channels", "hidden_size", "depth", "num_heads", "num_classes"):
-            low = 0 if name == "num_classes" else 1
-            if not low <= getattr(self, name) <= 1 << 20:
-                raise UserError(f"{source}: field '{name}' is {getattr(self, name)}, expected an integer from {low} "
-                                f"to {1 << 20}")
-        if self.prediction not in ("epsilon", "v_prediction", "flow"):
-            raise UserError(f"{source}: field 'prediction' is {self.prediction!r}, expected 'epsilon', 'v_prediction' "
-                            "or 'flow'")
-        if self.hidden_size % self.num_heads:
-            raise UserError(f"{source}: field 'hidden_size' must be divisible by num_heads={self.num_heads}")
+    _COUNTS: typing.ClassVar[tuple[str, ...]] = ("input_size", "num_frames", "in_channels", "hidden_size", "depth",
+                                                  "num_heads", "num_classes")
+
+    def _check_sizes(self, source: str) -> None:
         if self.hidden_size % 16:  # a quarter for time, three eighths each for height and width, in sin-cos pairs
             raise UserError(f"{source}: field 'hidden_size' is {self.hidden_size}, expected a multiple of 16 "
                             "(3-D sin-cos positions)")
