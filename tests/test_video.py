@@ -429,3 +429,29 @@ def test_the_papers_per_size_norms_and_biases_act_on_video_sizes() -> None:
         model.blocks[0].norm1.residual["2x2x2"].normal_()
         assert not torch.allclose(model(x, t, y, (2, 2, 2)), before)
         assert "x_embedder.bias_residual.1x4x4" in model.state_dict()
+
+
+def test_a_short_search_over_video_sizes_under_an_fvd_bound_exports_a_3d_schedule(tmp_path, monkeypatch) -> None:
+    """per_step space over the model's (t, h, w) sizes, FID in a VideoFeatureNet's space (FVD) against reference
+    statistics of clips, 3 trials, held-out confirmation, export: best.json holds a version-3 schedule."""
+    from flexisearch.cli import main
+    from flexisearch.metrics.fid import compute_reference_stats
+    from flexisearch.metrics.video_featnet import VideoFeatureNet, VideoFeatureNetConfig
+
+    monkeypatch.chdir(tmp_path)
+    flexified(random_model()).save_pretrained(tmp_path / "model")
+    torch.manual_seed(0)
+    net = VideoFeatureNet(VideoFeatureNetConfig(frames=4, image_size=8, in_channels=2, num_classes=3,
+                                                widths=(4, 4, 4), feature_dim=6)).eval()
+    net.save_pretrained(tmp_path / "net")
+    clips = torch.randn(40, 2, 4, 8, 8, generator=torch.Generator().manual_seed(3)).clamp(-1, 1)
+    compute_reference_stats(net, clips, dataset="noise", split="train").save(tmp_path / "stats")
+    (tmp_path / "space.yaml").write_text(json.dumps({
+        "study": "video", "model": "model", "feature_net": "net", "reference_stats": "stats",
+        "metric": {"name": "fid", "max": 1e6}, "space": {"type": "per_step", "num_steps": 3, "solver": "euler"},
+        "reference": {"num_steps": 3, "guidance_scale": 2.0, "solver": "euler"}, "search_samples": 8,
+        "heldout_samples": 8, "bootstrap": 5, "n_trials": 3, "cost": {"repeats": 1}}))
+    assert main(["search", "--space", "space.yaml", "--quiet"]) == 0
+    best = json.loads((tmp_path / "runs" / "video" / "best.json").read_text())
+    assert best["schedule"]["version"] == 3 and all(len(p) == 3 for p in best["schedule"]["cond"])
+    assert best["cost"]["fraction_of_static_native"] <= 1.0

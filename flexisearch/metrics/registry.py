@@ -20,7 +20,7 @@ from typing import Any, Callable
 import torch
 
 from ..errors import UserError
-from ..files import ASSETS
+from ..files import ASSETS, CONFIG_NAME, read_json
 from .accuracy import ClassAccuracyMetric, check_classifier
 from .clip import load_clip_metric
 from .featnet import DigitFeatureNet
@@ -33,6 +33,7 @@ from .fid import (
     paired_bootstrap_ci,
 )
 from .inception import FIDInceptionV3
+from .video_featnet import VideoFeatureNet
 
 
 class FIDMetric:
@@ -67,21 +68,26 @@ class FIDMetric:
 
 
 def load_feature_net(spec: str | None) -> Any:
-    """The FID feature network: a DigitFeatureNet directory (default: the embedded one), or the FID
-    Inception-v3 ('fid-inception' downloads its weights when online; or a local .pth/.safetensors)."""
+    """The FID feature network: a DigitFeatureNet or VideoFeatureNet (FVD) directory (default: the embedded digit
+    net), or the FID Inception-v3 ('fid-inception' downloads its weights when online; or a local
+    .pth/.safetensors)."""
     if spec and (spec == "fid-inception" or Path(spec).suffix in (".pth", ".pt", ".safetensors")):
         return FIDInceptionV3.from_pretrained(spec)
+    config = Path(spec) / CONFIG_NAME if spec else None
+    if config is not None and config.is_file() and "frames" in (read_json(config, "config.json") or {}):
+        return VideoFeatureNet.from_pretrained(spec)
     return DigitFeatureNet.from_pretrained(spec or ASSETS / "featnet")
 
 
 def _fid_metric(cfg: Any, model: Any, native: bool) -> FIDMetric:
     """FID with the config's feature network (default: the embedded digit net) and statistics."""
     net = load_feature_net(cfg.feature_net).to(next(model.parameters()).device)
-    if net.config.image_size is not None and getattr(model, "decode_images", None) is None and (
-            net.config.image_size != model.config.input_size or net.config.in_channels != model.config.in_channels):
-        raise UserError(f"feature network {cfg.feature_net or 'embedded featnet'} takes {net.config.in_channels}x"
-                        f"{net.config.image_size}px images, the model makes {model.config.in_channels}x"
-                        f"{model.config.input_size}px; give feature_net and reference_stats for this model")
+    size, frames = net.config.image_size, getattr(net.config, "frames", None)
+    takes = (net.config.in_channels, *((frames,) if frames else ()), size, size)  # one sample, channels first
+    if size is not None and getattr(model, "decode_images", None) is None and takes != model.config.sample_shape:
+        raise UserError(f"feature network {cfg.feature_net or 'embedded featnet'} takes samples of shape "
+                        f"{list(takes)}, the model makes {list(model.config.sample_shape)}; give feature_net and "
+                        "reference_stats for this model")
     if native:
         return FIDMetric(net, None, "fid_native")
     ref = cfg.reference_stats

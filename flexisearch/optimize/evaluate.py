@@ -100,7 +100,7 @@ class Evaluator:
         self.native = mc.patch_size
         if not mc.extra_patch_sizes:
             raise UserError(f"model '{cfg.model}' has no weak patch size: flexify it first (flexisearch train flexify)")
-        self.weak = cfg.space.weak_patch_size or max(mc.extra_patch_sizes)
+        self.weak = cfg.space.weak_patch_size or max(mc.extra_patch_sizes, key=lambda p: (-flops.tokens(mc, p), p))
         if self.weak not in mc.extra_patch_sizes:
             raise UserError(f"space.weak_patch_size is {self.weak}, the model has {list(mc.extra_patch_sizes)}")
         solvers = SOLVERS[mc.prediction]

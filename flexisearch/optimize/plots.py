@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from ..files import atomic_write_bytes
+from ..models.layers import size_key
 from ..sampling.schedule import Schedule
 from .evaluate import Evaluator
 
@@ -100,16 +101,17 @@ def plot_schedule(schedule: Schedule, fraction: float, path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 2.8))
     edges = range(schedule.num_steps + 1)  # step i spans [i, i + 1)
-    ax.stairs(schedule.cond, edges, lw=2, baseline=None, label="conditional branch")
+    sizes = sorted(set(schedule.cond + schedule.uncond))  # one level each: image sides or (t, h, w) video patches
+    ax.stairs([sizes.index(p) for p in schedule.cond], edges, lw=2, baseline=None, label="conditional branch")
     if schedule.uses_cfg:
-        ax.stairs(schedule.uncond, edges, lw=2, ls="--", baseline=None, label="unconditional branch")
+        ax.stairs([sizes.index(p) for p in schedule.uncond], edges, lw=2, ls="--", baseline=None,
+                  label="unconditional branch")
     ax.set_xlabel("denoising step (0 = pure noise)")
-    ax.set_ylabel("patch side (input pixels)")
+    ax.set_ylabel("patch size (input pixels)")
     ax.set_xticks(range(schedule.num_steps + 1) if schedule.num_steps <= 25 else
                   range(0, schedule.num_steps + 1, 5))
-    sizes = sorted(set(schedule.cond + schedule.uncond))
-    ax.set_yticks(sizes)
-    ax.set_ylim(min(sizes) - 0.5, max(sizes) + 0.5)
+    ax.set_yticks(range(len(sizes)), [size_key(p) for p in sizes])
+    ax.set_ylim(-0.5, len(sizes) - 0.5)
     ax.set_title(f"{schedule.num_steps} {schedule.solver} steps, CFG {schedule.guidance_scale:g} "
                  f"({schedule.guidance_mode}): {fraction:.3f} of the static native FLOPs")
     ax.grid(alpha=0.3)

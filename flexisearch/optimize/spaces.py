@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import UserError
+from ..models.layers import Size, patch_shape, size_key
 from ..sampling.schedule import Schedule
 
 FRACTION_STEP = 0.05
@@ -71,7 +72,7 @@ class SpaceConfig:
     guidance_mode: Choice = Choice(("cfg",))
     solver: Choice = Choice(("euler",))
     timestep_spacing: str | None = None  # ddpm / ddim: diffusers' spacing ("linspace": DiT's own); None: the default
-    weak_patch_size: int | None = None  # default: the model's largest extra patch size
+    weak_patch_size: int | tuple[int, ...] | None = None  # default: the model's extra size with the fewest tokens
     segments: int = 3
     branches: str = "joint"  # per_step / segments: "joint" (one size for both branches) or "separate"
 
@@ -91,9 +92,13 @@ def nearest_fraction(k: int, n: int) -> float:
 class Space:
     """A family of schedules for one model: native and weak patch size, all sizes, its fingerprint."""
 
-    def __init__(self, cfg: SpaceConfig, native: int, weak: int, patch_sizes: tuple[int, ...], fingerprint: str):
+    def __init__(self, cfg: SpaceConfig, native: Size, weak: Size, patch_sizes: tuple[Size, ...], fingerprint: str):
         self.cfg, self.native, self.weak = cfg, native, weak
         self.patch_sizes, self.fingerprint = tuple(patch_sizes), fingerprint
+        # A trial parameter is a size itself (int) or, for a video size, its key "2x2x2" (Optuna's categorical
+        # choices are scalars).
+        self.choices = [p if isinstance(p, int) else size_key(p) for p in self.patch_sizes]
+        self._size_of = dict(zip(self.choices, self.patch_sizes))
 
     def suggest(self, trial: Any) -> Schedule:
         """The schedule a trial (Optuna Trial or FixedTrial) proposes."""
@@ -125,9 +130,17 @@ class Space:
         sizes["both"] = sizes["cond"]  # a space with one size per step for both branches follows the conditional
         return {**settings, **self._params(sizes, n)}
 
-    def _own_sizes(self, sizes: tuple[int, ...]) -> tuple[int, ...]:
-        """Each size, or the nearest this model has (a sibling model may offer others)."""
-        return tuple(min(self.patch_sizes, key=lambda q: (abs(q - p), q)) for p in sizes)
+    def _own_sizes(self, sizes: tuple[Size, ...]) -> tuple[Size, ...]:
+        """Each size, or the nearest this model has (a sibling model may offer others; distance per axis)."""
+        def distance(q: Size, p: Size) -> int:
+            return sum(abs(a - b) for a, b in zip(patch_shape(q), patch_shape(p)))
+        return tuple(min(self.patch_sizes, key=lambda q: (distance(q, p), q)) for p in sizes)
+
+    def _suggest_size(self, trial: Any, name: str) -> Size:
+        return self._size_of[trial.suggest_categorical(name, self.choices)]
+
+    def _choice(self, p: Size) -> int | str:
+        return p if isinstance(p, int) else size_key(p)
 
     def _weak_steps(self, sizes: tuple[int, ...], n: int) -> float:
         """The fraction of the steps that are not native (as a fraction parameter, nearest_fraction)."""
@@ -190,18 +203,17 @@ class PerStepSpace(Space):
     """A free patch size per step, shared by both branches or (branches: separate) per branch."""
 
     def _sizes(self, trial: Any, n: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
-        sizes = {b: tuple(int(trial.suggest_categorical(f"{b}_p{i}", list(self.patch_sizes))) for i in range(n))
-                 for b in self._branches()}
+        sizes = {b: tuple(self._suggest_size(trial, f"{b}_p{i}") for i in range(n)) for b in self._branches()}
         return sizes.get("cond", sizes.get("both")), sizes.get("uncond", sizes.get("both"))
 
     def _grid(self, n_max: int) -> dict[str, list]:
-        return {f"{b}_p{i}": list(self.patch_sizes) for b in self._branches() for i in range(n_max)}
+        return {f"{b}_p{i}": list(self.choices) for b in self._branches() for i in range(n_max)}
 
     def _paper(self, n: int, fraction: float) -> dict[str, Any]:
         return self._params({b: self._weak_first(round(fraction * n), n) for b in ("both", "cond", "uncond")}, n)
 
     def _params(self, sizes: dict[str, tuple[int, ...]], n: int) -> dict[str, Any]:
-        return {f"{b}_p{i}": sizes[b][i] for b in self._branches() for i in range(n)}
+        return {f"{b}_p{i}": self._choice(sizes[b][i]) for b in self._branches() for i in range(n)}
 
 
 class SegmentsSpace(Space):
@@ -210,7 +222,7 @@ class SegmentsSpace(Space):
     def _sizes(self, trial: Any, n: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
         m, sizes = self.cfg.segments, {}
         for b in self._branches():
-            levels = [int(trial.suggest_categorical(f"{b}_seg{j}", list(self.patch_sizes))) for j in range(m)]
+            levels = [self._suggest_size(trial, f"{b}_seg{j}") for j in range(m)]
             cuts = sorted(_fraction(trial, f"{b}_cut{j}") for j in range(m - 1))
             bounds = [0] + [round(c * n) for c in cuts] + [n]
             sizes[b] = tuple(levels[j] for j in range(m) for _ in range(bounds[j + 1] - bounds[j]))
@@ -219,7 +231,7 @@ class SegmentsSpace(Space):
     def _paper(self, n: int, fraction: float) -> dict[str, Any]:
         m, p = self.cfg.segments, {}
         for b in self._branches():
-            p.update({f"{b}_seg{j}": self.weak if j == 0 else self.native for j in range(m)})
+            p.update({f"{b}_seg{j}": self._choice(self.weak if j == 0 else self.native) for j in range(m)})
             p.update({f"{b}_cut{j}": fraction for j in range(m - 1)})
         return p
 
@@ -234,7 +246,7 @@ class SegmentsSpace(Space):
                 continue
             runs += [(runs[-1][0], 0)] * (m - len(runs))  # empty segments at the end
             ends = list(itertools.accumulate(length for _, length in runs))
-            p.update({f"{b}_seg{j}": size for j, (size, _) in enumerate(runs)})
+            p.update({f"{b}_seg{j}": self._choice(size) for j, (size, _) in enumerate(runs)})
             p.update({f"{b}_cut{j}": nearest_fraction(ends[j], n) for j in range(m - 1)})
         return p
 
@@ -243,5 +255,5 @@ SPACES: dict[str, type[Space]] = {"threshold": ThresholdSpace, "branch_threshold
                                   "segments": SegmentsSpace, "per_step": PerStepSpace}
 
 
-def make_space(cfg: SpaceConfig, native: int, weak: int, patch_sizes: tuple[int, ...], fingerprint: str) -> Space:
+def make_space(cfg: SpaceConfig, native: Size, weak: Size, patch_sizes: tuple[Size, ...], fingerprint: str) -> Space:
     return SPACES[cfg.type](cfg, native, weak, patch_sizes, fingerprint)
