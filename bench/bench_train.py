@@ -1,7 +1,7 @@
 """Flexify on real hardware: memory per GPU, Ray Train's overhead, and the latent cache against encoding.
 
     python bench/bench_train.py memory [--preset DiT-XL/2 | PixArt-XL/2-256] [--batch 32]
-    python bench/bench_train.py throughput [--steps 200]
+    python bench/bench_train.py throughput [--steps 200] [--batch 64]
     python bench/bench_train.py cache [--batch 8] [--repeats 3]
 
 memory: the memory a flexify worker holds for a DiT preset or PixArt-XL/2 at 256 px (T5-XXL states of 120 tokens
@@ -118,7 +118,7 @@ def _steps_per_s(run: Path) -> float:
 def throughput(args: argparse.Namespace) -> None:
     from flexisearch.training.ray_train import train_flexify_ray
 
-    cfg = FlexifyConfig(base="embedded:dit-mnist16-base", mode="shared", steps=args.steps, batch_size=64,
+    cfg = FlexifyConfig(base="embedded:dit-mnist16-base", mode="shared", steps=args.steps, batch_size=args.batch,
                         ckpt_every=args.steps)
     tmp = Path(tempfile.mkdtemp(prefix="bench-train-", dir="."))
     try:
@@ -127,7 +127,7 @@ def throughput(args: argparse.Namespace) -> None:
         single, ray = _steps_per_s(tmp / "single"), _steps_per_s(tmp / "ray")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    print(f"# flexify (embedded base, shared, batch 64, {args.steps} steps), torch {torch.__version__}, "
+    print(f"# flexify (embedded base, shared, batch {args.batch}, {args.steps} steps), torch {torch.__version__}, "
           f"{platform.machine()}, {torch.get_num_threads()} threads")
     print(f"{'run':<22} {'steps/s':>8} {'vs single':>10}")
     print(f"{'single process':<22} {single:>8.2f} {'1.00':>10}")
@@ -186,6 +186,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=32)
     p = sub.add_parser("throughput")
     p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--batch", type=int, default=64)
     p = sub.add_parser("cache")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--repeats", type=int, default=3)
