@@ -343,6 +343,8 @@ def test_a_stock_dit_pipeline_follows_a_schedule_as_the_flexidit_pipeline(conver
         stock(labels, guidance_scale=4.0, num_inference_steps=4)
     with pytest.raises(UserError, match="plain CFG"):
         follow_schedule(tiny_dit_pipeline(), pipe.transformer, dataclasses.replace(s, guidance_mode="weak_guidance"))
+    with pytest.raises(UserError, match="on some channels needs the FlexiDiT pipelines"):
+        follow_schedule(tiny_dit_pipeline(), pipe.transformer, dataclasses.replace(s, guided_channels=3))
 
 
 def test_convert_refusals(tmp_path, converted):

@@ -393,3 +393,32 @@ def test_a_v_prediction_model_samples_as_its_epsilon_equivalent(solver, monkeypa
     scale = want.abs().max()
     torch.testing.assert_close(ours, want, rtol=0, atol=1e-4 * scale)
     assert (misread - want).abs().max() > 0.05 * scale
+
+
+def test_guided_channels_is_dits_forward_with_cfg(tmp_path):
+    """DiT's sample.py guides with forward_with_cfg: eps, rest = out[:, :3], out[:, 3:]; the first 3 channels get
+    uncond + s (cond - uncond), channel 3 and the variance channels stay the conditional output (written out here
+    for a 4-channel learned-sigma model)."""
+    from flexisearch.models.dit import FlexiDiT, FlexiDiTConfig
+
+    torch.manual_seed(0)
+    m = FlexiDiT(FlexiDiTConfig(input_size=8, in_channels=4, hidden_size=32, depth=1, num_heads=2, num_classes=3,
+                                learn_sigma=True)).with_patch_sizes((4,)).eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.normal_(0, 0.1)
+    x, t, y = torch.randn(2, 4, 8, 8), torch.tensor(500.0), torch.tensor([0, 1])
+    s = Schedule(cond=(2,), uncond=(2,), guidance_scale=1.5, solver="ddpm", guided_channels=3, model="x")
+    with torch.no_grad():
+        out = m(torch.cat([x, x]), t.expand(4), torch.cat([y, torch.full_like(y, m.null_class)]), 2)
+        eps, rest = out[:, :3], out[:, 3:]
+        cond_eps, uncond_eps = eps.split(2)
+        half = uncond_eps + 1.5 * (cond_eps - uncond_eps)
+        want = torch.cat([half, rest[:2]], dim=1)  # the conditional rows, as DiT's sampler keeps
+        got = guided_output(m, x, t, y, 2, 2, s, True)
+        every = guided_output(m, x, t, y, 2, 2, s.replace(guided_channels=None), True)
+    assert torch.allclose(got, want, atol=1e-6) and not torch.allclose(every, want, atol=1e-4)
+    s.save(tmp_path / "s.json")
+    assert Schedule.load(tmp_path / "s.json") == s and s.to_dict()["version"] == 3
+    with pytest.raises(UserError, match="field 'guided_channels' is 5"):
+        s.replace(guided_channels=5).check_model(m.config, None)

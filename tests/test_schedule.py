@@ -241,7 +241,9 @@ def test_a_search_config_gives_its_timestep_spacing_to_every_schedule(tmp_path):
     assert reference_schedule(cfg, 2, "fp").timestep_spacing == "linspace"
     space = make_space(cfg.space, 2, 4, (2, 4), "fp")
     params = space.paper_params({"num_steps": 50, "guidance_scale": 1.5, "guidance_mode": "cfg"}, 0.3)
-    assert space.suggest(optuna.trial.FixedTrial(params)).timestep_spacing == "linspace"
+    suggested = space.suggest(optuna.trial.FixedTrial(params))
+    assert suggested.timestep_spacing == "linspace" and suggested.guided_channels == 3  # DiT's sampler
+    assert reference_schedule(cfg, 2, "fp").guided_channels == 3
     assert load_search_config(None).space.timestep_spacing is None  # the default: the solver's own spacing
     for overrides, expect in [
         ({"space": {"solver": ["ddpm", "euler"], "timestep_spacing": "linspace"}},

@@ -240,8 +240,10 @@ def _check(cfg: SearchConfig, source: str) -> None:
         raise key_error(source, "objective", "'single' or 'multi'", cfg.objective)
     if cfg.sampler not in SAMPLERS:
         raise key_error(source, "sampler", f"one of {list(SAMPLERS)}", cfg.sampler)
-    if set(cfg.reference) - {"num_steps", "guidance_scale", "solver", "guidance_mode", "timestep_spacing"}:
-        raise key_error(source, "reference", "keys num_steps, guidance_scale, solver, guidance_mode, timestep_spacing",
+    if set(cfg.reference) - {"num_steps", "guidance_scale", "solver", "guidance_mode", "timestep_spacing",
+                             "guided_channels"}:
+        raise key_error(source, "reference", "keys num_steps, guidance_scale, solver, guidance_mode, timestep_spacing, "
+                        "guided_channels",
                         cfg.reference)
     solver, spacing = cfg.reference.get("solver", "euler"), cfg.reference.get("timestep_spacing")
     expected = spacing_expected(solver, spacing) if isinstance(solver, str) else None  # else: the Schedule refuses it
@@ -287,7 +289,8 @@ def reference_schedule(cfg: SearchConfig, native: int, fingerprint: str) -> Sche
     r = cfg.reference
     return Schedule.static(native, int(r.get("num_steps", 20)), guidance_scale=float(r.get("guidance_scale", 2.0)),
                            solver=r.get("solver", "euler"), guidance_mode=r.get("guidance_mode", "cfg"),
-                           timestep_spacing=r.get("timestep_spacing"), model=fingerprint)
+                           timestep_spacing=r.get("timestep_spacing"), guided_channels=r.get("guided_channels"),
+                           model=fingerprint)
 
 
 def run_dir(cfg: SearchConfig) -> Path:

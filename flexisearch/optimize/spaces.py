@@ -72,6 +72,7 @@ class SpaceConfig:
     guidance_mode: Choice = Choice(("cfg",))
     solver: Choice = Choice(("euler",))
     timestep_spacing: str | None = None  # ddpm / ddim: diffusers' spacing ("linspace": DiT's own); None: the default
+    guided_channels: int | None = None  # guidance on the first n output channels only (DiT's own sampler: 3)
     weak_patch_size: int | tuple[int, ...] | None = None  # default: the model's extra size with the fewest tokens
     segments: int = 3
     branches: str = "joint"  # per_step / segments: "joint" (one size for both branches) or "separate"
@@ -107,7 +108,8 @@ class Space:
         return Schedule(cond=cond, uncond=uncond, model=self.fingerprint,
                         guidance_scale=float(self.cfg.guidance_scale.suggest(trial, "guidance_scale")),
                         guidance_mode=self.cfg.guidance_mode.suggest(trial, "guidance_mode"),
-                        solver=self.cfg.solver.suggest(trial, "solver"), timestep_spacing=self.cfg.timestep_spacing)
+                        solver=self.cfg.solver.suggest(trial, "solver"), timestep_spacing=self.cfg.timestep_spacing,
+                        guided_channels=self.cfg.guided_channels)
 
     def grid(self) -> dict[str, list]:
         """Every parameter's values, for Optuna's BruteForceSampler (and the size of the space)."""

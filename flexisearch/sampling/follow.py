@@ -93,9 +93,10 @@ def follow_schedule(pipe: DiTPipeline | PixArtAlphaPipeline, model: FlexibleDiT,
                         f"FlexiTextDiT, got a {type(pipe).__name__} with a {type(model).__name__}")
     cfg = model.config
     schedule.check_model(cfg, model.fingerprint(), "schedule")
-    if schedule.guidance_mode != "cfg" or schedule.uses_cfg and schedule.guidance_scale < 1:
-        raise UserError(f"schedule: guidance {schedule.guidance_mode} at scale {schedule.guidance_scale:g} needs "
-                        f"the FlexiDiT pipelines; a {type(pipe).__name__} guides with plain CFG, at scales above 1")
+    if schedule.guidance_mode != "cfg" or schedule.uses_cfg and schedule.guidance_scale < 1 or schedule.guided_channels:
+        raise UserError(f"schedule: guidance {schedule.guidance_mode} at scale {schedule.guidance_scale:g}"
+                        f"{' on some channels' if schedule.guided_channels else ''} needs the FlexiDiT pipelines; a "
+                        f"{type(pipe).__name__} guides every channel with plain CFG, at scales above 1")
     if not runs_solver(pipe.scheduler, schedule.solver, cfg, schedule.timestep_spacing) or uses_learned_variance(pipe.scheduler):
         raise UserError(f"schedule: searched with solver {schedule.solver!r}; the {type(pipe).__name__}'s "
                         f"{type(pipe.scheduler).__name__} does not run it (without learned variance)")

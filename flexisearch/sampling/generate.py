@@ -93,7 +93,8 @@ def guided_output(model: FlexibleDiT, x: torch.Tensor, t: torch.Tensor, y: torch
             scale = 1.0 + (scale - 1.0) / WEAK_GUIDANCE_RATIO
         else:
             uncond = model(x, tt, null, p_uncond)
-    eps = uncond[:, :c] + scale * (cond[:, :c] - uncond[:, :c])
+    g = schedule.guided_channels or c  # DiT's own sampler guides its first 3 latent channels, the 4th stays conditional
+    eps = torch.cat([uncond[:, :g] + scale * (cond[:, :g] - uncond[:, :g]), cond[:, g:c]], dim=1)
     return torch.cat([eps, cond[:, c:]], dim=1) if learned_variance else eps
 
 
@@ -257,6 +258,7 @@ def sample(
     for start in chunks:
         chunk_seeds, y = seeds[start:start + batch_size], labels[start:start + batch_size].to(device)
         base = (f"{cache_tag}|{type(template).__name__}|{schedule.solver}|{schedule.timestep_spacing}|"
+                f"{schedule.guided_channels}|"
                 f"{schedule.num_steps}|{schedule.guidance_scale}|{schedule.guidance_mode}|"
                 f"{list(chunk_seeds)}|{y.tolist()}")
         done, state = cache.longest_prefix(base, steps) if cache is not None else (0, None)

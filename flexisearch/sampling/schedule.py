@@ -4,7 +4,7 @@ A Schedule is an immutable value with a versioned JSON form (schemas: schemas/sc
 schedule.v3.json, documented in docs/schedule.md). Compatibility rule: a reader accepts every file whose
 `version` it knows (currently 1 to 3); a new version is only introduced for changes old readers cannot
 ignore, and a schedule is written with the lowest version that holds it. Version 2 adds `timestep_spacing`;
-version 3 allows (time, height, width) sizes of video models.
+version 3 allows (time, height, width) sizes of video models and `guided_channels`.
 """
 
 from __future__ import annotations
@@ -68,6 +68,7 @@ class Schedule:
     model: str
     guidance_mode: str = "cfg"
     timestep_spacing: str | None = None
+    guided_channels: int | None = None  # guidance on the first n output channels only (DiT's sampler: 3); None: all
 
     def __post_init__(self) -> None:
         for name in ("cond", "uncond"):  # a video size given as a list is stored as a tuple
@@ -138,17 +139,21 @@ class Schedule:
         if self.solver not in solvers:
             raise UserError(f"{source}: field 'solver' is {self.solver!r}, expected one of {list(solvers)} "
                             f"for a {model_config.prediction} model")
+        if self.guided_channels is not None and self.guided_channels > model_config.in_channels:
+            raise UserError(f"{source}: field 'guided_channels' is {self.guided_channels}, the model has "
+                            f"{model_config.in_channels} channels")
 
     # ---- JSON ---------------------------------------------------------------------------
     def to_dict(self) -> dict:
-        """The JSON form in the lowest version that holds it: 3 with video sizes, 2 with a timestep_spacing, else 1
-        (so version-1 readers read every image schedule without a spacing)."""
+        """The JSON form in the lowest version that holds it: 3 with video sizes or guided_channels, 2 with a
+        timestep_spacing, else 1 (so version-1 readers read every image schedule without a spacing)."""
         spacing = {} if self.timestep_spacing is None else {"timestep_spacing": self.timestep_spacing}
+        guided = {} if self.guided_channels is None else {"guided_channels": self.guided_channels}
         video = any(isinstance(p, tuple) for p in self.cond + self.uncond)
-        return {"schema": "flexisearch.schedule", "version": 3 if video else 2 if spacing else 1,
+        return {"schema": "flexisearch.schedule", "version": 3 if video or guided else 2 if spacing else 1,
                 "num_steps": self.num_steps, "cond": [list(p) if video else p for p in self.cond],
                 "uncond": [list(p) if video else p for p in self.uncond], "guidance_scale": self.guidance_scale,
-                "guidance_mode": self.guidance_mode, "solver": self.solver, **spacing, "model": self.model}
+                "guidance_mode": self.guidance_mode, "solver": self.solver, **spacing, **guided, "model": self.model}
 
     @staticmethod
     def validate_dict(d: Any, source: str) -> None:
@@ -177,7 +182,7 @@ class Schedule:
         cls.validate_dict(d, source)
         return cls(cond=d["cond"], uncond=d["uncond"], guidance_scale=float(d["guidance_scale"]),
                    guidance_mode=d["guidance_mode"], solver=d["solver"], model=d["model"],
-                   timestep_spacing=d.get("timestep_spacing"))
+                   timestep_spacing=d.get("timestep_spacing"), guided_channels=d.get("guided_channels"))
 
     def save(self, path: str | Path) -> None:
         atomic_write_json(path, self.to_dict())
