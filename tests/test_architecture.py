@@ -103,3 +103,12 @@ def test_the_check_sees_imports_inside_functions(tmp_path, monkeypatch):
         test_no_upward_import()
     with pytest.raises(pytest.fail.Exception, match="import loop"):
         test_no_import_loop()
+
+
+def test_every_public_name_of_the_package_resolves_lazily():
+    import flexisearch as fs
+
+    for name in fs.__all__:
+        assert getattr(fs, name) is not None
+    with pytest.raises(AttributeError, match="no attribute 'nothing'"):
+        fs.nothing  # noqa: B018
