@@ -56,6 +56,7 @@ CASES = {
                               "--device 'bogus'"),
     "sample --device cuda:99": ({"s.json": schedule_text()}, ["sample", "--schedule", "s.json", "--device", "cuda:99"],
                                 "--device cuda:99"),
+    "--set key=null": ({}, ["search", "--set", "fidelities=null"], "key 'fidelities' has None, expected a list"),
     "flexify dm with lora": ({"c.json": '{"dm_weight": 1.0}'}, ["train", "flexify", "--base", "embedded:dit-mnist16-base",
                                                               "--mode", "lora", "--config", "c.json", "--out", "o"],
                              "field 'dm_weight' needs mode 'shared'"),

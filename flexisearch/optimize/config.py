@@ -132,8 +132,8 @@ def _merge(base: dict, over: dict) -> dict:
 
 
 def load_search_config(path: str | Path | None, overrides: dict | None = None, source: str = "defaults") -> SearchConfig:
-    """Read and validate a search YAML (None: the built-in defaults), then apply overrides (None: not given;
-    a mapping is merged into the YAML's mapping)."""
+    """Read and validate a search YAML (None: the built-in defaults), then apply overrides (a mapping is merged
+    into the YAML's mapping; a None value sets the key to null, as `--set key=null` does)."""
     source = str(path) if path else source
     raw: Any = {}
     if path:
@@ -147,7 +147,7 @@ def load_search_config(path: str | Path | None, overrides: dict | None = None, s
         except RecursionError:
             raise UserError(f"{path}: not valid YAML (nested too deeply)") from None
     if isinstance(raw, dict):
-        raw = _merge(raw, {k: v for k, v in (overrides or {}).items() if v is not None})
+        raw = _merge(raw, overrides or {})
 
     def space(value: Any, key: str) -> SpaceConfig:
         return read_dataclass(SpaceConfig, value, source, "space.",

@@ -53,8 +53,7 @@ def load_config(config: str | os.PathLike | SearchConfig | None, **overrides: An
     """A SearchConfig from a YAML path, a shipped config's name (None: the shipped default) or a SearchConfig,
     with top-level overrides."""
     if isinstance(config, SearchConfig):  # checked as a YAML file is
-        return config_from_dict({**config_dict(config), **{k: v for k, v in overrides.items() if v is not None}},
-                                "config argument")
+        return config_from_dict({**config_dict(config), **overrides}, "config argument")
     return load_search_config(space_path(config), overrides)
 
 
