@@ -29,6 +29,16 @@ def random_flexidit(prediction: str = "flow", learn_sigma: bool = False, size: i
     return m.with_patch_sizes(extra, init_std=0.05, lora_rank=lora_rank, lora_alpha=float(lora_rank)).eval()
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module of tiny models: it saves a thread hand-off per op (seconds on a busy
+    two-core machine); the thread count is restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def tiny_model():
     return random_flexidit()

@@ -26,13 +26,7 @@ CONFIG = FlexiVideoDiTConfig(input_size=8, num_frames=4, in_channels=2, hidden_s
                              num_classes=3, prediction="flow")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one intra-op thread saves a thread hand-off per op (seconds on a busy two-core machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (conftest.one_thread)
 
 
 def upsample(x: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:

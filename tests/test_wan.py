@@ -25,13 +25,7 @@ WAN = {"patch_size": NATIVE, "num_attention_heads": 2, "attention_head_dim": HEA
 SHAPE = (4, 8, 8)  # latent frames, height, width
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one intra-op thread saves a thread hand-off per op (seconds on a busy two-core machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (conftest.one_thread)
 
 
 def random_wan(**changes) -> WanTransformer3DModel:
