@@ -40,13 +40,7 @@ SHAPE = {"frames": 4, "canvas": 16, "digit_size": 8}
 CONFIG = VideoFeatureNetConfig(frames=4, image_size=16, widths=(8, 16, 16), feature_dim=8)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny convolutions: a second thread gains nothing on a shared two-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny networks (conftest.one_thread)
 
 
 @pytest.fixture(scope="module")

@@ -22,12 +22,7 @@ from flexisearch.metrics.inception import (
 FID_INCEPTION_PARAMS = 23_850_960
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny networks (conftest.one_thread)
 
 
 def random_inception(seed: int = 0, spread: float = 0.2, shift: float = 0.1) -> FIDInceptionV3:

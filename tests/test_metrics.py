@@ -38,14 +38,9 @@ REAL_FID_MAX = 2.0
 NOISE_FID_MIN = 150.0
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The net's convolutions are tiny: a second thread gains nothing, and on a shared 2-core machine
-    OpenMP oversubscription made 40 training steps take 44 s instead of 2 s (measured)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny convolutions: on a shared 2-core machine OpenMP oversubscription made 40 training steps take 44 s instead
+# of 2 s (measured), so the module runs on one thread (conftest.one_thread).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
