@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
 
-from build_embedded import STEPS, evaluate  # noqa: E402
+from build_embedded import measure  # noqa: E402
+from family import STEPS, band, curve, evaluate, largest_k_inside  # noqa: E402
 
 from flexisearch.files import ASSETS  # noqa: E402
 from flexisearch.metrics.featnet import DigitFeatureNet  # noqa: E402
@@ -47,13 +47,10 @@ def main() -> None:
             train_flexify(FlexifyConfig(base="embedded:dit-mnist16-base", mode="shared", **VARIANTS[name]),
                           out / "flexify")
         log = [json.loads(line) for line in (out / "flexify" / "loss.jsonl").read_text().splitlines()]
-        res = evaluate(FlexiDiT.from_pretrained(out / "flexify" / "model"), out, net, stats, args.k_every)
-        band = [res[f"native_seedset{i}"]["fid"] for i in range(3)]
-        limit = statistics.mean(band) + 2 * statistics.stdev(band)
-        ks = sorted(int(k.rsplit("_", 1)[1]) for k in res if k.startswith("weak_first_"))
-        inside = [k for k in ks if res[f"weak_first_{k}"]["fid"] <= limit]
-        rows.append((name, log[-1]["elapsed_s"], band, limit, res["weak"]["fid"],
-                     {k: res[f"weak_first_{k}"] for k in ks}, max(inside, default=None)))
+        res = evaluate(FlexiDiT.from_pretrained(out / "flexify" / "model"), out, measure(net, stats), args.k_every)
+        values, _, _, limit = band(res)
+        rows.append((name, log[-1]["elapsed_s"], values, limit, res["weak@4"]["fid"], dict(curve(res, 4)),
+                     largest_k_inside(res, 4)))
     ks = sorted({k for row in rows for k in row[5]})
     print(f"# shared flexify of embedded:dit-mnist16-base, 400 steps; FID (1,000 samples) of weak for the first k of "
           f"{STEPS} Euler steps, CFG 2.0")
@@ -61,9 +58,9 @@ def main() -> None:
           + " | ".join(f"k={k} ({100 * (1 - rows[0][5][k]['fraction']):.0f}% saved)" for k in ks)
           + " | largest k inside the band |")
     print("|---" * (6 + len(ks)) + "|")
-    for name, secs, band, limit, weak, curve, best in rows:
-        print(f"| {name} | {secs / 60:.1f} | {', '.join(f'{b:.3f}' for b in band)} | {limit:.3f} | {weak:.2f} | "
-              + " | ".join(f"{curve[k]['fid']:.2f}" for k in ks) + f" | {best} |")
+    for name, secs, values, limit, weak, points, best in rows:
+        print(f"| {name} | {secs / 60:.1f} | {', '.join(f'{b:.3f}' for b in values)} | {limit:.3f} | {weak:.2f} | "
+              + " | ".join(f"{points[k]['fid']:.2f}" for k in ks) + f" | {best} |")
 
 
 if __name__ == "__main__":

@@ -28,6 +28,12 @@ ADAPTER_NAME = "adapter.json"  # an adapter folder: the base it applies to, and 
 ADAPTER_WEIGHTS = "adapter.safetensors"
 
 
+def asset_path(spec: str | os.PathLike) -> Path:
+    """The folder a spec names: a shipped asset for 'embedded:<name>' (name relative to assets/), else the path."""
+    text = str(spec)
+    return ASSETS / text.split(":", 1)[1] if text.startswith("embedded:") else Path(text)
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> None:
     """Call write(tmp) with a temporary path beside `path` (a file or a directory), then rename it into place."""
     path = Path(path)
@@ -212,7 +218,7 @@ class Pretrained:
         ref, want = (doc.get("base"), doc.get("base_fingerprint")) if isinstance(doc, dict) else (None, None)
         if not isinstance(ref, str) or not isinstance(want, str):
             raise UserError(f"{directory / ADAPTER_NAME}: expected the strings 'base' and 'base_fingerprint'")
-        base = cls.from_pretrained(ASSETS / ref.split(":", 1)[1] if ref.startswith("embedded:") else directory / ref)
+        base = cls.from_pretrained(asset_path(ref) if ref.startswith("embedded:") else directory / ref)
         got = base.fingerprint()
         if got != want:
             raise UserError(f"{directory / ADAPTER_NAME}: base {ref} has fingerprint {got}; "

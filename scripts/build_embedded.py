@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from flexisearch.data.images import load_mnist
-from flexisearch.files import ASSETS, atomic_write_bytes, atomic_write_json
+from flexisearch.files import ASSETS, atomic_write_bytes
 from flexisearch.metrics.accuracy import classifier_accuracy
 from flexisearch.metrics.featnet import DigitFeatureNet
 from flexisearch.metrics.fid import (
@@ -31,47 +31,16 @@ from flexisearch.metrics.fid import (
 from flexisearch.models import flops
 from flexisearch.models.dit import FlexiDiT
 from flexisearch.optimize.plots import save_grid
-from flexisearch.optimize.sample_sets import SampleSet
-from flexisearch.sampling.generate import TrajectoryCache, sample
+from flexisearch.sampling.generate import sample
 from flexisearch.sampling.schedule import Schedule
 from flexisearch.training.dit import FlexifyConfig, train_flexify
 
-STEPS, CFG_SCALE, N = 20, 2.0, 1000
+from family import CFG_SCALE, N, STEPS, Measure, band, evaluate, family_rows, largest_k_inside, plot_curve
 
-
-def evaluate(model: FlexiDiT, out: Path, net: DigitFeatureNet, stats: ReferenceStats, k_every: int = 1) -> dict:
-    """All the numbers of a model card; cached per key in out/eval.json."""
-    path = out / "eval.json"
-    fp = model.fingerprint()
-    res = json.loads(path.read_text()) if path.is_file() else {}
-    if res.get("fingerprint") != fp:  # results of another model: start over
-        res = {"fingerprint": fp}
-    native, weak = model.config.patch_size, max(model.config.extra_patch_sizes or (model.config.patch_size,))
-    cache = TrajectoryCache(max_bytes=2 * 2**30)
-
-    def fid(schedule: Schedule, seed_base: int, key: str) -> float:
-        if key not in res:
-            s = SampleSet.balanced(key, N, model.config.num_classes, seed_base)
-            t0 = time.time()
-            images = sample(model, schedule, list(s.labels), list(s.seeds), batch_size=64, cache=cache,
-                            cache_tag=f"{seed_base}|{fp}")
-            res[key] = {"fid": fid_against_stats(net, images, stats), "seconds": round(time.time() - t0, 1),
-                        "fraction": flops.schedule_macs(model.config, schedule) / ref_macs,
-                        "accuracy": classifier_accuracy(net, images, torch.tensor(s.labels))}
-            atomic_write_json(path, res)
-            print(key, res[key], flush=True)
-        return res[key]["fid"]
-
-    static = Schedule.static(native, STEPS, guidance_scale=CFG_SCALE, solver="euler", model=fp)
-    ref_macs = flops.schedule_macs(model.config, static)
-    for i in range(3):
-        fid(static, 10**6 * (i + 1), f"native_seedset{i}")
-    if weak != native:
-        fid(Schedule.static(weak, STEPS, guidance_scale=CFG_SCALE, solver="euler", model=fp), 10**6, "weak")
-        for k in range(0, STEPS + 1, k_every):
-            fid(Schedule.weak_first(k, STEPS, weak, native, guidance_scale=CFG_SCALE, solver="euler", model=fp),
-                10**6, f"weak_first_{k}")
-    return res
+def measure(net: DigitFeatureNet, stats: ReferenceStats) -> Measure:
+    """FID and the feature classifier's accuracy of samples (family.evaluate's measure for digit models)."""
+    return lambda images, labels: {"fid": fid_against_stats(net, images, stats),
+                                   "accuracy": classifier_accuracy(net, images, labels)}
 
 
 def speed(model: FlexiDiT) -> float:
@@ -82,47 +51,15 @@ def speed(model: FlexiDiT) -> float:
     return time.time() - t0
 
 
-def plot_curve(res: dict, path: Path, title: str) -> None:
-    import io
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    ks = sorted(int(k.rsplit("_", 1)[1]) for k in res if k.startswith("weak_first_"))
-    band = [res[f"native_seedset{i}"]["fid"] for i in range(3)]
-    mean, std = statistics.mean(band), statistics.stdev(band)
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot([res[f"weak_first_{k}"]["fraction"] for k in ks], [res[f"weak_first_{k}"]["fid"] for k in ks], "o-",
-            label="weak for the first k of 20 steps")
-    for k in ks[::4]:
-        ax.annotate(str(k), (res[f"weak_first_{k}"]["fraction"], res[f"weak_first_{k}"]["fid"]), fontsize=7)
-    ax.axhspan(mean - 2 * std, mean + 2 * std, color="tab:green", alpha=0.2, label="static native, mean ± 2 std")
-    ax.set_yscale("log")
-    ax.set_xlabel("FLOPs / static native")
-    ax.set_ylabel(f"FID ({N} samples)")
-    ax.set_title(title)
-    ax.legend(fontsize=8)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
-    atomic_write_bytes(path, buf.getvalue())
-    plt.close(fig)
-
-
 def accuracy(res: dict) -> str:
     return ", ".join(f"{100 * res[f'native_seedset{i}']['accuracy']:.1f}%" for i in range(3))
 
 
 def card(name: str, res: dict, info: dict, model: FlexiDiT, floor: float, extra: str) -> str:
-    band = [res[f"native_seedset{i}"]["fid"] for i in range(3)]
-    mean, std = statistics.mean(band), statistics.stdev(band)
-    limit = mean + 2 * std
-    rows = [f"| {k} | {res[f'weak_first_{k}']['fraction']:.3f} | {100 * (1 - res[f'weak_first_{k}']['fraction']):.1f}% | "
-            f"{res[f'weak_first_{k}']['fid']:.2f} | {'yes' if res[f'weak_first_{k}']['fid'] <= limit else 'no'} |"
-            for k in range(STEPS + 1) if f"weak_first_{k}" in res]
-    inside = [k for k in range(STEPS + 1) if f"weak_first_{k}" in res and res[f"weak_first_{k}"]["fid"] <= limit]
-    best_k = max(inside) if inside else None
+    values, mean, std, limit = band(res)
+    weak = max(model.config.extra_patch_sizes)
+    best_k = largest_k_inside(res, weak)
+    static_weak = res[f"weak@{weak}"]["fid"]
     n_params = sum(p.numel() for p in model.parameters())
     return f"""# {name}
 
@@ -139,17 +76,17 @@ def card(name: str, res: dict, info: dict, model: FlexiDiT, floor: float, extra:
 | measurement | value |
 |---|---|
 | FID floor: 1,000 held-out real images vs reference | {floor:.3f} |
-| static native (p={model.config.patch_size}), 3 seed sets | {', '.join(f'{b:.3f}' for b in band)} (mean {mean:.3f}, std {std:.3f}) |
+| static native (p={model.config.patch_size}), 3 seed sets | {', '.join(f'{b:.3f}' for b in values)} (mean {mean:.3f}, std {std:.3f}) |
 | noise band (mean + 2 std) | {limit:.3f} |
-| static weak (all steps p={max(model.config.extra_patch_sizes or (0,))}) | {res.get('weak', {}).get('fid', float('nan')):.3f} ({res.get('weak', {}).get('fid', float('nan')) / mean:.1f}x native) |
+| static weak (all steps p={weak}) | {static_weak:.3f} ({static_weak / mean:.1f}x native) |
 | feature classifier accuracy on native samples, 3 seed sets | {accuracy(res)} classified as the class they were generated for |
 
 ## The paper's family: weak for the first k of {STEPS} steps
-Largest k inside the native noise band: **{best_k}** ({100 * (1 - res[f'weak_first_{best_k}']['fraction']) if best_k is not None else 0:.1f}% of FLOPs saved).
+Largest k inside the native noise band: **{best_k}** ({100 * (1 - res[f'weak_first_{best_k}@{weak}']['fraction']) if best_k is not None else 0:.1f}% of FLOPs saved).
 
 | k | FLOPs / native | saving | FID | inside band |
 |---|---|---|---|---|
-{chr(10).join(rows)}
+{family_rows(res, weak)}
 """
 
 
@@ -174,7 +111,7 @@ def main() -> None:
         if not (flex_dir / "model" / "config.json").is_file():
             train_flexify(FlexifyConfig(base=str(base_dir / "model"), mode=variant, steps=args.flexify_steps), flex_dir)
         model = FlexiDiT.from_pretrained(flex_dir / "model")
-        res = evaluate(model, out, net, stats, args.k_every)
+        res = evaluate(model, out, measure(net, stats), args.k_every)
         log = [json.loads(line) for line in (flex_dir / "loss.jsonl").read_text().splitlines()]
         name = f"flexidit-mnist16-{variant}"
         dst = ASSETS / name
@@ -182,7 +119,7 @@ def main() -> None:
             model.save_adapter(dst, FlexiDiT.from_pretrained(ASSETS / "dit-mnist16-base"), "embedded:dit-mnist16-base")
         else:
             model.save_pretrained(dst)
-        plot_curve(res, dst / "fid_vs_flops.png", f"{name}: weak first k of {STEPS} steps")
+        plot_curve(res, model.config.extra_patch_sizes, dst / "fid_vs_flops.png", name, f"FID ({N} samples)")
         fp = model.fingerprint()
         for p in model.config.patch_sizes:
             s = Schedule.static(p, STEPS, guidance_scale=CFG_SCALE, solver="euler", model=fp)
@@ -206,10 +143,10 @@ def main() -> None:
     base = FlexiDiT.from_pretrained(base_dir / "model")
     dst = ASSETS / "dit-mnist16-base"
     base.save_pretrained(dst)
-    res = evaluate(base, Path("runs/embedded/base"), net, stats)
+    res = evaluate(base, Path("runs/embedded/base"), measure(net, stats))
     s = Schedule.static(2, STEPS, guidance_scale=CFG_SCALE, solver="euler", model=base.fingerprint())
     save_grid(sample(base, s, [i % 10 for i in range(80)], list(range(80))), dst / "samples_p2.png", nrow=10)
-    band = [res[f"native_seedset{i}"]["fid"] for i in range(3)]
+    values, mean, std, _ = band(res)
     n_params = sum(p.numel() for p in base.parameters())
     atomic_write_bytes(dst / "MODEL_CARD.md", f"""# dit-mnist16-base
 
@@ -226,7 +163,7 @@ The static class-conditional DiT that the embedded FlexiDiTs were flexified from
 
 | measurement | value |
 |---|---|
-| static native FID, 3 seed sets | {', '.join(f'{b:.3f}' for b in band)} (mean {statistics.mean(band):.3f}, std {statistics.stdev(band):.3f}) |
+| static native FID, 3 seed sets | {', '.join(f'{b:.3f}' for b in values)} (mean {mean:.3f}, std {std:.3f}) |
 | FID floor: 1,000 held-out real images vs reference | {floor:.3f} |
 | feature classifier accuracy on samples, 3 seed sets | {accuracy(res)} (classified as the class they were generated for) |
 """.encode())

@@ -449,3 +449,26 @@ def test_a_short_search_over_video_sizes_under_an_fvd_bound_exports_a_3d_schedul
     best = json.loads((tmp_path / "runs" / "video" / "best.json").read_text())
     assert best["schedule"]["version"] == 3 and all(len(p) == 3 for p in best["schedule"]["cond"])
     assert best["cost"]["fraction_of_static_native"] <= 1.0
+
+
+def test_a_cost_table_of_video_sizes_round_trips_and_prices_a_3d_schedule(tmp_path) -> None:
+    """flexisearch profile on a video model: (t, h, w) sizes are lists in the JSON and tuples again when read."""
+    from flexisearch.sampling.latency import CostTable, profile
+    from flexisearch.sampling.schedule import Schedule
+
+    model = flexified(random_model())
+    table = profile(model, [2], ["euler"], warmup=1, repeats=1)
+    assert set(table.steps) == {(c, u, 2) for c in model.config.patch_sizes for u in (None, *model.config.patch_sizes)}
+    table.save(tmp_path / "t.json")
+    assert CostTable.load(tmp_path / "t.json") == table
+    s = Schedule(cond=((2, 2, 2), (1, 4, 4), NATIVE), uncond=((1, 4, 4), NATIVE, NATIVE), guidance_scale=2.0,
+                 solver="euler", model="x")
+    want = (table.setup[2].median + table.steps[((2, 2, 2), (1, 4, 4), 2)].median
+            + table.steps[((1, 4, 4), NATIVE, 2)].median + table.steps[(NATIVE, NATIVE, 2)].median
+            + 3 * table.solvers[("euler", 2)].median)
+    assert table.batch_seconds(s, 2) == pytest.approx(want, rel=1e-12)
+    doc = json.loads((tmp_path / "t.json").read_text())
+    doc["steps"][0]["cond"] = [1, 0, 2]
+    (tmp_path / "bad.json").write_text(json.dumps(doc))
+    with pytest.raises(UserError, match=r"field 'cond' is \[1, 0, 2\], expected a positive integer or a list of them"):
+        CostTable.load(tmp_path / "bad.json")

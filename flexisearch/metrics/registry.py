@@ -20,7 +20,7 @@ from typing import Any, Callable
 import torch
 
 from ..errors import UserError
-from ..files import ASSETS, CONFIG_NAME, read_json
+from ..files import CONFIG_NAME, asset_path, read_json
 from .accuracy import ClassAccuracyMetric, check_classifier
 from .clip import load_clip_metric
 from .featnet import DigitFeatureNet
@@ -68,15 +68,15 @@ class FIDMetric:
 
 
 def load_feature_net(spec: str | None) -> Any:
-    """The FID feature network: a DigitFeatureNet or VideoFeatureNet (FVD) directory (default: the embedded digit
-    net), or the FID Inception-v3 ('fid-inception' downloads its weights when online; or a local
+    """The FID feature network: a DigitFeatureNet or VideoFeatureNet (FVD) directory or embedded:<name> (default:
+    the embedded digit net), or the FID Inception-v3 ('fid-inception' downloads its weights when online; or a local
     .pth/.safetensors)."""
     if spec and (spec == "fid-inception" or Path(spec).suffix in (".pth", ".pt", ".safetensors")):
         return FIDInceptionV3.from_pretrained(spec)
-    config = Path(spec) / CONFIG_NAME if spec else None
-    if config is not None and config.is_file() and "frames" in (read_json(config, "config.json") or {}):
-        return VideoFeatureNet.from_pretrained(spec)
-    return DigitFeatureNet.from_pretrained(spec or ASSETS / "featnet")
+    path = asset_path(spec or "embedded:featnet")
+    if (path / CONFIG_NAME).is_file() and "frames" in (read_json(path / CONFIG_NAME, "config.json") or {}):
+        return VideoFeatureNet.from_pretrained(path)
+    return DigitFeatureNet.from_pretrained(path)
 
 
 def _fid_metric(cfg: Any, model: Any, native: bool) -> FIDMetric:
@@ -96,7 +96,7 @@ def _fid_metric(cfg: Any, model: Any, native: bool) -> FIDMetric:
     if not ref and cfg.feature_net:
         raise UserError(f"metric fid with feature_net {cfg.feature_net}: give reference_stats for it "
                         "(an .npz with mu and sigma, or a directory written by ReferenceStats.save)")
-    return FIDMetric(net, ReferenceStats.load(ref or ASSETS / "ref_stats_mnist16"))
+    return FIDMetric(net, ReferenceStats.load(asset_path(ref or "embedded:ref_stats_mnist16")))
 
 
 def _class_accuracy(cfg: Any, model: Any) -> ClassAccuracyMetric:

@@ -19,7 +19,7 @@ from typing import Any, Sequence
 import torch
 
 from ..errors import UserError
-from ..files import ASSETS, CONFIG_NAME, read_json
+from ..files import ASSETS, CONFIG_NAME, asset_path, read_json
 from .convert import from_diffusers_dit, from_diffusers_pixart
 from .dit import FlexiDiT
 from .flexible import FlexibleDiT
@@ -52,12 +52,12 @@ def load_model(spec: str, device: str | torch.device = "cpu") -> FlexibleDiT:
         return load_pixart(spec.split(":", 1)[1], device)
     if spec.startswith("dit:"):
         return load_dit(spec.split(":", 1)[1], device)
-    path = Path(spec)
+    path = asset_path(spec)
     if spec.startswith("embedded:"):
         name = spec.split(":", 1)[1]
-        path = ASSETS / name
         if not (path / CONFIG_NAME).is_file():
-            known = sorted(p.name for p in ASSETS.iterdir() if (p / CONFIG_NAME).is_file() and p.name.startswith("flexidit"))
+            known = sorted(p.parent.relative_to(ASSETS).as_posix() for p in ASSETS.glob(f"**/{CONFIG_NAME}")
+                           if p.parent.name.startswith("flexidit"))
             raise UserError(f"model '{spec}': no embedded model '{name}' (known: {', '.join(known) or 'none'})")
     if (path / CONFIG_NAME).is_file():
         return load_model_dir(path, device)

@@ -32,6 +32,7 @@ from torch.utils._pytree import tree_leaves
 from ..errors import UserError
 from ..files import atomic_write_json, read_json
 from ..models.flexible import FlexibleDiT
+from ..models.layers import Size
 from .generate import (
     guided_output,
     initial_noise,
@@ -146,7 +147,7 @@ class CostTable:
             raise ValueError(f"field 'key' lacks {sorted(missing)}")
         table = cls(dict(key))
         for e in d["steps"]:
-            k = (_size(e, "cond"), None if e["uncond"] is None else _size(e, "uncond"), _size(e, "batch"))
+            k = (_patch(e, "cond"), None if e["uncond"] is None else _patch(e, "uncond"), _size(e, "batch"))
             table.steps[k] = _timing(e, "steps")
             table.peak_bytes[k] = _count(e, "peak_bytes")
         for e in d["solvers"]:
@@ -165,6 +166,16 @@ def _size(entry: dict, name: str) -> int:
     if not isinstance(v, int) or isinstance(v, bool) or v < 1:
         raise ValueError(f"field '{name}' is {v!r}, expected a positive integer")
     return v
+
+
+def _patch(entry: dict, name: str) -> Size:
+    """A patch size: a positive integer, or a list of them (a video size, read back as a tuple)."""
+    v = entry[name]
+    if isinstance(v, list) and v and all(isinstance(q, int) and not isinstance(q, bool) and q > 0 for q in v):
+        return tuple(v)
+    if isinstance(v, list):
+        raise ValueError(f"field '{name}' is {v!r}, expected a positive integer or a list of them")
+    return _size(entry, name)
 
 
 def _count(entry: dict, name: str) -> int:

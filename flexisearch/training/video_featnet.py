@@ -115,7 +115,7 @@ def build_video_feature_assets(out_dir: str | Path, seed: int = 0, steps: int = 
 - Data: load_moving_digits({frames}, {canvas}, "train") ({len(train.labels)} clips); held-out: {len(held.labels)} clips of the "heldout" split.
 - Training: {steps} steps at batch {batch_size}, AdamW (lr 3e-3, one-cycle), label smoothing 0.1, dropout 0.3, seed {seed}, {m['train_wall_s']} s wall with {torch.get_num_threads()} torch threads.
 - Held-out accuracy: digit {digit_acc:.4f}, motion {motion_acc:.4f}.
-- Reference statistics: ../ref_stats_moving_digits (this net, {n_train} training clips) and ../ref_stats_moving_digits_frames (the shipped image featnet, every frame of them).
+- Reference statistics: ../ref_stats_moving_digits (this net, the {len(train.labels)} training clips) and ../ref_stats_moving_digits_frames (the shipped image featnet, every frame of them).
 
 Measured ("static": each held-out clip's first frame repeated, real frames without motion; noise: N(0, 1) clamped):
 
