@@ -472,3 +472,28 @@ def test_a_cost_table_of_video_sizes_round_trips_and_prices_a_3d_schedule(tmp_pa
     (tmp_path / "bad.json").write_text(json.dumps(doc))
     with pytest.raises(UserError, match=r"field 'cond' is \[1, 0, 2\], expected a positive integer or a list of them"):
         CostTable.load(tmp_path / "bad.json")
+
+
+def test_the_video_default_search_runs_on_the_shipped_assets(tmp_path, monkeypatch) -> None:
+    """search_spaces/video-default.yaml, shrunk to 4 steps, 2 trials and 16 clips: the shipped video model under the
+    shipped FVD net and statistics (embedded: specs) exports a version-3 schedule with held-out FVD and digit accuracy
+    intervals, and `flexisearch sample` writes its clips as an animated GIF."""
+    from PIL import Image
+
+    from flexisearch.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    shrink = ["n_trials=2", "search_samples=16", "heldout_samples=16", "fidelities=[]", "space.num_steps=4",
+              "reference.num_steps=4", "bootstrap=10", "cost.batch_size=2", "cost.repeats=1"]
+    assert main(["search", "--space", "video-default", "--quiet", *[a for s in shrink for a in ("--set", s)]]) == 0
+    best = json.loads((tmp_path / "runs" / "video-default" / "best.json").read_text())
+    assert best["schedule"]["version"] == 3 and len(best["schedule"]["cond"]) == 4
+    assert all(tuple(p) in {(1, 2, 2), (2, 2, 2), (1, 4, 4)} for p in best["schedule"]["cond"] + best["schedule"]["uncond"])
+    for name in ("fid", "class_accuracy"):
+        h = best["qualities"][name]["heldout"]
+        assert h["n"] == 16 and h["ci95"][0] <= h["value"] <= h["ci95"][1]
+    assert main(["sample", "--model", "embedded:video/flexidit-moving-digits", "--schedule",
+                 "runs/video-default/best.json", "--n", "1", "--out", "clips.gif", "--quiet"]) == 0
+    with Image.open(tmp_path / "clips.gif") as gif:
+        assert gif.n_frames == 8 and gif.is_animated
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["clips.gif", "runs"]
