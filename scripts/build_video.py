@@ -34,7 +34,7 @@ from flexisearch.sampling.schedule import Schedule
 from flexisearch.training.dit import FlexifyConfig, train_flexify
 from flexisearch.training.video_featnet import build_video_feature_assets
 
-from family import CFG_SCALE, STEPS, Measure, band, evaluate, family_rows, largest_k_inside, plot_curve
+from family import CFG_SCALE, STEPS, Measure, band, evaluate, family_rows, plot_curve, saved_inside
 
 VIDEO = ASSETS / "video"
 NAME = "flexidit-moving-digits"
@@ -91,8 +91,7 @@ def card(model: FlexiVideoDiT, res: dict, base: Path, n: int) -> str:
     native_frame = [res[f"native_seedset{i}"]["frame_fid"] for i in range(3)]
     rows = []
     for weak in WEAK:
-        k = largest_k_inside(res, weak)
-        saved = 100 * (1 - res[f"weak_first_{k}@{size_key(weak)}"]["fraction"]) if k is not None else 0.0
+        k, saved = saved_inside(res, weak)
         rows.append(f"| {size_key(weak)} | {res[f'weak@{size_key(weak)}']['fid']:.2f} | "
                     f"{res[f'weak@{size_key(weak)}']['fraction']:.3f} | {k} | {saved:.1f}% |")
     families = "\n\n".join(f"### weak {size_key(w)} for the first k steps\n\n| k | FLOPs / native | saving | FVD | "

@@ -86,6 +86,12 @@ def largest_k_inside(res: dict, weak: Size) -> int | None:
     return max((k for k, m in curve(res, weak) if m["fid"] <= limit), default=None)
 
 
+def saved_inside(res: dict, weak: Size) -> tuple[int | None, float]:
+    """(largest k inside the band, the percentage of FLOPs it saves; 0 when there is none)."""
+    k = largest_k_inside(res, weak)
+    return k, 100 * (1 - dict(curve(res, weak))[k]["fraction"]) if k is not None else 0.0
+
+
 def family_rows(res: dict, weak: Size) -> str:
     """The markdown rows (k, FLOPs / native, saving, FID, inside band) of one weak size's family."""
     limit = band(res)[3]
