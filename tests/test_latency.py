@@ -17,7 +17,7 @@ from flexisearch.cli import main
 from flexisearch.errors import UserError
 from flexisearch.optimize.config import load_search_config
 from flexisearch.optimize.evaluate import Evaluator
-from flexisearch.sampling.latency import CostTable, Timing, profile
+from flexisearch.sampling.latency import CostTable, Timing, _time_parts, profile
 from flexisearch.sampling.schedule import Schedule
 
 
@@ -30,6 +30,26 @@ def lora_model():
 def table(lora_model):
     return profile(lora_model, [1, 3], ["euler", "dpm++"], warmup=1, repeats=3)
 
+
+
+def test_parts_are_timed_in_turns_as_runs_of_warm_consecutive_calls(monkeypatch):
+    """Each round times every part once, as one untimed call and then enough calls to last unit_s; the table
+    keeps seconds per call. A fake clock that each call advances by its part's cost makes this exact."""
+    clock, calls = [0.0], []
+
+    def part(name: str, cost: float):
+        def fn() -> None:
+            calls.append(name)
+            clock[0] += cost
+        return fn
+
+    monkeypatch.setattr("flexisearch.sampling.latency.time.perf_counter", lambda: clock[0])
+    a, b = 2.0**-6, 2.0**-5  # binary fractions: the clock's sums are exact
+    timed = _time_parts({"a": part("a", a), "b": part("b", b)}, torch.device("cpu"), warmup=2, repeats=3,
+                        unit_s=2.0**-3)
+    assert timed["a"] == Timing(a, a, a, 3) and timed["b"] == Timing(b, b, b, 3)
+    # warm-up, then a run of one call to size the runs (8 and 4 calls); then rounds of (untimed call + run) per part
+    assert calls == ["a"] * 4 + ["b"] * 4 + (["a"] * 9 + ["b"] * 5) * 3
 
 # ---- the cost table ------------------------------------------------------------------------------------------
 

@@ -3,8 +3,9 @@
 `profile` times, on the device and in the dtype it is given, the parts one batch of `sample` is made of:
 one step of each CFG layout (both branches in one call at a shared patch size, or one call per branch at
 different sizes; or the conditional branch alone when guidance is off), one solver step, and the set-up
-(per-sample noise, timesteps). Each is warmed up, then repeated; the table keeps medians and quartiles,
-and the peak memory of one step. A schedule's predicted time for a batch is the sum of its parts, so a
+(per-sample noise, timesteps). Each is warmed up, then timed as runs of consecutive calls, the parts taking
+turns round after round (`_time_parts`); the table keeps medians and quartiles of the seconds per call, and
+the peak memory of one step. A schedule's predicted time for a batch is the sum of its parts, so a
 search can minimise seconds instead of FLOPs (`cost: latency`).
 
 The table is JSON (schema flexisearch.cost_table, version 1), keyed by what its numbers depend on: the
@@ -15,6 +16,7 @@ differs from the run's is never used.
 from __future__ import annotations
 
 import copy
+import math
 import platform
 import statistics
 import time
@@ -237,18 +239,33 @@ def _peak_bytes(fn: Callable[[], Any], device: torch.device) -> int:
     return mode.peak
 
 
-def _time(fn: Callable[[], Any], device: torch.device, warmup: int, repeats: int) -> Timing:
+def _time_parts(parts: dict[Any, Callable[[], Any]], device: torch.device, warmup: int, repeats: int,
+                unit_s: float = 0.05) -> dict[Any, Timing]:
+    """Seconds per call of every part. The parts take turns, one run each per round, so that a drift of the
+    machine's speed shifts them all alike. A run is one untimed call, then consecutive calls lasting about unit_s,
+    timed: a sampling loop repeats a layout step after step, with caches and allocator warm for it (a call timed
+    right after another part's is slower), and one short call alone is noisy."""
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
-    for _ in range(warmup):
+
+    def run(fn: Callable[[], Any], calls: int) -> float:
         fn()
-    seconds = []
-    for _ in range(repeats):
         sync()
         t0 = time.perf_counter()
-        fn()
+        for _ in range(calls):
+            fn()
         sync()
-        seconds.append(time.perf_counter() - t0)
-    return Timing.of(seconds)
+        return (time.perf_counter() - t0) / calls
+
+    calls = {}
+    for k, fn in parts.items():
+        for _ in range(warmup):
+            fn()
+        calls[k] = max(1, math.ceil(unit_s / max(run(fn, 1), 1e-6)))
+    seconds: dict[Any, list[float]] = {k: [] for k in parts}
+    for _ in range(repeats):
+        for k, fn in parts.items():
+            seconds[k].append(run(fn, calls[k]))
+    return {k: Timing.of(v) for k, v in seconds.items()}
 
 
 def _solver_run(solver: str, model: FlexibleDiT, noise: torch.Tensor, gen: torch.Generator) -> Callable[[], None]:
@@ -290,6 +307,7 @@ def profile(model: FlexibleDiT, batch_sizes: Iterable[int], solvers: Iterable[st
         x = torch.randn(b, *cfg.sample_shape, generator=gen).to(device)
         y = (torch.arange(b) % max(1, model.null_class)).to(device)
         t = torch.tensor(500.0, device=device)
+        steps: dict[tuple, Callable[[], Any]] = {}
         for c in sizes:
             for u in [None, *sizes]:
                 s = Schedule(cond=(c,), uncond=(u or c,), guidance_scale=1.0 if u is None else guidance_scale,
@@ -298,16 +316,18 @@ def profile(model: FlexibleDiT, batch_sizes: Iterable[int], solvers: Iterable[st
                 def step(s: Schedule = s, net: torch.nn.Module = run_model) -> torch.Tensor:
                     with amp:
                         return guided_output(net, x, t, y, s.cond[0], s.uncond[0], s, learned)
-                table.steps[(c, u, b)] = _time(step, device, warmup, repeats)
+                steps[(c, u, b)] = step
                 # a compiled model's memory is measured on the eager model (the dispatcher sees no compiled ops)
                 table.peak_bytes[(c, u, b)] = _peak_bytes(lambda s=s: step(s, model), device)
-        for solver in sorted(set(solvers)):
-            run = _solver_run(solver, model, x, gen)
-            whole = _time(run, device, warmup, repeats)
-            table.solvers[(solver, b)] = Timing(*(v / _SOLVER_STEPS for v in (whole.median, whole.q25, whole.q75)),
-                                                whole.repeats)
-        table.setup[b] = _time(lambda b=b: initial_noise(list(range(b)), tuple(x.shape[1:]))[0].to(device),
-                               device, warmup, repeats)
+        solver_runs = {(solver, b): _solver_run(solver, model, x, gen) for solver in sorted(set(solvers))}
+        setup = {b: lambda: initial_noise(list(range(b)), tuple(x.shape[1:]))[0].to(device)}
+        timed = _time_parts({**steps, **solver_runs, **setup}, device, warmup, repeats)
+        table.steps.update({k: timed[k] for k in steps})
+        for k in solver_runs:
+            run = timed[k]
+            table.solvers[k] = Timing(run.median / _SOLVER_STEPS, run.q25 / _SOLVER_STEPS, run.q75 / _SOLVER_STEPS,
+                                      run.repeats)
+        table.setup[b] = timed[b]
     return table
 
 
