@@ -169,6 +169,9 @@ def bench_samplers(budget: int = 80, repeats: int = 3, steps: int = 10) -> None:
             if multi_fidelity:
                 r = evaluator.evaluate(trial, native, min(best, default=None))
                 schedule, violations, n = r.schedule, r.violations, r.samples
+                if r.pruned:  # costs at least the incumbent: nothing sampled (as in a search)
+                    scored.append((schedule, 0))
+                    raise optuna.TrialPruned()
             else:
                 schedule = evaluator.space.suggest(trial)
                 q = evaluator.qualities(schedule)

@@ -15,6 +15,21 @@ os.environ.setdefault("HF_MODULES_CACHE", str(Path(__file__).resolve().parent.pa
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
+REPO_RUNS = Path(__file__).resolve().parent.parent / "runs"
+
+
+def _listing(folder: Path) -> set[str]:
+    return {str(f.relative_to(folder)) for f in folder.rglob("*")} if folder.is_dir() else set()
+
+
+@pytest.fixture(autouse=True)
+def nothing_written_to_the_checkouts_runs():
+    """A test writes in its own temporary folder only: the checkout's runs/ (a user's searches) is left alone."""
+    before = _listing(REPO_RUNS)
+    yield
+    assert _listing(REPO_RUNS) == before, f"the test wrote to {REPO_RUNS}: {sorted(_listing(REPO_RUNS) - before)[:5]}"
+
+
 def random_flexidit(prediction: str = "flow", learn_sigma: bool = False, size: int = 8, extra: tuple = (4,),
                     lora_rank: int = 0, seed: int = 0):
     """A tiny FlexiDiT with all weights random (nothing zero-initialised), with weak sizes added."""

@@ -380,11 +380,12 @@ def _count_forwards(model) -> list[int]:
 
 @pytest.mark.parametrize("metric,native_runs", [({"name": "fid", "relative": 0.05}, 0),
                                                 ({"name": "fid_native", "max": 5.0}, 1)])
-def test_quality_and_confirmation_sample_only_what_the_metric_needs(metric, native_runs, capsys):
+def test_quality_and_confirmation_sample_only_what_the_metric_needs(metric, native_runs, capsys, tmp_path, monkeypatch):
     """FID has fixed statistics: scoring a schedule samples it alone; fid_native also samples static native,
     once per sample set. Confirmation samples static native on the held-out set once for both (the paired
     difference; export confirms static native anyway). Counted model calls against the same sampling done
     directly."""
+    monkeypatch.chdir(tmp_path)  # static native's samples are kept in the run folder (reference_samples)
     model = random_flexidit(size=16)
     cfg = _cfg("unused", metric=metric)
     evaluator = Evaluator(cfg, model=model)

@@ -78,7 +78,8 @@ def independent_fid(net, images, mu, sigma):
     return float(diff @ diff + np.trace(x @ x.T) + np.trace(sigma) - 2 * np.sqrt(eig).sum())
 
 
-def test_objective_scores_decoded_pixels(dirs, tmp_path):
+def test_objective_scores_decoded_pixels(dirs, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the run folder (static native's samples are kept there)
     root, original, net, _ = dirs
     evaluator = Evaluator(write_cfg(root, tmp_path))
     s = Schedule.static(2, 4, guidance_scale=2.0, solver="ddim", model=evaluator.fingerprint)  # the reference

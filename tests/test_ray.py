@@ -101,12 +101,14 @@ def static_weak_quality(path):
     return evaluator.quality(weak)
 
 
-def test_search_uses_both_nodes_and_survives_losing_one(tmp_path, model_dir, cluster):
+def test_search_uses_both_nodes_and_survives_losing_one(tmp_path, model_dir, cluster, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the run folder of static_weak_quality, where the search runs too
     c, workers = cluster
     n, samples = 12, 128
     # a bound between static native (fid_native 0) and static weak: the cheapest schedules miss it
     bound = static_weak_quality(space(tmp_path, model_dir, "two", n_trials=n, samples=samples)) / 2
-    p = space(tmp_path, model_dir, "two", n_trials=n, samples=samples, metric={"name": "fid_native", "max": bound})
+    p = space(tmp_path, model_dir, "two", n_trials=n, samples=samples, metric={"name": "fid_native", "max": bound},
+              fidelities=[32])
     proc = run_cli(tmp_path, ["search", "--backend", "ray", "--address", c.address, "--space", str(p), "--quiet"])
     ids = {w.node_id: w for w in workers}
     deadline = time.time() + 400
@@ -119,7 +121,7 @@ def test_search_uses_both_nodes_and_survives_losing_one(tmp_path, model_dir, clu
     c.remove_node(ids[first[0].node])  # a node goes away in the middle of the search, most likely of a trial
     out, err = proc.communicate(timeout=400)
     assert proc.returncode == 0, err[-2000:]
-    done = completed(tmp_path, "two")
+    done = completed(tmp_path, "two") + trials_in(tmp_path, "two", "PRUNED")
     assert len(done) == n
     assert all(before[t.number] == t.params for t in done if t.number in before)  # no completed trial lost
     assert {t.node for t in done} == set(ids)  # trials ran on both nodes
@@ -140,6 +142,12 @@ def test_search_uses_both_nodes_and_survives_losing_one(tmp_path, model_dir, clu
     assert best["trial"] in {t.number for t in feasible}
     assert best["cost"]["fraction_of_static_native"] == pytest.approx(min(t.values[0] for t in feasible))
     assert min(t.values[0] for t in trials) < best["cost"]["fraction_of_static_native"]
+    # a trial that cost at least the cheapest feasible one when it started was pruned, before any sample
+    pruned = study.get_trials(states=(optuna.trial.TrialState.PRUNED,))
+    assert pruned and best["provenance"]["trials_pruned"] == len(pruned)
+    for t in pruned:
+        assert t.user_attrs["samples"] == 0 and t.user_attrs["stopped"] == "cost" and not t.constraints
+        assert t.user_attrs["macs"] > best["cost"]["macs"]
 
 
 class _Planted:

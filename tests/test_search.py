@@ -649,7 +649,7 @@ def test_exported_documents_describe_the_study(in_tmp, model_dir):
     assert prov == {"study": "t", "storage": "sqlite:///runs/t/study.db", "sampler": "random", "objective": "single",
                     "cost": "flops",
                     "space": "branch_threshold", "n_trials": 5, "search_samples": 20, "search_seeds": [0, 19],
-                    "fidelities": [20], "trials_stopped_early": 0, "trials_stopped_by": {}, "flexisearch": __version__, "model_calls_saved_by_prefix_reuse": sum(c[0] for c in calls),
+                    "fidelities": [20], "trials_stopped_early": 0, "trials_pruned": 0, "trials_stopped_by": {}, "flexisearch": __version__, "model_calls_saved_by_prefix_reuse": sum(c[0] for c in calls),
                     "model_calls_run": sum(c[1] for c in calls)}
     assert len(calls) == 1 and calls[0][1] > 0
     c = {"metric": "fid_native", "bound": 5.0, "relative": None, "within": None, "absolute": 5.0,
@@ -906,12 +906,15 @@ def test_class_accuracy_needs_a_classifier_of_the_models_classes(in_tmp, model_d
 
 
 def test_multi_fidelity_stops_hopeless_trials_at_the_first_fidelity_and_keeps_the_best(in_tmp, model_dir):
-    """The embedded model, fidelities [16] of 64 search samples, class accuracy at least 0.9: a trial that is
-    confidently below 0.9 on the first 16 samples (static native's accuracy on all 64 plus the upper end of the
-    paired interval of its difference from static native on those 16 is below 0.9: guidance scale 0 ignores
-    the class), or that costs at least the cheapest feasible schedule so far, stops there (scored on 16
-    samples, never exported); every other trial is scored on all 64, and the exported best is the one of a
-    search that scored every schedule on all 64."""
+    """The embedded model, fidelities [16] of 64 search samples, class accuracy at least 0.9: a trial that costs at
+    least the cheapest feasible schedule so far is pruned before any sample (Optuna's PRUNED state: its cost is
+    exact, it cannot be the answer); one that is confidently below 0.9 on the first 16 samples (static native's
+    accuracy on all 64 plus the upper end of the paired interval of its difference from static native on those 16
+    is below 0.9: guidance scale 0 ignores the class) stops there (scored on 16 samples, never exported); every
+    other trial is scored on all 64, and the exported best is the one of a search that scored every schedule on
+    all 64."""
+    from optuna.trial import TrialState
+
     from flexisearch.optimize.export import export_study
     from flexisearch.optimize.study import trial_records
 
@@ -923,36 +926,43 @@ def test_multi_fidelity_stops_hopeless_trials_at_the_first_fidelity_and_keeps_th
     cfg = load_search_config(write_space(in_tmp, model_dir, study="mf", fidelities=[16], **over))
     evaluator = Evaluator(cfg)
     study = run_search(cfg, evaluator, progress=False)
-    records = sorted(trial_records(study), key=lambda r: r["number"])
-    assert len(records) == 10
+    records = {r["number"]: r for r in trial_records(study)}
+    assert len(study.trials) == 10
     head = evaluator.search_set.head(16)
     native = evaluator.qualities(evaluator.reference)["class_accuracy"]
     accuracy = evaluator.constraints[1].metric
     cheapest, why = None, set()
-    for r in records:
-        paired = accuracy.paired_interval(evaluator.samples(r["schedule"], head), evaluator.native_samples(head), head,
+    for t in study.trials:
+        schedule = Schedule.from_dict(t.user_attrs["schedule"])
+        if cheapest is not None and evaluator.cost(schedule)["fraction"] >= cheapest:
+            assert t.state == TrialState.PRUNED and t.number not in records and not t.constraints
+            assert t.user_attrs["samples"] == 0 and t.user_attrs["stopped"] == "cost"
+            why.add("dominated")
+            continue
+        r = records[t.number]
+        paired = accuracy.paired_interval(evaluator.samples(schedule, head), evaluator.native_samples(head), head,
                                           cfg.bootstrap)
         infeasible = native + paired[2] < 0.9
-        dominated = cheapest is not None and r["fraction"] >= cheapest
-        t = study.trials[r["number"]]
-        assert r["stopped"] == ("cost" if dominated else "class_accuracy" if infeasible else "")
+        assert r["stopped"] == ("class_accuracy" if infeasible else "")
         assert t.user_attrs["samples"] == (16 if r["stopped"] else 64)
-        why |= {"infeasible"} if infeasible else {"dominated"} if dominated else set()
+        why |= {"infeasible"} if infeasible else set()
         on = head if r["stopped"] else evaluator.search_set  # the qualities recorded: of the samples it was scored on
-        assert r["qualities"] == pytest.approx(evaluator.qualities(r["schedule"], on), rel=1e-9)
+        assert r["qualities"] == pytest.approx(evaluator.qualities(schedule, on), rel=1e-9)
         assert t.constraints["class_accuracy"] == pytest.approx(0.9 - r["qualities"]["class_accuracy"])
         assert r["feasible"] == (not r["stopped"] and r["qualities"]["class_accuracy"] >= 0.9)
         if r["feasible"]:
             cheapest = min(cheapest if cheapest is not None else r["fraction"], r["fraction"])
     assert why == {"infeasible", "dominated"}  # both rules stopped trials
-    assert all(r["stopped"] for r in records if r["schedule"].guidance_scale == 0.0)
+    assert all(r["stopped"] for r in records.values() if r["schedule"].guidance_scale == 0.0)
 
     best = export_study(cfg, evaluator, study)
     whole = Evaluator(whole_cfg)
     assert best["schedule"] == export_study(whole_cfg, whole, run_search(whole_cfg, whole, progress=False))["schedule"]
-    stopped = [r["stopped"] for r in records if r["stopped"]]
+    pruned = sum(t.state == TrialState.PRUNED for t in study.trials)
+    stopped = [r["stopped"] for r in records.values() if r["stopped"]] + ["cost"] * pruned
     assert best["provenance"]["fidelities"] == [16, 64] and best["provenance"]["trials_stopped_early"] == len(stopped)
     assert best["provenance"]["trials_stopped_by"] == {k: stopped.count(k) for k in ("cost", "class_accuracy")}
+    assert best["provenance"]["n_trials"] == 10 and best["provenance"]["trials_pruned"] == pruned > 0
     assert best["provenance"]["model_calls_run"] < whole.cache.calls_run  # the stopped trials' calls were saved
 
 

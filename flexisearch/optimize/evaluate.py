@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from ..errors import UserError
+from ..files import asset_path
 from ..metrics.registry import load_metric
 from ..models import flops
 from ..models.flexible import FlexibleDiT
@@ -28,6 +29,7 @@ from ..sampling.generate import TrajectoryCache, sample
 from ..sampling.latency import CostTable, cost_table
 from ..sampling.schedule import SOLVERS, Schedule
 from .config import MetricConfig, SearchConfig, reference_schedule, run_dir
+from .reference_samples import reference_key, reference_samples
 from .sample_sets import SampleSet, search_sample_sets
 from .spaces import make_space
 
@@ -47,9 +49,15 @@ class TrialResult:
     stopped: str
 
     @property
-    def quality(self) -> float:
-        """The searched metric's value (config `metric`)."""
-        return next(iter(self.qualities.values()))
+    def quality(self) -> float | None:
+        """The searched metric's value (config `metric`); None when nothing was sampled."""
+        return next(iter(self.qualities.values()), None)
+
+    @property
+    def pruned(self) -> bool:
+        """Stopped before sampling anything: the study records it as PRUNED (Optuna's own state for a trial that
+        cannot be the answer), not as a complete trial with made-up constraint values."""
+        return self.samples == 0
 
     def values(self, objective: str) -> float | tuple[float, float]:
         """The study's objective values: the cost fraction ("single"), or (fraction, quality) ("multi")."""
@@ -170,11 +178,17 @@ class Evaluator:
         return dataclasses.replace(cfg, cost=dataclasses.replace(cfg.cost, table=str(self.own_cost_table().resolve())))
 
     def native_samples(self, sample_set: SampleSet, progress: bool = False) -> torch.Tensor:
-        """Samples of the static native reference on a sample set (the fid_native target, and what a paired
-        difference compares with), sampled once per set."""
-        key = f"{sample_set.name}|{len(sample_set.seeds)}"
+        """Samples of the static native reference on a sample set (the bounds' reference, the fid_native target,
+        what a paired difference compares with): sampled once per set and model, kept on disk (reference_samples).
+        Those of a lower fidelity are the first of the whole search set's: a sample depends on its seed and label."""
+        n = len(sample_set.seeds)
+        if n < len(self.search_set.seeds) and sample_set == self.search_set.head(n):
+            return self.native_samples(self.search_set, progress)[:n]
+        key = f"{sample_set.name}|{n}"
         if key not in self._native_samples:
-            self._native_samples[key] = self.samples(self.reference, sample_set, progress)
+            self._native_samples[key] = reference_samples(
+                reference_key(self.model, self.reference, sample_set), [asset_path(self.cfg.model)], run_dir(self.cfg),
+                lambda: self.samples(self.reference, sample_set, progress))
         return self._native_samples[key]
 
     def qualities(self, schedule: Schedule, sample_set: SampleSet | None = None) -> dict[str, float]:
@@ -182,7 +196,7 @@ class Evaluator:
         sample_set = sample_set or self.search_set
         key = f"{sample_set.name}|{len(sample_set.seeds)}|{json.dumps(schedule.to_dict())}"
         if key not in self._memo:
-            images = self.samples(schedule, sample_set)
+            images = self._images(schedule, sample_set, False)
             self._memo[key] = {c.name: c.metric.score(images, sample_set, self._target(c, sample_set))
                                for c in self.constraints}
         return self._memo[key]
@@ -230,8 +244,9 @@ class Evaluator:
     def evaluate(self, trial: Any, native: dict[str, float], incumbent: float | None = None) -> TrialResult:
         """The trial's schedule (an Optuna Trial, or a FixedTrial of a Ray trial's parameters), measured on growing
         prefixes of the search set (cfg.fidelities, then all of it) against the bounds that static native's values
-        on the whole search set (`native`) give. It stops at a lower fidelity when it costs at least the incumbent
-        (the cheapest schedule known to meet every bound: it cannot be better), when its predicted peak memory is
+        on the whole search set (`native`) give. With fidelities, a schedule that costs at least the incumbent (the
+        cheapest schedule known to meet every bound: it cannot be better) is stopped before any sample (`pruned`);
+        otherwise it stops at a lower fidelity when its predicted peak memory is
         above cost.max_memory_mb, or when it is confidently infeasible there: compared with static native on the
         same samples, even the favourable end of the 95% interval of the difference, added to static native's
         value on the whole set, violates a bound. The difference, not the value, carries over between sample
@@ -239,11 +254,12 @@ class Evaluator:
         is unbiased anyway."""
         schedule = self.space.suggest(trial)  # made of the model's sizes and solvers (checked at construction)
         cost, bounds = self.cost(schedule), self.bounds(native)
+        if len(self.fidelities) > 1 and incumbent is not None and cost["fraction"] >= incumbent:
+            return TrialResult(schedule, cost, {}, {}, 0, "cost")  # its cost is exact: no sample can change that
         for n in self.fidelities[:-1]:
             scored = self._interim(schedule, n)
             # a metric without a paired interval has nan ends: its comparison is False, it never stops a trial
             why = [name for name, v in self._memory(schedule).items() if v > 0]
-            why += ["cost"] if incumbent is not None and cost["fraction"] >= incumbent else []
             why += [c.name for c in self.constraints if c.violation(
                 native[c.name] + scored[c.name][2 if c.metric.higher_is_better else 1], bounds[c.name]) > 0]
             if why:

@@ -11,6 +11,7 @@ import datetime
 from typing import Any
 
 import optuna
+from optuna.trial import TrialState
 
 from .. import __version__
 from ..errors import UserError
@@ -99,12 +100,14 @@ def export_study(cfg: SearchConfig, evaluator: Evaluator, study: optuna.Study, p
             confirmed[r["number"]] = evaluator.confirm(r["schedule"], progress=progress)
     native = evaluator.confirm(evaluator.reference, progress=progress)
     calls = [v for k, v in study.user_attrs.items() if k.startswith("calls_saved_worker_")]
+    pruned = study.get_trials(deepcopy=False, states=(TrialState.PRUNED,))  # costlier than the incumbent: unsampled
+    stopped_by = collections.Counter([r["stopped"] for r in records if r["stopped"]] + ["cost"] * len(pruned))
     provenance = {"study": cfg.study, "storage": storage_url(cfg), "sampler": cfg.sampler, "objective": cfg.objective,
                   "cost": cfg.cost.type,
-                  "space": cfg.space.type, "n_trials": len(records), "search_samples": cfg.search_samples,
+                  "space": cfg.space.type, "n_trials": len(records) + len(pruned), "search_samples": cfg.search_samples,
                   "search_seeds": [0, cfg.search_samples - 1], "fidelities": list(evaluator.fidelities),
-                  "trials_stopped_early": sum(bool(r["stopped"]) for r in records),
-                  "trials_stopped_by": dict(collections.Counter(r["stopped"] for r in records if r["stopped"])),
+                  "trials_stopped_early": sum(stopped_by.values()), "trials_pruned": len(pruned),
+                  "trials_stopped_by": dict(stopped_by),
                   "flexisearch": __version__,
                   "model_calls_saved_by_prefix_reuse": sum(c[0] for c in calls),
                   "model_calls_run": sum(c[1] for c in calls),

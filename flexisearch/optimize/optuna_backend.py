@@ -21,6 +21,7 @@ from ..errors import UserError
 from .config import SearchConfig, storage_url
 from .evaluate import Evaluator
 from .study import (
+    DONE,
     WORKER,
     incumbent,
     open_study,
@@ -48,7 +49,7 @@ class _Interrupted(_Stop):
 def _trial_fn(cfg: SearchConfig, evaluator: Evaluator, native: dict[str, float]):
     """The callable study.optimize runs: one trial evaluation, recorded in the study."""
     def fn(trial: optuna.Trial) -> float | tuple[float, float]:
-        ahead = trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING))
+        ahead = trial.study.get_trials(deepcopy=False, states=(*DONE, TrialState.RUNNING))
         if sum(t.number < trial.number for t in ahead) >= cfg.n_trials:
             release(trial.study, trial)  # another process took the last place
             raise _StudyFull
@@ -59,6 +60,8 @@ def _trial_fn(cfg: SearchConfig, evaluator: Evaluator, native: dict[str, float])
         except KeyboardInterrupt:
             release(trial.study, trial)
             raise _Interrupted from None
+        if result.pruned:
+            raise optuna.TrialPruned(f"costs {result.cost['fraction']:.4g}, at least the incumbent's")
         return result.values(cfg.objective)
     return fn
 
@@ -68,11 +71,11 @@ def run_worker(cfg: SearchConfig, evaluator: Evaluator, progress: bool = True) -
     study = open_study(cfg, evaluator)
     release_trials(study)
     native = reference_qualities(study, evaluator)
-    remaining = max(0, cfg.n_trials - len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))))
+    remaining = max(0, cfg.n_trials - len(study.get_trials(deepcopy=False, states=DONE)))
     try:
         if remaining:
             study.optimize(_trial_fn(cfg, evaluator, native), n_trials=remaining, show_progress_bar=progress,
-                           callbacks=[optuna.study.MaxTrialsCallback(cfg.n_trials, states=(TrialState.COMPLETE,))],
+                           callbacks=[optuna.study.MaxTrialsCallback(cfg.n_trials, states=DONE)],
                            catch=(RuntimeError,))
     except _StudyFull:
         pass

@@ -27,6 +27,7 @@ from .config import SearchConfig, config_dict, config_from_dict, run_dir
 from .evaluate import Evaluator
 from .spaces import Space
 from .study import (
+    DONE,
     WORKER,
     incumbent,
     open_study,
@@ -91,6 +92,10 @@ def constrained_optuna_search(cfg: SearchConfig, **kwargs: Any) -> Any:
                 ot_trial.set_user_attr("node", result["node"])
                 self._ot_study.set_user_attr(f"calls_saved_worker_{result['node'][:8]}_{result['pid']}",
                                              [result["calls_saved"], result["calls_run"]])
+                if result["samples"] == 0:  # TrialResult.pruned: the study records it as the Optuna backend does
+                    self._ot_study.tell(ot_trial, state=optuna.trial.TrialState.PRUNED)
+                    self._completed_trials.add(trial_id)
+                    return
             super().on_trial_complete(trial_id, result, error)
 
     return ConstrainedOptunaSearch(**kwargs)
@@ -184,7 +189,7 @@ def run_ray_search(cfg: SearchConfig, evaluator: Evaluator, address: str | None 
         # Round 0 runs the trials the study lacks; later rounds top up trials that failed for good (e.g. their
         # node died more often than FailureConfig allows). Each round is a new Tune experiment.
         for round_ in range(cfg.max_failures + 1):
-            remaining = cfg.n_trials - len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)))
+            remaining = cfg.n_trials - len(study.get_trials(deepcopy=False, states=DONE))
             if remaining <= 0:
                 break
             name = f"{cfg.study}-{datetime.datetime.now():%Y%m%d-%H%M%S}-{os.getpid()}-{round_}"

@@ -9,7 +9,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import optuna
-from optuna.trial import TrialState
 
 from ..errors import UserError
 from ..files import read_json
@@ -27,7 +26,7 @@ from .evaluate import Evaluator
 from .export import export_study
 from .optuna_backend import run_search
 from .storage import existing_study
-from .study import open_study, stored_config
+from .study import DONE, open_study, stored_config
 
 
 @dataclass
@@ -69,13 +68,13 @@ def search(config: str | os.PathLike | SearchConfig | None = None, *, device: st
 
     config: a search YAML, a shipped config's name (`flexisearch spaces`), a SearchConfig, or None (the shipped
     default); overrides replace top-level keys (study, n_trials, sampler, storage, objective, ...). n_trials is
-    the number of complete trials the study should hold: a rerun runs the missing ones, add_trials > 0 runs that
+    the number of trials the study should hold (complete, or pruned for their cost): a rerun runs the missing ones, add_trials > 0 runs that
     many more, and a study that is complete and exported is returned as it is (searched=False). backend
     "optuna" runs `workers` processes on this machine; "ray" runs on the Ray cluster at `address` (None: a
     local one). device: cpu, cuda or cuda:N (None: cuda when there is one)."""
     cfg = load_config(config, **overrides)
     existing = existing_study(storage_url(cfg), cfg.study)
-    done = len(existing.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))) if existing else 0
+    done = len(existing.get_trials(deepcopy=False, states=DONE)) if existing else 0
     if add_trials > 0:
         cfg = dataclasses.replace(cfg, n_trials=done + add_trials)
     elif existing is not None and done >= cfg.n_trials and (run_dir(cfg) / "best.json").is_file():

@@ -32,8 +32,9 @@ from .storage import existing_study, open_storage
 
 # "weak for the first k steps", as fractions of the steps: static native first (the reference, already
 # sampled: free, and it meets relative bounds), then cheapest first, so that once one meets every bound the
-# costlier ones stop at the first fidelity (Evaluator.evaluate)
+# costlier ones are pruned before any sample (Evaluator.evaluate)
 PAPER_FRACTIONS = (0.0, 1.0, 0.6, 0.5, 0.4, 0.3, 0.2)
+DONE = (TrialState.COMPLETE, TrialState.PRUNED)  # the trials n_trials counts: measured, or pruned for their cost
 WORKER = f"{socket.gethostname()}:{os.getpid()}"  # recorded with each trial this process runs
 
 
