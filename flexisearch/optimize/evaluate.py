@@ -246,12 +246,11 @@ class Evaluator:
         prefixes of the search set (cfg.fidelities, then all of it) against the bounds that static native's values
         on the whole search set (`native`) give. With fidelities, a schedule that costs at least the incumbent (the
         cheapest schedule known to meet every bound: it cannot be better) is stopped before any sample (`pruned`);
-        otherwise it stops at a lower fidelity when its predicted peak memory is
-        above cost.max_memory_mb, or when it is confidently infeasible there: compared with static native on the
-        same samples, even the favourable end of the 95% interval of the difference, added to static native's
-        value on the whole set, violates a bound. The difference, not the value, carries over between sample
-        counts: FID's finite-sample bias is shared by both schedules on the same seeds, and a mean over samples
-        is unbiased anyway."""
+        another stops at a lower fidelity when its predicted peak memory is above cost.max_memory_mb, or when it
+        is confidently infeasible there: compared with static native on the same samples, even the favourable end
+        of the 95% interval of the difference, added to static native's value on the whole set, violates a bound.
+        The difference, not the value, carries over between sample counts: FID's finite-sample bias is shared by
+        both schedules on the same seeds, and a mean over samples is unbiased anyway."""
         schedule = self.space.suggest(trial)  # made of the model's sizes and solvers (checked at construction)
         cost, bounds = self.cost(schedule), self.bounds(native)
         if len(self.fidelities) > 1 and incumbent is not None and cost["fraction"] >= incumbent:
