@@ -121,8 +121,9 @@ def test_bad_npz_and_unloadable_hub_id_are_one_line_errors(dirs, tmp_path):
         Evaluator(write_cfg(root, tmp_path, reference_stats=None))
 
 
-def test_fid_inception_features_and_npz_statistics_drive_the_search_metric(dirs, tmp_path):
+def test_fid_inception_features_and_npz_statistics_drive_the_search_metric(dirs, tmp_path, monkeypatch):
     """The FID Inception-v3 (random weights here; the real ones download when online) plugs into the metric."""
+    monkeypatch.chdir(tmp_path)  # the run folder (static native's samples are kept there)
     from flexisearch.metrics.inception import FIDInceptionV3
 
     root, original, _, _ = dirs

@@ -147,7 +147,7 @@ def test_search_uses_both_nodes_and_survives_losing_one(tmp_path, model_dir, clu
     assert pruned and best["provenance"]["trials_pruned"] == len(pruned)
     for t in pruned:
         assert t.user_attrs["samples"] == 0 and t.user_attrs["stopped"] == "cost" and not t.constraints
-        assert t.user_attrs["macs"] > best["cost"]["macs"]
+        assert t.user_attrs["macs"] >= best["cost"]["macs"]
 
 
 class _Planted:
