@@ -6,8 +6,8 @@
 For each batch size, in rounds (see `measure`), profiles the model (flexisearch.sampling.latency.profile; or
 reads --table) and times `sample` for one batch of each schedule; prints the medians over rounds: the
 prediction of the cost table, the measurement and its spread (interquartile range over the median), the
-prediction's error, the FLOPs fraction, the measured speed-up over static native, the speed-up the FLOPs predict, and their ratio (1.0 = wall clock tracks FLOPs exactly). Built in: static
-native, static weak and the paper's best weak-first-k (k = 60% of the steps); add searched schedules
+prediction's error, the FLOPs fraction, the measured speed-up over static native, the speed-up the FLOPs
+predict, and their ratio (1.0 = wall clock tracks FLOPs exactly). Built in: static native, static weak and the paper's best weak-first-k (k = 60% of the steps); add searched schedules
 with --schedule NAME=PATH (a best.json or schedule file).
 """
 
@@ -50,9 +50,9 @@ def measure(model, schedules: dict[str, Schedule], batch: int, args: argparse.Na
     rounds = max(args.repeats, math.ceil(args.min_seconds / first["static native"]))
     predicted: dict[str, list[float]] = {name: [] for name in schedules}
     measured: dict[str, list[float]] = {name: [] for name in schedules}
+    given = CostTable.load(args.table) if args.table else None
     for _ in range(rounds):
-        table = CostTable.load(args.table) if args.table else profile(model, [batch], solvers, dtype=args.dtype,
-                                                                      warmup=1, repeats=1)
+        table = given or profile(model, [batch], solvers, dtype=args.dtype, warmup=1, repeats=1)
         for name, s in schedules.items():
             predicted[name].append(table.batch_seconds(s, batch))
             measured[name].append(run(s))

@@ -346,8 +346,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("search", help="search schedules (the main job); resumes an existing study")
     study_args(p)
     p.add_argument("--n-trials", type=_positive,
-                   help="trials the study should hold, complete or pruned (a rerun runs the missing ones; a complete study is "
-                        "left as it is)")
+                   help="trials the study should hold, complete or pruned (a rerun runs the missing ones; a complete "
+                        "study is left as it is)")
     p.add_argument("--add-trials", type=_positive, default=0, metavar="N", help="run N trials more than the study holds")
     p.add_argument("--sampler", choices=["tpe", "nsga2", "gp", "random", "bruteforce"], help="Optuna sampler (default tpe)")
     p.add_argument("--warm-start", metavar="SOURCE", help="try first the schedules of another search: its best.json, "

@@ -28,9 +28,10 @@ FOLDER = "reference_samples"
 
 
 def reference_key(model: FlexibleDiT, reference: Schedule, sample_set: SampleSet) -> dict[str, Any]:
-    """What static native's samples on a sample set depend on."""
+    """What static native's samples on a sample set depend on (the reference schedule names the model's
+    fingerprint: no second hash of the weights)."""
     prompts = getattr(model, "prompt_fingerprint", None)  # a text model's labels are rows of its prompt table
-    return {"model": model.fingerprint(), "prompts": prompts() if prompts else None, "merge_lora": model.lora_merged,
+    return {"model": reference.model, "prompts": prompts() if prompts else None, "merge_lora": model.lora_merged,
             "reference": reference.to_dict(), "labels": list(sample_set.labels), "seeds": list(sample_set.seeds)}
 
 

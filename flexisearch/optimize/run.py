@@ -68,10 +68,10 @@ def search(config: str | os.PathLike | SearchConfig | None = None, *, device: st
 
     config: a search YAML, a shipped config's name (`flexisearch spaces`), a SearchConfig, or None (the shipped
     default); overrides replace top-level keys (study, n_trials, sampler, storage, objective, ...). n_trials is
-    the number of trials the study should hold (complete, or pruned for their cost): a rerun runs the missing ones, add_trials > 0 runs that
-    many more, and a study that is complete and exported is returned as it is (searched=False). backend
-    "optuna" runs `workers` processes on this machine; "ray" runs on the Ray cluster at `address` (None: a
-    local one). device: cpu, cuda or cuda:N (None: cuda when there is one)."""
+    the number of trials the study should hold (complete, or pruned for their cost): a rerun runs the missing
+    ones, add_trials > 0 runs that many more, and a study that is complete and exported is returned as it is
+    (searched=False). backend "optuna" runs `workers` processes on this machine; "ray" runs on the Ray cluster at
+    `address` (None: a local one). device: cpu, cuda or cuda:N (None: cuda when there is one)."""
     cfg = load_config(config, **overrides)
     existing = existing_study(storage_url(cfg), cfg.study)
     done = len(existing.get_trials(deepcopy=False, states=DONE)) if existing else 0
