@@ -1,6 +1,7 @@
 """Test environment: offline, no Ray telemetry, temp dirs under the work tree; tiny shared models."""
 
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -100,11 +101,27 @@ def converted_tiny_dit(root: Path):
     return original
 
 
+def spawn(cmd: list[str], folder: Path, **popen) -> subprocess.Popen:
+    """A child process whose stdout and stderr go to files in folder (read back by `finish`), not to pipes: a
+    child that writes more than a pipe holds while the test polls it would block until somebody reads."""
+    folder.mkdir(parents=True, exist_ok=True)
+    n = len(list(folder.glob("child-*.out")))
+    with open(folder / f"child-{n}.out", "w") as out, open(folder / f"child-{n}.err", "w") as err:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True, **popen)
+    proc.logs = folder / f"child-{n}.out", folder / f"child-{n}.err"
+    return proc
+
+
+def finish(proc: subprocess.Popen, timeout: float) -> tuple[str, str]:
+    """Wait for a `spawn`ed child; its stdout and stderr."""
+    proc.wait(timeout=timeout)
+    return proc.logs[0].read_text(), proc.logs[1].read_text()
+
+
 def flexify_on_ray(args: list[str], tmp_path: Path) -> None:
     """`flexisearch train flexify ARGS` on 2 Ray Train CPU workers, in a process of its own (Ray's files under
     tmp_path); checks that it succeeded with 2 workers (OUT given by --out, relative to the working directory)."""
     import json
-    import subprocess
     import sys
 
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), RAY_TMPDIR=str(tmp_path / "r"))

@@ -5,7 +5,6 @@ import json
 import os
 import signal
 import sqlite3
-import subprocess
 import sys
 import time
 from types import SimpleNamespace
@@ -13,7 +12,7 @@ from types import SimpleNamespace
 import optuna
 import pytest
 import yaml
-from conftest import random_flexidit
+from conftest import finish, random_flexidit, spawn
 
 from flexisearch.cli import main
 from flexisearch.optimize.config import load_search_config
@@ -87,10 +86,9 @@ def cluster():
             os.environ["PYTHONPATH"] = old
 
 
-def run_cli(tmp_path, argv, **env):
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), **env)
-    return subprocess.Popen([sys.executable, "-m", "flexisearch.cli", *argv], cwd=tmp_path, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def run_cli(tmp_path, argv):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    return spawn([sys.executable, "-m", "flexisearch.cli", *argv], tmp_path / "logs", cwd=tmp_path, env=env)
 
 
 def static_weak_quality(path):
@@ -119,7 +117,7 @@ def test_search_uses_both_nodes_and_survives_losing_one(tmp_path, model_dir, clu
     before = {t.number: t.params for t in completed(tmp_path, "two")}
     assert proc.poll() is None and len(before) < n, f"the search was over before the node loss ({len(before)} trials)"
     c.remove_node(ids[first[0].node])  # a node goes away in the middle of the search, most likely of a trial
-    out, err = proc.communicate(timeout=400)
+    out, err = finish(proc, 400)
     assert proc.returncode == 0, err[-2000:]
     done = completed(tmp_path, "two") + trials_in(tmp_path, "two", "PRUNED")
     assert len(done) == n
@@ -177,12 +175,14 @@ def test_killed_driver_resumes_from_the_study_and_never_unpickles_the_run_direct
         if len(completed(tmp_path, "resume")) >= 2 and len(running) == 1 and running[0].worker:
             break
         time.sleep(0.05)
-    assert proc.poll() is None, proc.communicate()[1][-2000:]  # still running: it must not have failed early
+    assert proc.poll() is None, finish(proc, 10)[1][-2000:]  # still running: it must not have failed early
+    waited = time.time() - deadline + 240
     proc.send_signal(signal.SIGKILL)  # a hard stop, as when the driver's machine is preempted
-    proc.communicate(timeout=400)
+    _, err = finish(proc, 400)
     first = {t.number: t.params for t in completed(tmp_path, "resume")}
     in_flight = {t.number: t.params for t in trials_in(tmp_path, "resume", "RUNNING")}
-    assert 2 <= len(first) < n and len(in_flight) == 1
+    assert 2 <= len(first) < n and len(in_flight) == 1, (f"killed after {waited:.0f} s with {len(first)} complete "
+                                                         f"and {len(in_flight)} running trials; stderr: {err[-2000:]}")
 
     ray_dir = tmp_path / "runs" / "resume" / "ray"
     marker = tmp_path / "pickle-was-loaded"
@@ -193,7 +193,7 @@ def test_killed_driver_resumes_from_the_study_and_never_unpickles_the_run_direct
         for name in ("tuner.pkl", "trainable.pkl", "searcher-state-planted.pkl", *(f.name for f in d.glob("*.pkl"))):
             (d / name).write_bytes(payload)
     proc = run_cli(tmp_path, argv)
-    _, err = proc.communicate(timeout=400)
+    _, err = finish(proc, 400)
     assert proc.returncode == 0, err[-2000:]
     assert not marker.exists()
     done = {t.number: t.params for t in completed(tmp_path, "resume")}

@@ -4,12 +4,12 @@ worker killed mid-run is replaced and resumes from the last checkpoint to the un
 import json
 import os
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
+from conftest import finish, spawn
 
 from flexisearch.files import load_weights
 from flexisearch.models.dit import FlexiDiT
@@ -39,10 +39,9 @@ def test_two_ray_workers_equal_one_process_and_survive_a_killed_worker(tmp_path)
     cfg = tmp_path / "cfg.json"
     cfg.write_text(json.dumps(CONFIG))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), RAY_TMPDIR=str(tmp_path / "r"))
-    proc = subprocess.Popen([sys.executable, "-m", "flexisearch.cli", "train", "flexify", "--base",
-                             "embedded:dit-mnist16-base", "--config", str(cfg), "--out", str(tmp_path / "ray"),
-                             "--backend", "ray", "--num-workers", "2"], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = spawn([sys.executable, "-m", "flexisearch.cli", "train", "flexify", "--base", "embedded:dit-mnist16-base",
+                  "--config", str(cfg), "--out", str(tmp_path / "ray"), "--backend", "ray", "--num-workers", "2"],
+                 tmp_path / "logs", env=env)
     train_flexify(FlexifyConfig(base="embedded:dit-mnist16-base", **CONFIG), tmp_path / "one")  # meanwhile
 
     log = tmp_path / "ray" / "loss.jsonl"
@@ -52,7 +51,7 @@ def test_two_ray_workers_equal_one_process_and_survive_a_killed_worker(tmp_path)
     workers = _train_workers()
     assert proc.poll() is None and len(_losses(log)) < CONFIG["steps"] and len(workers) == 2
     os.kill(workers[-1], signal.SIGKILL)  # a worker dies after checkpoint 10, before the end
-    _, err = proc.communicate(timeout=300)
+    _, err = finish(proc, 300)
     assert proc.returncode == 0, err[-2000:]
 
     info = json.loads((tmp_path / "ray" / "train_info.json").read_text())

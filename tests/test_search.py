@@ -14,7 +14,7 @@ import optuna
 import pytest
 import torch
 import yaml
-from conftest import random_flexidit
+from conftest import finish, random_flexidit, spawn
 
 from flexisearch.cli import main
 from flexisearch.errors import UserError
@@ -443,14 +443,13 @@ def test_interrupted_search_resumes_to_the_uninterrupted_result(in_tmp, model_di
     p = write_space(in_tmp, model_dir, study="cut", sampler="bruteforce", n_trials=8, space=PER_STEP_3)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
     # as from a terminal: a suite run in the background (a non-interactive shell's `&`) would hand down an ignored SIGINT
-    proc = subprocess.Popen([sys.executable, "-c", BLOCKING_SEARCH, "search", "--space", str(p), "--quiet"], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    proc = spawn([sys.executable, "-c", BLOCKING_SEARCH, "search", "--space", str(p), "--quiet"], in_tmp / "logs",
+                 env=env, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 120
     while not (in_tmp / "blocked").exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.1)
     proc.send_signal(sig)
-    out, err = proc.communicate(timeout=60)
+    out, err = finish(proc, 60)
     study, done = _completed("cut")
     states = [t.state.name for t in study.trials]
     assert len(done) == 2 and not (in_tmp / "runs" / "cut" / "best.json").exists()
