@@ -181,8 +181,9 @@ def test_killed_driver_resumes_from_the_study_and_never_unpickles_the_run_direct
     _, err = finish(proc, 400)
     first = {t.number: t.params for t in completed(tmp_path, "resume")}
     in_flight = {t.number: t.params for t in trials_in(tmp_path, "resume", "RUNNING")}
-    assert 2 <= len(first) < n and len(in_flight) == 1, (f"killed after {waited:.0f} s with {len(first)} complete "
-                                                         f"and {len(in_flight)} running trials; stderr: {err[-2000:]}")
+    seen = {state: [t.number for t in trials_in(tmp_path, "resume", state)] for state in ("FAIL", "WAITING")}
+    assert 2 <= len(first) < n and len(in_flight) == 1, (f"killed after {waited:.0f} s: complete {sorted(first)}, "
+                                                         f"running {sorted(in_flight)}, {seen}; stderr: {err[-2000:]}")
 
     ray_dir = tmp_path / "runs" / "resume" / "ray"
     marker = tmp_path / "pickle-was-loaded"
