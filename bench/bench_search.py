@@ -67,7 +67,7 @@ def bench_fidelity(*only: str) -> None:
 
 def bench_default() -> None:
     best, wall, peak_gb = fresh_search("bench-default")
-    cfg = load_search_config("search_spaces/default.yaml", {"study": "bench-default"})
+    cfg = load_search_config(space_path(None), {"study": "bench-default"})
     evaluator = Evaluator(cfg)
     bounds = {c["metric"]: c["bound"] for c in best["constraint"]["constraints"]}
 

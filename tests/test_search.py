@@ -816,6 +816,40 @@ def test_warm_start_evaluates_another_searchs_schedules_first(in_tmp, model_dir,
         run_search(missing, Evaluator(missing), progress=False)
 
 
+def test_native_baseline_is_the_cheapest_feasible_static_native_and_every_costlier_trial_is_pruned(in_tmp, model_dir):
+    """native_baseline: the cheapest static native with fewer steps than the reference that meets the bound (step
+    counts cheapest first, each at every listed guidance scale) is found before the search and enqueued right after
+    static native; as the incumbent from the start, it gets every costlier trial pruned before any sample."""
+    over = dict(space={"num_steps": [2, 3, 4, 6], "guidance_scale": [1.5, 2.0]}, n_trials=8, fidelities=[8],
+                reference={"num_steps": 6, "guidance_scale": 2.0}, sampler="random", native_baseline=True)
+    probe = Evaluator(load_search_config(write_space(in_tmp, model_dir, "probe.yaml", study="probe", **over)))
+
+    def native_params(n, g):
+        return probe.space.paper_params({"num_steps": n, "guidance_scale": g}, 0.0)
+    quality = {(n, g): probe.quality(probe.space.suggest(optuna.trial.FixedTrial(native_params(n, g))))
+               for n in (2, 3) for g in (1.5, 2.0)}
+    bound = min(quality[3, g] for g in (1.5, 2.0)) * 1.001  # met by a 3-step native, by no 2-step one
+    assert min(quality[2, g] for g in (1.5, 2.0)) > bound
+    expected = native_params(3, next(g for g in (1.5, 2.0) if quality[3, g] <= bound))
+
+    cfg = load_search_config(write_space(in_tmp, model_dir, metric={"name": "fid_native", "max": bound}, **over))
+    study = run_search(cfg, Evaluator(cfg), progress=False)
+    trials = sorted(study.trials, key=lambda t: t.number)
+    assert trials[0].params == native_params(6, 2.0) and trials[0].user_attrs["family"] == "threshold"
+    baseline = trials[1]
+    assert baseline.params == expected and baseline.user_attrs["family"] == "native_baseline"
+    assert baseline.state == optuna.trial.TrialState.COMPLETE and all(v <= 0 for v in baseline.constraints.values())
+    costlier = [t for t in trials[2:] if t.user_attrs["macs"] >= baseline.user_attrs["macs"]]
+    assert costlier and all(t.state == optuna.trial.TrialState.PRUNED and t.user_attrs["samples"] == 0
+                            for t in costlier)
+
+    off = load_search_config(write_space(in_tmp, model_dir, "off.yaml", **{
+        **over, "study": "off", "native_baseline": False, "n_trials": 2, "metric": {"name": "fid_native", "max": bound}}))
+    families = [t.user_attrs.get("family") for t in sorted(run_search(off, Evaluator(off), progress=False).trials,
+                                                            key=lambda t: t.number)]
+    assert "native_baseline" not in families and families[:2] == ["threshold", "threshold"]
+
+
 def three_class_net(directory):
     """The shipped digit net told to tell apart 0, 1 and 2 only (the random models generate 3 classes)."""
     from flexisearch.metrics.featnet import DigitFeatureNet

@@ -94,6 +94,7 @@ class SearchConfig:
     max_failures: int = 2  # Ray backend retries per trial
     storage: str | None = None  # default: sqlite:///runs/<study>/study.db
     warm_start: str | None = None  # a best.json, pareto.json or exported study whose schedules are tried first
+    native_baseline: bool = False  # find the cheapest static native with fewer steps that meets the bounds first
 
     @property
     def metrics(self) -> tuple[MetricConfig, ...]:

@@ -54,6 +54,11 @@ class TrialResult:
         return next(iter(self.qualities.values()), None)
 
     @property
+    def feasible(self) -> bool:
+        """Measured on the whole search set and within every bound."""
+        return not self.stopped and all(v <= 0 for v in self.violations.values())
+
+    @property
     def pruned(self) -> bool:
         """Stopped before sampling anything: the study records it as PRUNED (Optuna's own state for a trial that
         cannot be the answer), not as a complete trial with made-up constraint values."""

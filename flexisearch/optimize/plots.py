@@ -57,7 +57,7 @@ def _reference(evaluator: Evaluator) -> str:
 def plot_tradeoff(records: list[dict[str, Any]], front: list[dict[str, Any]], evaluator: Evaluator, bound: float,
                   best: dict[str, Any], title: str, path: Path) -> None:
     """Quality against FLOPs: all trials, the Pareto front of the schedules meeting the bound, the bound,
-    the threshold family, static native and weak, and the chosen schedule."""
+    the threshold family, static native and weak, the native baseline, and the chosen schedule."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -72,6 +72,10 @@ def plot_tradeoff(records: list[dict[str, Any]], front: list[dict[str, Any]], ev
     fam = sorted((r for r in records if r["family"] == "threshold"), key=lambda r: r["fraction"])
     ax.plot([r["fraction"] for r in fam], [r["quality"] for r in fam], "o-", c="tab:blue", label="weak first k (paper)")
     ax.plot([r["fraction"] for r in front], [r["quality"] for r in front], "s-", c="tab:red", label="Pareto front")
+    for r in (r for r in records if r["family"] == "native_baseline"):
+        s = r["schedule"]
+        ax.plot([r["fraction"]], [r["quality"]], "D", c="tab:green",
+                label=f"native baseline: {s.num_steps} steps, CFG {s.guidance_scale:g}")
     hib = evaluator.metric.higher_is_better
     ax.axhline(bound, ls="--", c="0.4", lw=1, label=f"bound: {evaluator.metric.name} {'>=' if hib else '<='} {bound:.4g}")
     ax.plot([best["fraction"]], [best["quality"]], "*", ms=16, c="gold", mec="k", zorder=5,

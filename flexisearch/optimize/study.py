@@ -82,21 +82,43 @@ def open_study(cfg: SearchConfig, evaluator: Evaluator) -> optuna.Study:
     return study
 
 
-def paper_params(cfg: SearchConfig, evaluator: Evaluator) -> list[dict[str, Any]]:
-    """Trial parameters of the paper's threshold schedules in this space (static native and weak included),
-    at the reference's sampler settings where the space has them."""
+def _settings(cfg: SearchConfig, evaluator: Evaluator, **over: Any) -> dict[str, Any]:
+    """The sampler settings the space searches, at the reference's values (or `over`), as near as it has them."""
     space, ref = cfg.space, evaluator.reference
     n = ref.num_steps if ref.num_steps in space.num_steps.enumerate() else max(space.num_steps.enumerate())
     settings: dict[str, Any] = {}
     for name, value in (("num_steps", n), ("guidance_scale", ref.guidance_scale),
                         ("guidance_mode", ref.guidance_mode), ("solver", ref.solver)):
-        choice = getattr(space, name)
+        choice, value = getattr(space, name), over.get(name, value)
         if choice.fixed is None:
             if choice.values:
                 settings[name] = value if value in choice.values else choice.values[0]
             else:
                 settings[name] = min(max(value, choice.low), choice.high)
+    return settings
+
+
+def paper_params(cfg: SearchConfig, evaluator: Evaluator) -> list[dict[str, Any]]:
+    """Trial parameters of the paper's threshold schedules in this space (static native and weak included),
+    at the reference's sampler settings where the space has them."""
+    settings = _settings(cfg, evaluator)
     return [evaluator.space.paper_params(settings, f) for f in PAPER_FRACTIONS]
+
+
+def native_baseline(cfg: SearchConfig, evaluator: Evaluator, native: dict[str, float]) -> dict[str, Any] | None:
+    """Trial parameters of the cheapest static native schedule with fewer steps than the reference that meets every
+    bound on the search seeds, or None. Fewer native steps at a retuned guidance scale are the baseline a
+    searched schedule has to beat; found before the search (step counts cheapest first, each at every guidance
+    scale the space lists, by the trial evaluation itself, lower fidelities included) and enqueued right after
+    static native, it is the incumbent from the start, and trials that cost more are pruned unsampled."""
+    space, ref = cfg.space, evaluator.reference
+    scales = space.guidance_scale.values or (ref.guidance_scale,)
+    for n in sorted(n for n in space.num_steps.enumerate() if n < ref.num_steps):
+        for g in scales:
+            params = evaluator.space.paper_params(_settings(cfg, evaluator, num_steps=n, guidance_scale=g), 0.0)
+            if evaluator.evaluate(optuna.trial.FixedTrial(params), native).feasible:
+                return params
+    return None
 
 
 def record(trial: Any, report: dict[str, Any]) -> None:
@@ -204,7 +226,8 @@ def warm_start_schedules(source: str) -> list[Schedule]:
 
 def seed_study(cfg: SearchConfig, evaluator: Evaluator) -> optuna.Study:
     """Open the study, store its config and enqueue (once) the warm start's schedules, as this space expresses
-    them, then the paper's threshold schedules: the sampler takes over after them."""
+    them, then the paper's threshold schedules (static native first, then the native baseline where the config
+    asks for it): the sampler takes over after them."""
     study = open_study(cfg, evaluator)
     study.set_user_attr("config", config_dict(cfg))
     if cfg.warm_start and not study.user_attrs.get("warm_started") and cfg.sampler != "bruteforce":
@@ -213,8 +236,10 @@ def seed_study(cfg: SearchConfig, evaluator: Evaluator) -> optuna.Study:
                                 skip_if_exists=True)
         study.set_user_attr("warm_started", cfg.warm_start)
     if not study.user_attrs.get("enqueued") and cfg.sampler != "bruteforce":
-        for params in paper_params(cfg, evaluator):
-            study.enqueue_trial(params, user_attrs={"family": "threshold"}, skip_if_exists=True)
+        family = [(params, "threshold") for params in paper_params(cfg, evaluator)]
+        baseline = native_baseline(cfg, evaluator, reference_qualities(study, evaluator)) if cfg.native_baseline else None
+        for params, name in family[:1] + ([(baseline, "native_baseline")] if baseline else []) + family[1:]:
+            study.enqueue_trial(params, user_attrs={"family": name}, skip_if_exists=True)
         study.set_user_attr("enqueued", True)
     return study
 
