@@ -7,8 +7,9 @@ For each batch size, in rounds (see `measure`), profiles the model (flexisearch.
 reads --table) and times `sample` for one batch of each schedule; prints the medians over rounds: the
 prediction of the cost table, the measurement and its spread (interquartile range over the median), the
 prediction's error, the FLOPs fraction, the measured speed-up over static native, the speed-up the FLOPs
-predict, and their ratio (1.0 = wall clock tracks FLOPs exactly). Built in: static native, static weak and the paper's best weak-first-k (k = 60% of the steps); add searched schedules
-with --schedule NAME=PATH (a best.json or schedule file).
+predict, and their ratio (1.0 = wall clock tracks FLOPs exactly). Built in: static native, static weak and the
+paper's best weak-first-k (k = 60% of the steps); add searched schedules with --schedule NAME=PATH (a best.json
+or schedule file).
 """
 
 from __future__ import annotations

@@ -648,7 +648,8 @@ def test_exported_documents_describe_the_study(in_tmp, model_dir):
     assert prov == {"study": "t", "storage": "sqlite:///runs/t/study.db", "sampler": "random", "objective": "single",
                     "cost": "flops",
                     "space": "branch_threshold", "n_trials": 5, "search_samples": 20, "search_seeds": [0, 19],
-                    "fidelities": [20], "trials_stopped_early": 0, "trials_pruned": 0, "trials_stopped_by": {}, "flexisearch": __version__, "model_calls_saved_by_prefix_reuse": sum(c[0] for c in calls),
+                    "fidelities": [20], "trials_stopped_early": 0, "trials_pruned": 0, "trials_stopped_by": {},
+                    "flexisearch": __version__, "model_calls_saved_by_prefix_reuse": sum(c[0] for c in calls),
                     "model_calls_run": sum(c[1] for c in calls)}
     assert len(calls) == 1 and calls[0][1] > 0
     c = {"metric": "fid_native", "bound": 5.0, "relative": None, "within": None, "absolute": 5.0,
@@ -844,7 +845,8 @@ def test_native_baseline_is_the_cheapest_feasible_static_native_and_every_costli
                             for t in costlier)
 
     off = load_search_config(write_space(in_tmp, model_dir, "off.yaml", **{
-        **over, "study": "off", "native_baseline": False, "n_trials": 2, "metric": {"name": "fid_native", "max": bound}}))
+        **over, "study": "off", "native_baseline": False, "n_trials": 2,
+        "metric": {"name": "fid_native", "max": bound}}))
     families = [t.user_attrs.get("family") for t in sorted(run_search(off, Evaluator(off), progress=False).trials,
                                                             key=lambda t: t.number)]
     assert "native_baseline" not in families and families[:2] == ["threshold", "threshold"]

@@ -236,10 +236,11 @@ def seed_study(cfg: SearchConfig, evaluator: Evaluator) -> optuna.Study:
                                 skip_if_exists=True)
         study.set_user_attr("warm_started", cfg.warm_start)
     if not study.user_attrs.get("enqueued") and cfg.sampler != "bruteforce":
-        family = [(params, "threshold") for params in paper_params(cfg, evaluator)]
-        baseline = native_baseline(cfg, evaluator, reference_qualities(study, evaluator)) if cfg.native_baseline else None
-        for params, name in family[:1] + ([(baseline, "native_baseline")] if baseline else []) + family[1:]:
-            study.enqueue_trial(params, user_attrs={"family": name}, skip_if_exists=True)
+        queue = [(params, "threshold") for params in paper_params(cfg, evaluator)]
+        if cfg.native_baseline and (baseline := native_baseline(cfg, evaluator, reference_qualities(study, evaluator))):
+            queue.insert(1, (baseline, "native_baseline"))  # right after static native (already sampled: free)
+        for params, family in queue:
+            study.enqueue_trial(params, user_attrs={"family": family}, skip_if_exists=True)
         study.set_user_attr("enqueued", True)
     return study
 
